@@ -1,0 +1,1 @@
+//! Matrix multiplication through rten-gemm (packed, SIMD, multi-threaded with rayon).

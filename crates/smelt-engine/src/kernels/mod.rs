@@ -1,0 +1,3 @@
+//! Hot loops behind the ops. Each kernel has a narrow, slice-based interface.
+
+pub mod gemm;

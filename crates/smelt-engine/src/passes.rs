@@ -1,0 +1,80 @@
+//! Graph passes that need to evaluate ops.
+
+use crate::session::run_node;
+use smelt_ir::{Model, Pass, PassRecord};
+use smelt_tensor::{Result, Tensor};
+
+/// Ops whose output is not a pure function of their inputs: never folded.
+const NONDETERMINISTIC: &[&str] = &[
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+];
+
+/// Replaces every node whose inputs are all constants by initializers holding its outputs
+/// (Shape of a known-shape value is not folded here: shapes may be symbolic).
+pub struct FoldConstants {
+    /// Outputs larger than this many elements stay as computation (folding must not bloat
+    /// the file, e.g. a ConstantOfShape producing a huge tensor).
+    pub max_elements: usize,
+}
+
+impl Default for FoldConstants {
+    fn default() -> Self {
+        FoldConstants {
+            max_elements: 1 << 20,
+        }
+    }
+}
+
+impl Pass for FoldConstants {
+    fn name(&self) -> &'static str {
+        "fold-constants"
+    }
+
+    fn run(&self, mut model: Model) -> Result<(Model, PassRecord)> {
+        let mut rec = PassRecord::new(self.name());
+        let opset = model.onnx_opset();
+        model.graph.sort()?;
+        let g = &mut model.graph;
+        let graph_outputs: std::collections::HashSet<String> =
+            g.outputs.iter().map(|o| o.name.clone()).collect();
+        let mut i = 0;
+        while i < g.nodes.len() {
+            let n = &g.nodes[i];
+            let foldable = !NONDETERMINISTIC.contains(&n.op_type.as_str())
+                && !n.attrs.values().any(|a| matches!(a, smelt_ir::Attr::Graph(_) | smelt_ir::Attr::Graphs(_)))
+                && n.inputs.iter().all(|x| x.is_empty() || g.initializers.contains_key(x))
+                && !n.outputs.iter().any(|o| graph_outputs.contains(o))
+                && n.inputs.iter().all(|x| !g.inputs.iter().any(|v| &v.name == x));
+            if foldable {
+                let ins: Vec<Option<&Tensor>> = n
+                    .inputs
+                    .iter()
+                    .map(|x| if x.is_empty() { None } else { g.initializers.get(x) })
+                    .collect();
+                if let Ok(outs) = run_node(n, opset, &ins) {
+                    if outs.iter().all(|t| t.numel() <= self.max_elements) {
+                        let n = g.nodes.remove(i);
+                        rec.note(format!("folded {} into constants", n.label()));
+                        for (name, t) in n.outputs.iter().zip(outs) {
+                            if !name.is_empty() {
+                                g.initializers.insert(name.clone(), t);
+                            }
+                        }
+                        continue;
+                    }
+                }
+            }
+            i += 1;
+        }
+        let (nodes, inits) = g.remove_dead();
+        if nodes + inits > 0 {
+            rec.note(format!("removed {nodes} dead nodes and {inits} unused initializers"));
+        }
+        Ok((model, rec))
+    }
+}

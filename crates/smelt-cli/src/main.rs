@@ -1,1 +1,71 @@
-fn main() {}
+//! `smelt`: the command-line face of the library. Parses flags, calls the library crates,
+//! prints a summary (or one JSON object with `--json`). No model logic lives here.
+
+mod args;
+mod commands;
+mod npy;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "smelt",
+    version,
+    about = "Make neural networks smaller and faster, and prove it",
+    propagate_version = true
+)]
+struct Cli {
+    /// Worker threads for the engine (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    /// Print one JSON object on stdout instead of the human summary.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Ops, parameters, bytes, FLOPs and sparsity of a model.
+    Inspect(commands::inspect::Args),
+    /// Accuracy on labelled data, or fidelity against a reference model.
+    Eval(commands::eval::Args),
+    /// Latency (median, p10, p90) and peak memory over repeated runs.
+    Bench(commands::bench::Args),
+    /// Run once on given inputs and print or save the outputs.
+    Run(commands::run::Args),
+    /// Load and save a model (re-encode, move weights to or from an external data file).
+    Convert(commands::convert::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(t) = cli.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(t.max(1)).build_global() {
+            eprintln!("error: cannot start {t} threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    // Library code returns errors; a panic is a bug, but it still must not reach the user raw.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("error: internal error (a bug in smelt, please report it): {info}");
+    }));
+    let json = cli.json;
+    let result = std::panic::catch_unwind(move || match cli.cmd {
+        Cmd::Inspect(a) => commands::inspect::run(a, json),
+        Cmd::Eval(a) => commands::eval::run(a, json),
+        Cmd::Bench(a) => commands::bench::run(a, json),
+        Cmd::Run(a) => commands::run::run(a, json),
+        Cmd::Convert(a) => commands::convert::run(a, json),
+    });
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+        Err(_) => ExitCode::from(2),
+    }
+}

@@ -5,6 +5,7 @@
 //! `kernels/` the hot loops those ops call (GEMM, convolution), `passes` the graph passes that
 //! need evaluation (constant folding).
 
+pub mod analysis;
 pub mod kernels;
 pub mod ops;
 pub mod passes;

@@ -1,3 +1,4 @@
 //! Hot loops behind the ops. Each kernel has a narrow, slice-based interface.
 
+pub mod conv;
 pub mod gemm;

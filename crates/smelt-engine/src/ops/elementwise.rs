@@ -1,3 +1,1333 @@
-use super::Registry;
+//! Elementwise ops: arithmetic, comparison, logic and bitwise binaries with numpy broadcasting,
+//! unary math and activations, Clip, Where and Cast.
+//!
+//! Every binary goes through [`zip_broadcast`], which picks a loop without per-element index
+//! math for the shapes real models produce (same shape, scalar, a bias row or per-channel
+//! column) and falls back to a row-wise strided walk otherwise. Half-precision types compute
+//! in f32.
 
-pub fn register(_r: &mut Registry) {}
+use super::{input, opt_input, OpCtx, Registry};
+use rayon::prelude::*;
+use smelt_tensor::{
+    bail, bf16, broadcast_shapes, broadcast_strides, dispatch, f16, BroadcastIter, DType, Data,
+    Element, Error, Result, Tensor,
+};
+
+/// Tensors with at least this many elements are processed on several threads.
+pub(crate) const PAR_MIN: usize = 1 << 16;
+/// Elements per parallel task: large enough that scheduling costs nothing next to the work.
+const CHUNK: usize = 1 << 14;
+
+/// Runs `$body` for the numeric dtypes (every dtype but bool and string) with `$T` naming the
+/// element type, which implements [`Num`]; anything else runs `$other`.
+macro_rules! num_dispatch {
+    ($data:expr, $T:ident, $v:ident => $body:expr, else => $other:expr) => {
+        match $data {
+            Data::F32($v) => { #[allow(dead_code)] type $T = f32; $body }
+            Data::F64($v) => { #[allow(dead_code)] type $T = f64; $body }
+            Data::F16($v) => { #[allow(dead_code)] type $T = f16; $body }
+            Data::BF16($v) => { #[allow(dead_code)] type $T = bf16; $body }
+            Data::I8($v) => { #[allow(dead_code)] type $T = i8; $body }
+            Data::U8($v) => { #[allow(dead_code)] type $T = u8; $body }
+            Data::I16($v) => { #[allow(dead_code)] type $T = i16; $body }
+            Data::U16($v) => { #[allow(dead_code)] type $T = u16; $body }
+            Data::I32($v) => { #[allow(dead_code)] type $T = i32; $body }
+            Data::I64($v) => { #[allow(dead_code)] type $T = i64; $body }
+            Data::U32($v) => { #[allow(dead_code)] type $T = u32; $body }
+            Data::U64($v) => { #[allow(dead_code)] type $T = u64; $body }
+            _ => $other,
+        }
+    };
+}
+pub(crate) use num_dispatch;
+
+/// Runs `$body` for the integer dtypes with `$T` naming the element type (implements [`Bits`]).
+macro_rules! int_dispatch {
+    ($data:expr, $T:ident, $v:ident => $body:expr, else => $other:expr) => {
+        match $data {
+            Data::I8($v) => { #[allow(dead_code)] type $T = i8; $body }
+            Data::U8($v) => { #[allow(dead_code)] type $T = u8; $body }
+            Data::I16($v) => { #[allow(dead_code)] type $T = i16; $body }
+            Data::U16($v) => { #[allow(dead_code)] type $T = u16; $body }
+            Data::I32($v) => { #[allow(dead_code)] type $T = i32; $body }
+            Data::I64($v) => { #[allow(dead_code)] type $T = i64; $body }
+            Data::U32($v) => { #[allow(dead_code)] type $T = u32; $body }
+            Data::U64($v) => { #[allow(dead_code)] type $T = u64; $body }
+            _ => $other,
+        }
+    };
+}
+
+/// Maps every element of a float tensor through `$body` (with `$x` the element and `$F` its
+/// compute type, f32 or f64; half types compute in f32). Evaluates to `Result<Tensor>`.
+macro_rules! float_map {
+    ($t:expr, $name:expr, $F:ident, $x:ident => $body:expr) => {{
+        let t: &Tensor = $t;
+        let data = match t.data() {
+            Data::F32(v) => {
+                #[allow(dead_code)]
+                type $F = f32;
+                Data::F32(map_slice(v, |$x: f32| $body))
+            }
+            Data::F64(v) => {
+                #[allow(dead_code)]
+                type $F = f64;
+                Data::F64(map_slice(v, |$x: f64| $body))
+            }
+            Data::F16(v) => {
+                #[allow(dead_code)]
+                type $F = f32;
+                Data::F16(map_slice(v, |h: f16| {
+                    let $x = h.to_f32();
+                    f16::from_f32($body)
+                }))
+            }
+            Data::BF16(v) => {
+                #[allow(dead_code)]
+                type $F = f32;
+                Data::BF16(map_slice(v, |h: bf16| {
+                    let $x = h.to_f32();
+                    bf16::from_f32($body)
+                }))
+            }
+            _ => bail!(Unsupported, "{} needs a float tensor, got {}", $name, t.dtype()),
+        };
+        Tensor::new(t.shape().to_vec(), data)
+    }};
+}
+
+/// Registers a float-only unary op given as an expression of `x` (type `F`); `$ctx` names the
+/// op context for reading attributes in `$setup`.
+macro_rules! unary_float {
+    ($r:expr, $op:literal, $x:ident => $body:expr) => {
+        unary_float!($r, $op, |_ctx| _unused = {}, $x => $body)
+    };
+    ($r:expr, $op:literal, |$ctx:ident| $p:pat = $setup:block, $x:ident => $body:expr) => {
+        $r.insert($op, |$ctx: &OpCtx, inputs: &[Option<&Tensor>]| {
+            #[allow(clippy::let_unit_value)]
+            let $p = $setup;
+            let t = input(inputs, 0)?;
+            Ok(vec![float_map!(t, $op, F, $x => $body)?])
+        });
+    };
+}
+
+/// Numeric element operations shared by the generic kernels. Integer arithmetic wraps, as
+/// ONNX runtimes do; half types round through f32 per operation.
+pub(crate) trait Num: Element {
+    const FLOAT: bool;
+    fn zero() -> Self;
+    fn add(self, o: Self) -> Self;
+    fn sub(self, o: Self) -> Self;
+    fn mul(self, o: Self) -> Self;
+    /// Integer division truncates; callers rule out a zero divisor first.
+    fn div(self, o: Self) -> Self;
+    /// Remainder with the sign of the dividend (C fmod).
+    fn rem_trunc(self, o: Self) -> Self;
+    /// Remainder with the sign of the divisor (Python %).
+    fn rem_floor(self, o: Self) -> Self;
+    /// Maximum; NaN wins, as numpy's maximum.
+    fn max_(self, o: Self) -> Self;
+    fn min_(self, o: Self) -> Self;
+    fn abs_(self) -> Self;
+    fn neg_(self) -> Self;
+    fn sign_(self) -> Self;
+    fn is_zero(self) -> bool;
+}
+
+macro_rules! num_float {
+    ($t:ty) => {
+        impl Num for $t {
+            const FLOAT: bool = true;
+            #[inline(always)]
+            fn zero() -> Self {
+                0.0
+            }
+            #[inline(always)]
+            fn add(self, o: Self) -> Self {
+                self + o
+            }
+            #[inline(always)]
+            fn sub(self, o: Self) -> Self {
+                self - o
+            }
+            #[inline(always)]
+            fn mul(self, o: Self) -> Self {
+                self * o
+            }
+            #[inline(always)]
+            fn div(self, o: Self) -> Self {
+                self / o
+            }
+            #[inline(always)]
+            fn rem_trunc(self, o: Self) -> Self {
+                self % o
+            }
+            #[inline(always)]
+            fn rem_floor(self, o: Self) -> Self {
+                let r = self % o;
+                if r != 0.0 && ((r < 0.0) != (o < 0.0)) {
+                    r + o
+                } else {
+                    r
+                }
+            }
+            #[inline(always)]
+            fn max_(self, o: Self) -> Self {
+                if self.is_nan() || o.is_nan() {
+                    <$t>::NAN
+                } else if o > self {
+                    o
+                } else {
+                    self
+                }
+            }
+            #[inline(always)]
+            fn min_(self, o: Self) -> Self {
+                if self.is_nan() || o.is_nan() {
+                    <$t>::NAN
+                } else if o < self {
+                    o
+                } else {
+                    self
+                }
+            }
+            #[inline(always)]
+            fn abs_(self) -> Self {
+                self.abs()
+            }
+            #[inline(always)]
+            fn neg_(self) -> Self {
+                -self
+            }
+            #[inline(always)]
+            fn sign_(self) -> Self {
+                if self > 0.0 {
+                    1.0
+                } else if self < 0.0 {
+                    -1.0
+                } else {
+                    self
+                }
+            }
+            #[inline(always)]
+            fn is_zero(self) -> bool {
+                self == 0.0
+            }
+        }
+    };
+}
+num_float!(f32);
+num_float!(f64);
+
+macro_rules! num_half {
+    ($t:ty) => {
+        impl Num for $t {
+            const FLOAT: bool = true;
+            fn zero() -> Self {
+                <$t>::ZERO
+            }
+            fn add(self, o: Self) -> Self {
+                <$t>::from_f32(self.to_f32() + o.to_f32())
+            }
+            fn sub(self, o: Self) -> Self {
+                <$t>::from_f32(self.to_f32() - o.to_f32())
+            }
+            fn mul(self, o: Self) -> Self {
+                <$t>::from_f32(self.to_f32() * o.to_f32())
+            }
+            fn div(self, o: Self) -> Self {
+                <$t>::from_f32(self.to_f32() / o.to_f32())
+            }
+            fn rem_trunc(self, o: Self) -> Self {
+                <$t>::from_f32(self.to_f32().rem_trunc(o.to_f32()))
+            }
+            fn rem_floor(self, o: Self) -> Self {
+                <$t>::from_f32(self.to_f32().rem_floor(o.to_f32()))
+            }
+            fn max_(self, o: Self) -> Self {
+                <$t>::from_f32(self.to_f32().max_(o.to_f32()))
+            }
+            fn min_(self, o: Self) -> Self {
+                <$t>::from_f32(self.to_f32().min_(o.to_f32()))
+            }
+            fn abs_(self) -> Self {
+                <$t>::from_f32(self.to_f32().abs())
+            }
+            fn neg_(self) -> Self {
+                -self
+            }
+            fn sign_(self) -> Self {
+                <$t>::from_f32(self.to_f32().sign_())
+            }
+            fn is_zero(self) -> bool {
+                self.to_f32() == 0.0
+            }
+        }
+    };
+}
+num_half!(f16);
+num_half!(bf16);
+
+macro_rules! num_int {
+    ($t:ty, $signed:expr) => {
+        impl Num for $t {
+            const FLOAT: bool = false;
+            #[inline(always)]
+            fn zero() -> Self {
+                0
+            }
+            #[inline(always)]
+            fn add(self, o: Self) -> Self {
+                self.wrapping_add(o)
+            }
+            #[inline(always)]
+            fn sub(self, o: Self) -> Self {
+                self.wrapping_sub(o)
+            }
+            #[inline(always)]
+            fn mul(self, o: Self) -> Self {
+                self.wrapping_mul(o)
+            }
+            #[inline(always)]
+            fn div(self, o: Self) -> Self {
+                if o == 0 {
+                    0
+                } else {
+                    self.wrapping_div(o)
+                }
+            }
+            #[inline(always)]
+            fn rem_trunc(self, o: Self) -> Self {
+                if o == 0 {
+                    0
+                } else {
+                    self.wrapping_rem(o)
+                }
+            }
+            #[inline(always)]
+            #[allow(unused_comparisons)]
+            fn rem_floor(self, o: Self) -> Self {
+                let r = self.rem_trunc(o);
+                if r != 0 && ((r < 0) != (o < 0)) {
+                    r.wrapping_add(o)
+                } else {
+                    r
+                }
+            }
+            #[inline(always)]
+            fn max_(self, o: Self) -> Self {
+                Ord::max(self, o)
+            }
+            #[inline(always)]
+            fn min_(self, o: Self) -> Self {
+                Ord::min(self, o)
+            }
+            #[inline(always)]
+            #[allow(unused_comparisons)]
+            fn abs_(self) -> Self {
+                if self < 0 {
+                    self.wrapping_neg()
+                } else {
+                    self
+                }
+            }
+            #[inline(always)]
+            fn neg_(self) -> Self {
+                self.wrapping_neg()
+            }
+            #[inline(always)]
+            #[allow(unused_comparisons)]
+            fn sign_(self) -> Self {
+                if self > 0 {
+                    1
+                } else if self < 0 {
+                    (0 as $t).wrapping_sub(1)
+                } else {
+                    0
+                }
+            }
+            #[inline(always)]
+            fn is_zero(self) -> bool {
+                self == 0
+            }
+        }
+    };
+}
+num_int!(i8, true);
+num_int!(u8, false);
+num_int!(i16, true);
+num_int!(u16, false);
+num_int!(i32, true);
+num_int!(i64, true);
+num_int!(u32, false);
+num_int!(u64, false);
+
+/// Bitwise operations on the integer types.
+trait Bits: Num {
+    fn and(self, o: Self) -> Self;
+    fn or(self, o: Self) -> Self;
+    fn xor(self, o: Self) -> Self;
+    fn not(self) -> Self;
+    /// Shifts by `o` bits; shifting out every bit gives 0.
+    fn shl(self, o: Self) -> Self;
+    fn shr(self, o: Self) -> Self;
+}
+
+macro_rules! bits {
+    ($t:ty) => {
+        impl Bits for $t {
+            #[inline(always)]
+            fn and(self, o: Self) -> Self {
+                self & o
+            }
+            #[inline(always)]
+            fn or(self, o: Self) -> Self {
+                self | o
+            }
+            #[inline(always)]
+            fn xor(self, o: Self) -> Self {
+                self ^ o
+            }
+            #[inline(always)]
+            fn not(self) -> Self {
+                !self
+            }
+            #[inline(always)]
+            #[allow(unused_comparisons)]
+            fn shl(self, o: Self) -> Self {
+                if o < 0 || o as u64 >= <$t>::BITS as u64 {
+                    0
+                } else {
+                    self << o
+                }
+            }
+            #[inline(always)]
+            #[allow(unused_comparisons)]
+            fn shr(self, o: Self) -> Self {
+                if o < 0 || o as u64 >= <$t>::BITS as u64 {
+                    0
+                } else {
+                    self >> o
+                }
+            }
+        }
+    };
+}
+bits!(i8);
+bits!(u8);
+bits!(i16);
+bits!(u16);
+bits!(i32);
+bits!(i64);
+bits!(u32);
+bits!(u64);
+
+// ---------------------------------------------------------------------------------------------
+// Loops
+
+/// `f` over every element of `x`, on several threads when `x` is large.
+pub(crate) fn map_slice<T, U, F>(x: &[T], f: F) -> Vec<U>
+where
+    T: Copy + Sync,
+    U: Copy + Default + Send,
+    F: Fn(T) -> U + Sync,
+{
+    if x.len() < PAR_MIN {
+        return x.iter().map(|&v| f(v)).collect();
+    }
+    let mut out = vec![U::default(); x.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, i)| {
+            for (o, &v) in o.iter_mut().zip(i) {
+                *o = f(v);
+            }
+        });
+    out
+}
+
+fn zip_same<A, B, U, F>(a: &[A], b: &[B], f: &F) -> Vec<U>
+where
+    A: Copy + Sync,
+    B: Copy + Sync,
+    U: Copy + Default + Send,
+    F: Fn(A, B) -> U + Sync,
+{
+    let mut out = vec![U::default(); a.len()];
+    let body = |o: &mut [U], x: &[A], y: &[B]| {
+        for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+            *o = f(x, y);
+        }
+    };
+    if a.len() < PAR_MIN {
+        body(&mut out, a, b);
+    } else {
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(o, (x, y))| body(o, x, y));
+    }
+    out
+}
+
+/// Where a smaller operand's data sits inside the output: with the output viewed as
+/// `[outer, mid, inner]`, the operand has shape `[1, mid, 1]` (its non-1 dims are one block
+/// that matches the output). Covers scalars, bias rows and per-channel columns.
+fn block_of(small: &[usize], out: &[usize]) -> Option<(usize, usize, usize)> {
+    let r = out.len();
+    let off = r - small.len();
+    let pad = |i: usize| if i < off { 1 } else { small[i - off] };
+    let first = (0..r).find(|&i| pad(i) != 1).unwrap_or(r);
+    let last = (0..r).rev().find(|&i| pad(i) != 1).map_or(first, |i| i + 1);
+    if (first..last).any(|i| pad(i) != out[i]) {
+        return None;
+    }
+    let outer = out[..first].iter().product();
+    let mid = out[first..last].iter().product();
+    let inner = out[last..].iter().product();
+    Some((outer, mid, inner))
+}
+
+/// `out[o, m, i] = f(full[o, m, i], part[m])` for a `part` broadcast as `block_of` describes.
+fn zip_block<A, B, U, F>(full: &[A], part: &[B], mid: usize, inner: usize, f: F) -> Vec<U>
+where
+    A: Copy + Sync,
+    B: Copy + Sync,
+    U: Copy + Default + Send,
+    F: Fn(A, B) -> U + Sync,
+{
+    let n = full.len();
+    let mut out = vec![U::default(); n];
+    if n == 0 {
+        return out;
+    }
+    if inner == 1 {
+        // Rows of `mid` elements, each combined with the whole of `part`.
+        let rows_per_task = (CHUNK / mid).max(1);
+        let body = |o: &mut [U], x: &[A]| {
+            for (o, x) in o.chunks_mut(mid).zip(x.chunks(mid)) {
+                for ((o, &x), &y) in o.iter_mut().zip(x).zip(part) {
+                    *o = f(x, y);
+                }
+            }
+        };
+        if n < PAR_MIN {
+            body(&mut out, full);
+        } else {
+            out.par_chunks_mut(rows_per_task * mid)
+                .zip(full.par_chunks(rows_per_task * mid))
+                .for_each(|(o, x)| body(o, x));
+        }
+    } else {
+        // Runs of `inner` elements sharing one value of `part`.
+        let runs_per_task = (CHUNK / inner).max(1);
+        let body = |first_run: usize, o: &mut [U], x: &[A]| {
+            for (k, (o, x)) in o.chunks_mut(inner).zip(x.chunks(inner)).enumerate() {
+                let y = part[(first_run + k) % mid];
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = f(x, y);
+                }
+            }
+        };
+        if n < PAR_MIN {
+            body(0, &mut out, full);
+        } else {
+            out.par_chunks_mut(runs_per_task * inner)
+                .zip(full.par_chunks(runs_per_task * inner))
+                .enumerate()
+                .for_each(|(t, (o, x))| body(t * runs_per_task, o, x));
+        }
+    }
+    out
+}
+
+/// `f` over the numpy broadcast of `a` (shape `ash`) and `b` (shape `bsh`): the output shape
+/// and values.
+pub(crate) fn zip_broadcast<A, B, U, F>(
+    a: &[A],
+    ash: &[usize],
+    b: &[B],
+    bsh: &[usize],
+    f: F,
+) -> Result<(Vec<usize>, Vec<U>)>
+where
+    A: Copy + Sync,
+    B: Copy + Sync,
+    U: Copy + Default + Send,
+    F: Fn(A, B) -> U + Sync,
+{
+    let shape = broadcast_shapes(ash, bsh)?;
+    let n: usize = shape.iter().product();
+    if a.len() == n && b.len() == n {
+        return Ok((shape, zip_same(a, b, &f)));
+    }
+    if a.len() == n {
+        if b.len() == 1 {
+            let y = b[0];
+            return Ok((shape, map_slice(a, |x| f(x, y))));
+        }
+        if let Some((_, mid, inner)) = block_of(bsh, &shape) {
+            return Ok((shape, zip_block(a, b, mid, inner, f)));
+        }
+    }
+    if b.len() == n {
+        if a.len() == 1 {
+            let x = a[0];
+            return Ok((shape, map_slice(b, |y| f(x, y))));
+        }
+        if let Some((_, mid, inner)) = block_of(ash, &shape) {
+            return Ok((shape, zip_block(b, a, mid, inner, |y, x| f(x, y))));
+        }
+    }
+    // Both operands broadcast: walk output rows, each a strided run in both inputs.
+    let r = shape.len();
+    let sa = broadcast_strides(ash, &shape);
+    let sb = broadcast_strides(bsh, &shape);
+    let len = shape[r - 1];
+    let (ia, ib) = (sa[r - 1], sb[r - 1]);
+    let mut out = Vec::with_capacity(n);
+    if len > 0 {
+        let rows_a = BroadcastIter::new(&shape[..r - 1], sa[..r - 1].to_vec(), 0);
+        let rows_b = BroadcastIter::new(&shape[..r - 1], sb[..r - 1].to_vec(), 0);
+        for (oa, ob) in rows_a.zip(rows_b) {
+            for k in 0..len {
+                out.push(f(a[oa + k * ia], b[ob + k * ib]));
+            }
+        }
+    }
+    Ok((shape, out))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Binary ops
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Bin {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+    ModTrunc,
+    ModFloor,
+}
+
+fn same_dtype(a: &Tensor, b: &Tensor) -> Result<()> {
+    if a.dtype() != b.dtype() {
+        bail!(
+            Shape,
+            "operands must have the same dtype, got {} and {}",
+            a.dtype(),
+            b.dtype()
+        );
+    }
+    Ok(())
+}
+
+fn mismatch(a: &Tensor, b: &Tensor) -> Error {
+    Error::Shape(format!(
+        "operands must have the same dtype, got {} and {}",
+        a.dtype(),
+        b.dtype()
+    ))
+}
+
+fn bin_kernel<T: Num>(x: &[T], xs: &[usize], y: &[T], ys: &[usize], op: Bin) -> Result<(Vec<usize>, Vec<T>)> {
+    if !T::FLOAT
+        && matches!(op, Bin::Div | Bin::ModTrunc | Bin::ModFloor)
+        && y.iter().any(|v| v.is_zero())
+    {
+        bail!(Input, "integer division by zero");
+    }
+    match op {
+        Bin::Add => zip_broadcast(x, xs, y, ys, T::add),
+        Bin::Sub => zip_broadcast(x, xs, y, ys, T::sub),
+        Bin::Mul => zip_broadcast(x, xs, y, ys, T::mul),
+        Bin::Div => zip_broadcast(x, xs, y, ys, T::div),
+        Bin::Max => zip_broadcast(x, xs, y, ys, T::max_),
+        Bin::Min => zip_broadcast(x, xs, y, ys, T::min_),
+        Bin::ModTrunc => zip_broadcast(x, xs, y, ys, T::rem_trunc),
+        Bin::ModFloor => zip_broadcast(x, xs, y, ys, T::rem_floor),
+    }
+}
+
+fn arith(a: &Tensor, b: &Tensor, op: Bin) -> Result<Tensor> {
+    same_dtype(a, b)?;
+    num_dispatch!(a.data(), T, x => {
+        let y = T::slice(b.data()).ok_or_else(|| mismatch(a, b))?;
+        let (shape, v) = bin_kernel::<T>(x, a.shape(), y, b.shape(), op)?;
+        Tensor::new(shape, T::wrap(v))
+    }, else => bail!(Unsupported, "{:?} is not defined for {} tensors", op, a.dtype()))
+}
+
+fn binary(inputs: &[Option<&Tensor>], op: Bin) -> Result<Vec<Tensor>> {
+    Ok(vec![arith(input(inputs, 0)?, input(inputs, 1)?, op)?])
+}
+
+fn op_add(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    binary(i, Bin::Add)
+}
+fn op_sub(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    binary(i, Bin::Sub)
+}
+fn op_mul(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    binary(i, Bin::Mul)
+}
+fn op_div(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    binary(i, Bin::Div)
+}
+
+fn op_mod(ctx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let op = if ctx.int("fmod", 0)? != 0 {
+        Bin::ModTrunc
+    } else {
+        Bin::ModFloor
+    };
+    binary(i, op)
+}
+
+/// Folds a variadic op (Sum, Max, Min) pairwise, broadcasting as it goes.
+fn variadic(inputs: &[Option<&Tensor>], op: Bin) -> Result<Tensor> {
+    let mut it = inputs.iter();
+    let mut acc = match it.next().copied().flatten() {
+        Some(t) => t.clone(),
+        None => bail!(Invalid, "needs at least one input"),
+    };
+    for t in it {
+        match t {
+            Some(t) => acc = arith(&acc, t, op)?,
+            None => bail!(Invalid, "inputs of a variadic op cannot be omitted"),
+        }
+    }
+    Ok(acc)
+}
+
+fn op_sum(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    Ok(vec![variadic(i, Bin::Add)?])
+}
+fn op_max(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    Ok(vec![variadic(i, Bin::Max)?])
+}
+fn op_min(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    Ok(vec![variadic(i, Bin::Min)?])
+}
+fn op_mean(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let sum = variadic(i, Bin::Add)?;
+    let n = i.len();
+    Ok(vec![float_map!(&sum, "Mean", F, x => x / n as F)?])
+}
+
+/// Exact integer power with wrapping; a negative exponent truncates 1/b^n toward zero.
+fn int_pow(base: i128, exp: i64) -> i128 {
+    if exp < 0 {
+        return match base {
+            1 => 1,
+            -1 => {
+                if exp % 2 == 0 {
+                    1
+                } else {
+                    -1
+                }
+            }
+            _ => 0,
+        };
+    }
+    let (mut b, mut e, mut acc) = (base, exp as u64, 1i128);
+    while e > 0 {
+        if e & 1 == 1 {
+            acc = acc.wrapping_mul(b);
+        }
+        b = b.wrapping_mul(b);
+        e >>= 1;
+    }
+    acc
+}
+
+/// Pow: the output has the base's dtype; the exponent may be any numeric dtype.
+fn op_pow(_: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let a = input(inputs, 0)?;
+    let b = input(inputs, 1)?;
+    if let (Data::F32(x), Data::F32(y)) = (a.data(), b.data()) {
+        let (shape, v) = if b.numel() == 1 && y[0] == 2.0 {
+            (broadcast_shapes(a.shape(), b.shape())?, map_slice(x, |v| v * v))
+        } else {
+            zip_broadcast(x, a.shape(), y, b.shape(), f32::powf)?
+        };
+        return Ok(vec![Tensor::from_vec(shape, v)?]);
+    }
+    if b.dtype() == DType::Bool || b.dtype() == DType::Str {
+        bail!(Unsupported, "Pow exponent cannot be {}", b.dtype());
+    }
+    let out = if b.dtype().is_int() {
+        let e = b.to_i64_vec()?;
+        num_dispatch!(a.data(), T, x => {
+            let (shape, v) = zip_broadcast(x, a.shape(), &e, b.shape(), |x: T, e: i64| {
+                if T::FLOAT {
+                    T::from_f64(x.to_f64().powf(e as f64))
+                } else {
+                    T::from_i128(int_pow(x.to_i128(), e))
+                }
+            })?;
+            Tensor::new(shape, T::wrap(v))?
+        }, else => bail!(Unsupported, "Pow base cannot be {}", a.dtype()))
+    } else {
+        let e = b.to_f64_vec()?;
+        num_dispatch!(a.data(), T, x => {
+            let (shape, v) = zip_broadcast(x, a.shape(), &e, b.shape(), |x: T, e: f64| {
+                T::from_f64(x.to_f64().powf(e))
+            })?;
+            Tensor::new(shape, T::wrap(v))?
+        }, else => bail!(Unsupported, "Pow base cannot be {}", a.dtype()))
+    };
+    Ok(vec![out])
+}
+
+#[derive(Clone, Copy)]
+enum Cmp {
+    Eq,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+fn compare(inputs: &[Option<&Tensor>], op: Cmp) -> Result<Vec<Tensor>> {
+    let a = input(inputs, 0)?;
+    let b = input(inputs, 1)?;
+    same_dtype(a, b)?;
+    if let (Data::Str(x), Data::Str(y)) = (a.data(), b.data()) {
+        if !matches!(op, Cmp::Eq) {
+            bail!(Unsupported, "strings can only be compared for equality");
+        }
+        let shape = broadcast_shapes(a.shape(), b.shape())?;
+        let v: Vec<bool> = BroadcastIter::broadcast(a.shape(), &shape)
+            .zip(BroadcastIter::broadcast(b.shape(), &shape))
+            .map(|(i, j)| x[i] == y[j])
+            .collect();
+        return Ok(vec![Tensor::from_vec(shape, v)?]);
+    }
+    fn run<T: Element>(x: &[T], xs: &[usize], y: &[T], ys: &[usize], op: Cmp) -> Result<(Vec<usize>, Vec<bool>)> {
+        match op {
+            Cmp::Eq => zip_broadcast(x, xs, y, ys, |a, b| a == b),
+            Cmp::Lt => zip_broadcast(x, xs, y, ys, |a, b| a < b),
+            Cmp::Le => zip_broadcast(x, xs, y, ys, |a, b| a <= b),
+            Cmp::Gt => zip_broadcast(x, xs, y, ys, |a, b| a > b),
+            Cmp::Ge => zip_broadcast(x, xs, y, ys, |a, b| a >= b),
+        }
+    }
+    let (shape, v) = dispatch!(a.data(), T, x => {
+        let y = T::slice(b.data()).ok_or_else(|| mismatch(a, b))?;
+        run::<T>(x, a.shape(), y, b.shape(), op)?
+    });
+    Ok(vec![Tensor::from_vec(shape, v)?])
+}
+
+fn op_equal(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    compare(i, Cmp::Eq)
+}
+fn op_less(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    compare(i, Cmp::Lt)
+}
+fn op_less_equal(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    compare(i, Cmp::Le)
+}
+fn op_greater(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    compare(i, Cmp::Gt)
+}
+fn op_greater_equal(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    compare(i, Cmp::Ge)
+}
+
+fn logic(inputs: &[Option<&Tensor>], f: fn(bool, bool) -> bool) -> Result<Vec<Tensor>> {
+    let a = input(inputs, 0)?;
+    let b = input(inputs, 1)?;
+    let (Data::Bool(x), Data::Bool(y)) = (a.data(), b.data()) else {
+        bail!(Unsupported, "logical ops need bool tensors, got {} and {}", a.dtype(), b.dtype());
+    };
+    let (shape, v) = zip_broadcast(x, a.shape(), y, b.shape(), f)?;
+    Ok(vec![Tensor::from_vec(shape, v)?])
+}
+
+fn op_and(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    logic(i, |a, b| a & b)
+}
+fn op_or(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    logic(i, |a, b| a | b)
+}
+fn op_xor(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    logic(i, |a, b| a ^ b)
+}
+fn op_not(_: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let a = input(inputs, 0)?;
+    let Data::Bool(x) = a.data() else {
+        bail!(Unsupported, "Not needs a bool tensor, got {}", a.dtype());
+    };
+    Ok(vec![Tensor::from_vec(a.shape().to_vec(), map_slice(x, |v| !v))?])
+}
+
+#[derive(Clone, Copy)]
+enum BitOp {
+    And,
+    Or,
+    Xor,
+    Shl,
+    Shr,
+}
+
+fn bitwise(inputs: &[Option<&Tensor>], op: BitOp) -> Result<Vec<Tensor>> {
+    let a = input(inputs, 0)?;
+    let b = input(inputs, 1)?;
+    same_dtype(a, b)?;
+    fn run<T: Bits>(x: &[T], xs: &[usize], y: &[T], ys: &[usize], op: BitOp) -> Result<(Vec<usize>, Vec<T>)> {
+        match op {
+            BitOp::And => zip_broadcast(x, xs, y, ys, T::and),
+            BitOp::Or => zip_broadcast(x, xs, y, ys, T::or),
+            BitOp::Xor => zip_broadcast(x, xs, y, ys, T::xor),
+            BitOp::Shl => zip_broadcast(x, xs, y, ys, T::shl),
+            BitOp::Shr => zip_broadcast(x, xs, y, ys, T::shr),
+        }
+    }
+    let out = int_dispatch!(a.data(), T, x => {
+        let y = T::slice(b.data()).ok_or_else(|| mismatch(a, b))?;
+        let (shape, v) = run::<T>(x, a.shape(), y, b.shape(), op)?;
+        Tensor::new(shape, T::wrap(v))?
+    }, else => bail!(Unsupported, "bitwise ops need integer tensors, got {}", a.dtype()));
+    Ok(vec![out])
+}
+
+fn op_bitwise_and(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    bitwise(i, BitOp::And)
+}
+fn op_bitwise_or(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    bitwise(i, BitOp::Or)
+}
+fn op_bitwise_xor(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    bitwise(i, BitOp::Xor)
+}
+fn op_bitshift(ctx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    match ctx.string("direction", "")?.as_str() {
+        "LEFT" => bitwise(i, BitOp::Shl),
+        "RIGHT" => bitwise(i, BitOp::Shr),
+        d => bail!(Invalid, "BitShift direction must be LEFT or RIGHT, got {d:?}"),
+    }
+}
+fn op_bitwise_not(_: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let a = input(inputs, 0)?;
+    let out = int_dispatch!(a.data(), T, x => {
+        Tensor::new(a.shape().to_vec(), T::wrap(map_slice(x, T::not)))?
+    }, else => bail!(Unsupported, "BitwiseNot needs an integer tensor, got {}", a.dtype()));
+    Ok(vec![out])
+}
+
+/// PRelu: the slope broadcasts to the input's shape (unidirectionally).
+fn op_prelu(_: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(inputs, 0)?;
+    let s = input(inputs, 1)?;
+    same_dtype(x, s)?;
+    let out = num_dispatch!(x.data(), T, xv => {
+        let sv = T::slice(s.data()).ok_or_else(|| mismatch(x, s))?;
+        let (shape, v) = zip_broadcast(xv, x.shape(), sv, s.shape(), |a: T, k: T| {
+            if a < T::zero() { a.mul(k) } else { a }
+        })?;
+        if shape != x.shape() {
+            bail!(Shape, "PRelu slope {:?} does not broadcast to input {:?}", s.shape(), x.shape());
+        }
+        Tensor::new(shape, T::wrap(v))?
+    }, else => bail!(Unsupported, "PRelu is not defined for {}", x.dtype()));
+    Ok(vec![out])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unary ops on any numeric type
+
+fn num_unary(inputs: &[Option<&Tensor>], name: &str, f: fn(&Tensor) -> Result<Data>) -> Result<Vec<Tensor>> {
+    let t = input(inputs, 0)?;
+    let data = f(t).map_err(|e| e.context(name))?;
+    Ok(vec![Tensor::new(t.shape().to_vec(), data)?])
+}
+
+fn op_abs(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    num_unary(i, "Abs", |t| {
+        Ok(num_dispatch!(t.data(), T, v => T::wrap(map_slice(v, T::abs_)),
+            else => bail!(Unsupported, "not defined for {}", t.dtype())))
+    })
+}
+fn op_neg(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    num_unary(i, "Neg", |t| {
+        Ok(num_dispatch!(t.data(), T, v => T::wrap(map_slice(v, T::neg_)),
+            else => bail!(Unsupported, "not defined for {}", t.dtype())))
+    })
+}
+fn op_sign(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    num_unary(i, "Sign", |t| {
+        Ok(num_dispatch!(t.data(), T, v => T::wrap(map_slice(v, T::sign_)),
+            else => bail!(Unsupported, "not defined for {}", t.dtype())))
+    })
+}
+fn op_relu(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    num_unary(i, "Relu", |t| {
+        Ok(num_dispatch!(t.data(), T, v => T::wrap(map_slice(v, |x: T| if x < T::zero() { T::zero() } else { x })),
+            else => bail!(Unsupported, "not defined for {}", t.dtype())))
+    })
+}
+
+fn op_shrink(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let bias = ctx.float("bias", 0.0)? as f64;
+    let lambd = ctx.float("lambd", 0.5)? as f64;
+    let t = input(inputs, 0)?;
+    let data = num_dispatch!(t.data(), T, v => T::wrap(map_slice(v, |x: T| {
+        let f = x.to_f64();
+        T::from_f64(if f < -lambd { f + bias } else if f > lambd { f - bias } else { 0.0 })
+    })), else => bail!(Unsupported, "Shrink is not defined for {}", t.dtype()));
+    Ok(vec![Tensor::new(t.shape().to_vec(), data)?])
+}
+
+/// Reads Clip's optional bound input, a one-element tensor of the input's dtype.
+fn clip_bound<T: Element>(t: Option<&Tensor>, which: &str) -> Result<Option<T>> {
+    let Some(t) = t else { return Ok(None) };
+    if t.numel() != 1 {
+        bail!(Shape, "Clip {which} must be a scalar, got shape {:?}", t.shape());
+    }
+    let v = t.as_slice::<T>().map_err(|e| e.context(format!("Clip {which}")))?;
+    Ok(Some(v[0]))
+}
+
+/// Clip: bounds are attributes before opset 11 and optional scalar inputs from then on. With
+/// min > max every element becomes max, as numpy's clip does.
+fn op_clip(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let t = input(inputs, 0)?;
+    let data = num_dispatch!(t.data(), T, v => {
+        let (lo, hi) = if ctx.opset < 11 {
+            if !T::FLOAT {
+                bail!(Unsupported, "Clip before opset 11 needs a float tensor, got {}", t.dtype());
+            }
+            let lo = ctx.node.attr_float("min")?.map(|m| T::from_f64(m as f64));
+            let hi = ctx.node.attr_float("max")?.map(|m| T::from_f64(m as f64));
+            (lo, hi)
+        } else {
+            (clip_bound::<T>(opt_input(inputs, 1), "min")?, clip_bound::<T>(opt_input(inputs, 2), "max")?)
+        };
+        T::wrap(map_slice(v, |x: T| {
+            let mut y = x;
+            if let Some(l) = lo {
+                if y < l {
+                    y = l;
+                }
+            }
+            if let Some(h) = hi {
+                if y > h {
+                    y = h;
+                }
+            }
+            y
+        }))
+    }, else => bail!(Unsupported, "Clip is not defined for {}", t.dtype()));
+    Ok(vec![Tensor::new(t.shape().to_vec(), data)?])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Float predicates
+
+fn float_pred(t: &Tensor, name: &str, f: impl Fn(f64) -> bool + Sync) -> Result<Tensor> {
+    let v = match t.data() {
+        Data::F32(v) => map_slice(v, |x| f(x as f64)),
+        Data::F64(v) => map_slice(v, &f),
+        Data::F16(v) => map_slice(v, |x| f(x.to_f64())),
+        Data::BF16(v) => map_slice(v, |x| f(x.to_f64())),
+        _ => bail!(Unsupported, "{name} needs a float tensor, got {}", t.dtype()),
+    };
+    Tensor::from_vec(t.shape().to_vec(), v)
+}
+
+fn op_isnan(_: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    Ok(vec![float_pred(input(inputs, 0)?, "IsNaN", f64::is_nan)?])
+}
+
+fn op_isinf(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let pos = ctx.int("detect_positive", 1)? != 0;
+    let neg = ctx.int("detect_negative", 1)? != 0;
+    Ok(vec![float_pred(input(inputs, 0)?, "IsInf", |x| {
+        (pos && x == f64::INFINITY) || (neg && x == f64::NEG_INFINITY)
+    })?])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Erf
+
+// Chebyshev-economised polynomial fits, highest degree first, computed for smelt with mpmath
+// (50-digit arithmetic). ERF_SMALL: erf(x)/x as a function of t = 2x^2 - 1 for |x| <= 1. The
+// ERFC_* tables: erfc(x)*exp(x^2) on [1,2], [2,3.5] and [3.5,6], each over its interval mapped
+// to t in [-1, 1]. Fit errors are below 3e-16 (relative to the fitted function).
+const ERF_SMALL: [f64; 12] = [
+    -3.80659122412213987e-13,
+    9.21125018742823043e-12,
+    -2.03523195648352696e-10,
+    4.11575150026588526e-09,
+    -7.51156925108609000e-08,
+    1.22338276380935719e-06,
+    -1.75371694412801985e-05,
+    2.17517156035634877e-04,
+    -2.28548556114408549e-03,
+    1.98524966889842176e-02,
+    -1.40536089022717109e-01,
+    9.65468738669867266e-01,
+];
+const ERFC_1_2: [f64; 16] = [
+    -1.50538458312996243e-12,
+    1.10096421217934606e-11,
+    -7.25951949945131287e-11,
+    5.03342056916474903e-10,
+    -3.40590129634009016e-09,
+    2.23295279186972949e-08,
+    -1.41911889835114878e-07,
+    8.72303953579688427e-07,
+    -5.17132866107807234e-06,
+    2.94708575853606632e-05,
+    -1.60811173372374632e-04,
+    8.36083809550177163e-04,
+    -4.11636316244543346e-03,
+    1.90377599638701378e-02,
+    -8.18114588662800374e-02,
+    3.21585416454317485e-01,
+];
+const ERFC_2_35: [f64; 16] = [
+    -5.38546041306828660e-12,
+    3.24174756101326067e-11,
+    -1.70152151371292280e-10,
+    9.83001637796772884e-10,
+    -5.60222178718414405e-09,
+    3.10884787461123204e-08,
+    -1.68742967102101355e-07,
+    8.95022829920069126e-07,
+    -4.63170536263041425e-06,
+    2.33475427107873838e-05,
+    -1.14427153943887200e-04,
+    5.44086455820228182e-04,
+    -2.50354880029657334e-03,
+    1.11142085553725470e-02,
+    -4.74282281704761291e-02,
+    1.93662096279068663e-01,
+];
+const ERFC_35_6: [f64; 16] = [
+    -2.89097377193221158e-11,
+    1.40588930795949987e-10,
+    -5.60488457625219014e-10,
+    2.65228978033912958e-09,
+    -1.25881053803414560e-08,
+    5.81689408003102959e-08,
+    -2.65205962226686339e-07,
+    1.19381816467116830e-06,
+    -5.30036870101503650e-06,
+    2.31976148873214506e-05,
+    -1.00023746041476698e-04,
+    4.24629648055260323e-04,
+    -1.77363065826573706e-03,
+    7.28332245154224636e-03,
+    -2.93793107477039010e-02,
+    1.16302707210247130e-01,
+];
+
+#[inline(always)]
+fn horner(c: &[f64], t: f64) -> f64 {
+    c.iter().fold(0.0, |acc, &k| acc * t + k)
+}
+
+/// The error function, accurate to a few ulps of f64 (far beyond what f32 needs).
+pub(crate) fn erf(x: f64) -> f64 {
+    let a = x.abs();
+    if a <= 1.0 {
+        return x * horner(&ERF_SMALL, 2.0 * a * a - 1.0);
+    }
+    let r = if a < 2.0 {
+        1.0 - (-a * a).exp() * horner(&ERFC_1_2, 2.0 * a - 3.0)
+    } else if a < 3.5 {
+        1.0 - (-a * a).exp() * horner(&ERFC_2_35, (2.0 * a - 5.5) / 1.5)
+    } else if a < 6.0 {
+        1.0 - (-a * a).exp() * horner(&ERFC_35_6, (2.0 * a - 9.5) / 2.5)
+    } else if a.is_nan() {
+        return x;
+    } else {
+        1.0
+    };
+    r.copysign(x)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where, Cast
+
+/// Where: picks from X or Y by a bool condition, all three broadcast together.
+fn op_where(_: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let c = input(inputs, 0)?;
+    let x = input(inputs, 1)?;
+    let y = input(inputs, 2)?;
+    let Data::Bool(cv) = c.data() else {
+        bail!(Shape, "Where condition must be bool, got {}", c.dtype());
+    };
+    same_dtype(x, y)?;
+    let shape = broadcast_shapes(&broadcast_shapes(c.shape(), x.shape())?, y.shape())?;
+    let n: usize = shape.iter().product();
+    if cv.len() == n && x.numel() == n && y.numel() == n {
+        let data = dispatch!(x.data(), T, xv => {
+            let yv = T::slice(y.data()).ok_or_else(|| mismatch(x, y))?;
+            T::wrap(cv.iter().zip(xv).zip(yv).map(|((&c, &a), &b)| if c { a } else { b }).collect())
+        }, str => {
+            let (Data::Str(xv), Data::Str(yv)) = (x.data(), y.data()) else { return Err(mismatch(x, y)) };
+            Data::Str(cv.iter().zip(xv).zip(yv).map(|((&c, a), b)| if c { a.clone() } else { b.clone() }).collect())
+        });
+        return Ok(vec![Tensor::new(shape, data)?]);
+    }
+    // Select per element: an index into X, or into Y (tagged by the high bit).
+    let pick = |ci: usize, xi: usize, yi: usize| -> (bool, usize) {
+        if cv[ci] {
+            (true, xi)
+        } else {
+            (false, yi)
+        }
+    };
+    let picks: Vec<(bool, usize)> = BroadcastIter::broadcast(c.shape(), &shape)
+        .zip(BroadcastIter::broadcast(x.shape(), &shape))
+        .zip(BroadcastIter::broadcast(y.shape(), &shape))
+        .map(|((ci, xi), yi)| pick(ci, xi, yi))
+        .collect();
+    let data = dispatch!(x.data(), T, xv => {
+        let yv = T::slice(y.data()).ok_or_else(|| mismatch(x, y))?;
+        T::wrap(picks.iter().map(|&(from_x, i)| if from_x { xv[i] } else { yv[i] }).collect())
+    }, str => {
+        let (Data::Str(xv), Data::Str(yv)) = (x.data(), y.data()) else { return Err(mismatch(x, y)) };
+        Data::Str(picks.iter().map(|&(from_x, i)| if from_x { xv[i].clone() } else { yv[i].clone() }).collect())
+    });
+    Ok(vec![Tensor::new(shape, data)?])
+}
+
+fn op_cast(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let Some(to) = ctx.node.attr_int("to")? else {
+        bail!(Invalid, "Cast needs a 'to' attribute");
+    };
+    let Some(dt) = DType::from_onnx(to as i32) else {
+        bail!(Unsupported, "Cast to ONNX element type {to} is not supported");
+    };
+    Ok(vec![input(inputs, 0)?.cast(dt)?])
+}
+
+fn op_cast_like(_: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let like = input(inputs, 1)?;
+    Ok(vec![input(inputs, 0)?.cast(like.dtype())?])
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Selu's constants as ONNX defines them (already rounded to f32).
+const SELU_ALPHA: f32 = 1.673_263_2;
+const SELU_GAMMA: f32 = 1.050_701;
+
+pub fn register(r: &mut Registry) {
+    r.insert("Add", op_add);
+    r.insert("Sub", op_sub);
+    r.insert("Mul", op_mul);
+    r.insert("Div", op_div);
+    r.insert("Pow", op_pow);
+    r.insert("Mod", op_mod);
+    r.insert("Max", op_max);
+    r.insert("Min", op_min);
+    r.insert("Sum", op_sum);
+    r.insert("Mean", op_mean);
+    r.insert("Equal", op_equal);
+    r.insert("Less", op_less);
+    r.insert("LessOrEqual", op_less_equal);
+    r.insert("Greater", op_greater);
+    r.insert("GreaterOrEqual", op_greater_equal);
+    r.insert("And", op_and);
+    r.insert("Or", op_or);
+    r.insert("Xor", op_xor);
+    r.insert("Not", op_not);
+    r.insert("BitShift", op_bitshift);
+    r.insert("BitwiseAnd", op_bitwise_and);
+    r.insert("BitwiseOr", op_bitwise_or);
+    r.insert("BitwiseXor", op_bitwise_xor);
+    r.insert("BitwiseNot", op_bitwise_not);
+    r.insert("PRelu", op_prelu);
+
+    r.insert("Abs", op_abs);
+    r.insert("Neg", op_neg);
+    r.insert("Sign", op_sign);
+    r.insert("Relu", op_relu);
+    r.insert("Shrink", op_shrink);
+    r.insert("Clip", op_clip);
+    r.insert("IsNaN", op_isnan);
+    r.insert("IsInf", op_isinf);
+    r.insert("Where", op_where);
+    r.insert("Cast", op_cast);
+    r.insert("CastLike", op_cast_like);
+
+    unary_float!(r, "Exp", x => x.exp());
+    unary_float!(r, "Log", x => x.ln());
+    unary_float!(r, "Sqrt", x => x.sqrt());
+    unary_float!(r, "Reciprocal", x => 1.0 / x);
+    unary_float!(r, "Floor", x => x.floor());
+    unary_float!(r, "Ceil", x => x.ceil());
+    unary_float!(r, "Round", x => x.round_ties_even());
+    unary_float!(r, "Sin", x => x.sin());
+    unary_float!(r, "Cos", x => x.cos());
+    unary_float!(r, "Tan", x => x.tan());
+    unary_float!(r, "Asin", x => x.asin());
+    unary_float!(r, "Acos", x => x.acos());
+    unary_float!(r, "Atan", x => x.atan());
+    unary_float!(r, "Sinh", x => x.sinh());
+    unary_float!(r, "Cosh", x => x.cosh());
+    unary_float!(r, "Asinh", x => x.asinh());
+    unary_float!(r, "Acosh", x => x.acosh());
+    unary_float!(r, "Atanh", x => x.atanh());
+    unary_float!(r, "Tanh", x => x.tanh());
+    unary_float!(r, "Erf", x => erf(x as f64) as F);
+    unary_float!(r, "Sigmoid", x => 1.0 / (1.0 + (-x).exp()));
+    unary_float!(r, "Softsign", x => x / (1.0 + x.abs()));
+    unary_float!(r, "Softplus", x => softplus(x as f64) as F);
+    unary_float!(r, "Mish", x => (x as f64 * softplus(x as f64).tanh()) as F);
+    unary_float!(r, "HardSwish", x => x * (x / 6.0 + 0.5).clamp(0.0, 1.0));
+    unary_float!(r, "LeakyRelu", |ctx| alpha = { ctx.float("alpha", 0.01)? }, x => {
+        if x < 0.0 { x * alpha as F } else { x }
+    });
+    unary_float!(r, "ThresholdedRelu", |ctx| alpha = { ctx.float("alpha", 1.0)? }, x => {
+        if x > alpha as F { x } else { 0.0 }
+    });
+    unary_float!(r, "Elu", |ctx| alpha = { ctx.float("alpha", 1.0)? }, x => {
+        if x < 0.0 { alpha as F * x.exp_m1() } else { x }
+    });
+    unary_float!(r, "Celu", |ctx| alpha = { ctx.float("alpha", 1.0)? }, x => {
+        let a = alpha as F;
+        if x < 0.0 { a * (x / a).exp_m1() } else { x }
+    });
+    unary_float!(r, "Selu", |ctx| (alpha, gamma) = { (ctx.float("alpha", SELU_ALPHA)?, ctx.float("gamma", SELU_GAMMA)?) }, x => {
+        let (a, g) = (alpha as F, gamma as F);
+        if x > 0.0 { g * x } else { g * a * x.exp_m1() }
+    });
+    unary_float!(r, "HardSigmoid", |ctx| (alpha, beta) = { (ctx.float("alpha", 0.2)?, ctx.float("beta", 0.5)?) }, x => {
+        (alpha as F * x + beta as F).clamp(0.0, 1.0)
+    });
+    unary_float!(r, "Gelu", |ctx| tanh = {
+        match ctx.string("approximate", "none")?.as_str() {
+            "none" => false,
+            "tanh" => true,
+            a => bail!(Invalid, "Gelu approximate must be none or tanh, got {a:?}"),
+        }
+    }, x => {
+        let v = x as f64;
+        let inner = if tanh {
+            ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh()
+        } else {
+            erf(v * std::f64::consts::FRAC_1_SQRT_2)
+        };
+        (0.5 * v * (1.0 + inner)) as F
+    });
+}
+
+/// ln(1 + e^x) without overflow for large x.
+#[inline(always)]
+fn softplus(x: f64) -> f64 {
+    if x > 0.0 {
+        x + (-x).exp().ln_1p()
+    } else {
+        x.exp().ln_1p()
+    }
+}

@@ -1,0 +1,183 @@
+//! Flags shared by several commands, and the glue from them to library calls.
+
+use smelt_data::{Dataset, Layout, Preprocess, Split};
+use smelt_engine::Session;
+use smelt_ir::Model;
+use smelt_tensor::{bail, Error, Result, Tensor};
+use std::path::{Path, PathBuf};
+
+/// Where evaluation data comes from and how it is preprocessed.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DataArgs {
+    /// A folder of MNIST-style idx files, an .npz holding `x` (and `y`), or, with --tokenizer,
+    /// a text file or folder of text files (Brown-corpus `word/TAG` files are detected).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Which split of an idx folder to read.
+    #[arg(long, default_value = "test", value_parser = ["train", "test"])]
+    pub split: String,
+    /// Use at most this many samples.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Multiply raw values by this before mean/std (e.g. 0.00392 for 0..255 -> 0..1).
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f32,
+    /// Per-channel mean to subtract (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub mean: Vec<f32>,
+    /// Per-channel standard deviation to divide by (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub std: Vec<f32>,
+    /// Layout of the data; nhwc data is transposed to the NCHW the model expects.
+    #[arg(long, default_value = "nchw", value_parser = ["nchw", "nhwc"])]
+    pub layout: String,
+    /// tokenizer.json for text data (turns --data into text input).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Longest token sequence for text data (longer sentences are truncated).
+    #[arg(long, default_value_t = 128)]
+    pub max_len: usize,
+    /// Pad every text batch to this length (default: the longest sentence in the batch).
+    #[arg(long)]
+    pub pad_to: Option<usize>,
+}
+
+/// Inputs for one batch, by model input name.
+pub type Feed = Vec<(String, Tensor)>;
+
+/// A dataset turned into model feeds: image batches with labels, or tokenized text.
+pub struct Batches {
+    pub feeds: Vec<Feed>,
+    pub labels: Option<Vec<Vec<i64>>>,
+    pub samples: usize,
+}
+
+impl DataArgs {
+    pub fn load(&self, model: &Model, batch: usize) -> Result<Batches> {
+        let Some(path) = &self.data else {
+            bail!(Input, "no data given: pass --data");
+        };
+        if !path.exists() {
+            bail!(Input, "data path {} does not exist", path.display());
+        }
+        let batch = batch.max(1);
+        if let Some(tok) = &self.tokenizer {
+            return self.load_text(model, path, tok, batch);
+        }
+        let pre = Preprocess {
+            scale: self.scale,
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+            layout: if self.layout == "nhwc" {
+                Layout::Nhwc
+            } else {
+                Layout::Nchw
+            },
+        };
+        let split = if self.split == "train" {
+            Split::Train
+        } else {
+            Split::Test
+        };
+        let mut ds = smelt_data::load_data(path, split, self.limit, &pre)?;
+        if pre.layout == Layout::Nhwc {
+            ds = Dataset::new(smelt_data::nhwc_to_nchw(ds.x)?, ds.y)?;
+        }
+        let input = single_input(model)?;
+        let mut feeds = Vec::new();
+        let mut labels = ds.y.as_ref().map(|_| Vec::new());
+        for (s, e) in ds.batch_ranges(batch) {
+            feeds.push(vec![(input.clone(), ds.batch(s, e))]);
+            if let (Some(l), Some(y)) = (labels.as_mut(), ds.labels(s, e)) {
+                l.push(y.to_vec());
+            }
+        }
+        Ok(Batches {
+            feeds,
+            labels,
+            samples: ds.len(),
+        })
+    }
+
+    fn load_text(&self, model: &Model, path: &Path, tok: &Path, batch: usize) -> Result<Batches> {
+        let limit = self.limit.unwrap_or(usize::MAX);
+        let sentences = if path.is_dir() && is_brown_dir(path) {
+            smelt_data::brown_sentences(path, limit)?
+        } else {
+            let files = if path.is_dir() {
+                let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+                    .map_err(|e| Error::io(format!("reading {}", path.display()), e))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.is_file())
+                    .collect();
+                v.sort();
+                v
+            } else {
+                vec![path.to_path_buf()]
+            };
+            smelt_data::read_text_lines(&files, self.limit)?
+        };
+        if sentences.is_empty() {
+            bail!(Input, "no text found in {}", path.display());
+        }
+        let names: Vec<String> = model.graph.runtime_inputs().map(|v| v.name.clone()).collect();
+        let mut feeds = Vec::new();
+        for chunk in sentences.chunks(batch) {
+            let b = smelt_data::tokenize(tok, chunk, self.max_len, self.pad_to)?;
+            let mut feed = Vec::new();
+            for n in &names {
+                let t = match n.as_str() {
+                    "input_ids" => b.input_ids.clone(),
+                    "attention_mask" => b.attention_mask.clone(),
+                    "token_type_ids" => b.token_type_ids.clone(),
+                    other => bail!(
+                        Input,
+                        "text data provides input_ids, attention_mask and token_type_ids, but the model also wants '{other}'"
+                    ),
+                };
+                feed.push((n.clone(), t));
+            }
+            feeds.push(feed);
+        }
+        Ok(Batches {
+            feeds,
+            labels: None,
+            samples: sentences.len(),
+        })
+    }
+}
+
+/// Brown-corpus folders hold files named like `ca01`; their tokens carry `/TAG` suffixes.
+fn is_brown_dir(p: &Path) -> bool {
+    p.join("ca01").is_file()
+}
+
+fn single_input(model: &Model) -> Result<String> {
+    let ins: Vec<&str> = model.graph.runtime_inputs().map(|v| v.name.as_str()).collect();
+    match ins.as_slice() {
+        [one] => Ok(one.to_string()),
+        _ => bail!(
+            Input,
+            "image data feeds one input, but the model has {} ({})",
+            ins.len(),
+            ins.join(", ")
+        ),
+    }
+}
+
+pub fn load_model(path: &Path) -> Result<Model> {
+    smelt_onnx::load(path).map_err(|e| e.context(path.display()))
+}
+
+pub fn session(model: Model) -> Result<Session> {
+    Session::new(model)
+}
+
+pub fn run_feed(s: &Session, feed: &Feed) -> Result<Vec<(String, Tensor)>> {
+    let refs: Vec<(&str, Tensor)> = feed.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    s.run(&refs)
+}
+
+pub fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}

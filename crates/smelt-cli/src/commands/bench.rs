@@ -1,0 +1,72 @@
+use crate::args::{load_model, print_json, session};
+use serde_json::json;
+use smelt_engine::analysis::{synth_inputs, InputSpec};
+use smelt_tensor::{Result, Tensor};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The ONNX model to time.
+    model: PathBuf,
+    /// Batch size of the synthesized inputs.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Length used for symbolic non-batch input dimensions (e.g. sequence length).
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Untimed runs before measuring.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Timed runs.
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+}
+
+pub fn run(a: Args, json: bool) -> Result<()> {
+    let s = session(load_model(&a.model)?)?;
+    let spec = InputSpec {
+        batch: a.batch,
+        seq_len: a.seq_len,
+        seed: 0,
+    };
+    let inputs = synth_inputs(s.graph(), &spec);
+    let feed: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    for _ in 0..a.warmup {
+        s.run(&feed)?;
+    }
+    let mut ms: Vec<f64> = Vec::with_capacity(a.runs);
+    for _ in 0..a.runs.max(1) {
+        let t = Instant::now();
+        s.run(&feed)?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(|x, y| x.total_cmp(y));
+    let pct = |p: f64| ms[((ms.len() - 1) as f64 * p).round() as usize];
+    let rss = peak_rss_bytes();
+    let threads = rayon::current_num_threads();
+    if json {
+        print_json(&json!({
+            "model": a.model.display().to_string(),
+            "batch": a.batch, "threads": threads, "runs": ms.len(),
+            "median_ms": pct(0.5), "p10_ms": pct(0.1), "p90_ms": pct(0.9),
+            "peak_rss_bytes": rss,
+        }));
+    } else {
+        println!("model      {}", a.model.display());
+        println!("batch {}  threads {}  runs {}", a.batch, threads, ms.len());
+        println!("median     {:.3} ms   (p10 {:.3}, p90 {:.3})", pct(0.5), pct(0.1), pct(0.9));
+        if let Some(r) = rss {
+            println!("peak RSS   {:.1} MiB", r as f64 / (1024.0 * 1024.0));
+        }
+    }
+    Ok(())
+}
+
+/// High-water mark of resident memory for this process (Linux: VmHWM in /proc/self/status).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

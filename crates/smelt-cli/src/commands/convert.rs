@@ -1,0 +1,51 @@
+use crate::args::{load_model, print_json};
+use serde_json::json;
+use smelt_onnx::{ExternalData, SaveOptions};
+use smelt_tensor::{bail, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The ONNX model to read.
+    model: PathBuf,
+    /// Where to write the model.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Store tensors of at least --external-threshold bytes in this file, next to the output.
+    #[arg(long)]
+    external_data: Option<String>,
+    #[arg(long, default_value_t = 1024)]
+    external_threshold: usize,
+    /// Allow writing over the input file.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(a: Args, json: bool) -> Result<()> {
+    if !a.force && same_file(&a.model, &a.output) {
+        bail!(Input, "refusing to overwrite the input {} (pass --force)", a.model.display());
+    }
+    let model = load_model(&a.model)?;
+    let opts = SaveOptions {
+        external_data: a.external_data.as_ref().map(|f| ExternalData {
+            file_name: f.clone(),
+            size_threshold: a.external_threshold,
+        }),
+    };
+    smelt_onnx::save_with(&model, &a.output, &opts)?;
+    let bytes = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
+    if json {
+        print_json(&json!({"output": a.output.display().to_string(), "file_bytes": bytes,
+                           "nodes": model.graph.nodes.len()}));
+    } else {
+        println!("wrote {} ({} bytes, {} nodes)", a.output.display(), bytes, model.graph.nodes.len());
+    }
+    Ok(())
+}
+
+pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}

@@ -1,0 +1,7 @@
+//! One file per subcommand: flags, the library calls, and the printed summary.
+
+pub mod bench;
+pub mod convert;
+pub mod eval;
+pub mod inspect;
+pub mod run;

@@ -1,0 +1,389 @@
+//! Convolution (NCHW) and transposed convolution over 1 to 3 spatial dimensions.
+//!
+//! Lower ranks are handled as 3-D with leading unit dimensions, so one set of loops serves all.
+//! Regular convolution is im2col + GEMM per (image, group); convolutions with one input channel
+//! per group (depthwise) use a direct loop, which beats a GEMM with K = kernel size.
+
+use super::gemm::{gemm, Bias};
+use rayon::prelude::*;
+use smelt_tensor::{bail, Result};
+
+/// Geometry of one convolution, spatial parts always 3-D (pad lower ranks with 1 / 0).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvGeom {
+    pub batch: usize,
+    pub in_ch: usize,
+    pub out_ch: usize,
+    pub groups: usize,
+    pub input: [usize; 3],
+    pub kernel: [usize; 3],
+    pub output: [usize; 3],
+    pub strides: [usize; 3],
+    pub dilations: [usize; 3],
+    /// Padding before each spatial dimension (padding after is implied by `output`).
+    pub pads: [usize; 3],
+}
+
+impl ConvGeom {
+    fn check(&self) -> Result<()> {
+        if self.groups == 0 || self.in_ch % self.groups != 0 || self.out_ch % self.groups != 0 {
+            bail!(
+                Shape,
+                "channels ({} in, {} out) are not divisible by group {}",
+                self.in_ch,
+                self.out_ch,
+                self.groups
+            );
+        }
+        if self.strides.contains(&0) || self.dilations.contains(&0) {
+            bail!(Invalid, "strides and dilations must be positive");
+        }
+        Ok(())
+    }
+}
+
+fn prod(v: &[usize; 3]) -> usize {
+    v[0] * v[1] * v[2]
+}
+
+/// The output positions `o` in `0..out` for which `o * stride + off` lies in `0..len`.
+#[inline]
+fn valid_range(out: usize, stride: usize, off: isize, len: usize) -> (usize, usize) {
+    let s = stride as isize;
+    let lo = if off < 0 { ((-off) + s - 1) / s } else { 0 };
+    let hi = if (len as isize) > off { ((len as isize - off) + s - 1) / s } else { 0 };
+    let lo = (lo as usize).min(out);
+    let hi = (hi as usize).min(out).max(lo);
+    (lo, hi)
+}
+
+/// Unrolls patches of `x` (`[c, d, h, w]`) into `col` (`[c * kprod, out positions]`).
+fn im2col(g: &ConvGeom, c: usize, x: &[f32], col: &mut [f32]) {
+    let [id, ih, iw] = g.input;
+    let [kd, kh, kw] = g.kernel;
+    let [od, oh, ow] = g.output;
+    let osz = od * oh * ow;
+    let mut row = 0;
+    for ch in 0..c {
+        let plane = &x[ch * id * ih * iw..(ch + 1) * id * ih * iw];
+        for a in 0..kd {
+            for b in 0..kh {
+                for e in 0..kw {
+                    let dst = &mut col[row * osz..(row + 1) * osz];
+                    row += 1;
+                    let offd = (a * g.dilations[0]) as isize - g.pads[0] as isize;
+                    let offh = (b * g.dilations[1]) as isize - g.pads[1] as isize;
+                    let offw = (e * g.dilations[2]) as isize - g.pads[2] as isize;
+                    let (w0, w1) = valid_range(ow, g.strides[2], offw, iw);
+                    for z in 0..od {
+                        let iz = (z * g.strides[0]) as isize + offd;
+                        for y in 0..oh {
+                            let out = &mut dst[(z * oh + y) * ow..(z * oh + y + 1) * ow];
+                            let iy = (y * g.strides[1]) as isize + offh;
+                            if iz < 0 || iz >= id as isize || iy < 0 || iy >= ih as isize {
+                                out.fill(0.0);
+                                continue;
+                            }
+                            let src = &plane[(iz as usize * ih + iy as usize) * iw..][..iw];
+                            out[..w0].fill(0.0);
+                            out[w1..].fill(0.0);
+                            let sw = g.strides[2];
+                            if sw == 1 {
+                                let s0 = (w0 as isize + offw) as usize;
+                                out[w0..w1].copy_from_slice(&src[s0..s0 + (w1 - w0)]);
+                            } else {
+                                for (xo, o) in out[w0..w1].iter_mut().enumerate() {
+                                    *o = src[(((w0 + xo) * sw) as isize + offw) as usize];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Direct convolution of one input plane into one output plane (depthwise case).
+fn depthwise_plane(g: &ConvGeom, x: &[f32], w: &[f32], bias: f32, out: &mut [f32]) {
+    let [id, ih, iw] = g.input;
+    let [kd, kh, kw] = g.kernel;
+    let [od, oh, ow] = g.output;
+    out.fill(bias);
+    for a in 0..kd {
+        for b in 0..kh {
+            for e in 0..kw {
+                let wv = w[(a * kh + b) * kw + e];
+                let offd = (a * g.dilations[0]) as isize - g.pads[0] as isize;
+                let offh = (b * g.dilations[1]) as isize - g.pads[1] as isize;
+                let offw = (e * g.dilations[2]) as isize - g.pads[2] as isize;
+                let (w0, w1) = valid_range(ow, g.strides[2], offw, iw);
+                let (z0, z1) = valid_range(od, g.strides[0], offd, id);
+                let (y0, y1) = valid_range(oh, g.strides[1], offh, ih);
+                for z in z0..z1 {
+                    let iz = ((z * g.strides[0]) as isize + offd) as usize;
+                    for y in y0..y1 {
+                        let iy = ((y * g.strides[1]) as isize + offh) as usize;
+                        let src = &x[(iz * ih + iy) * iw..][..iw];
+                        let dst = &mut out[(z * oh + y) * ow..][..ow];
+                        let sw = g.strides[2];
+                        if sw == 1 {
+                            let s0 = (w0 as isize + offw) as usize;
+                            for (o, &v) in dst[w0..w1].iter_mut().zip(&src[s0..s0 + (w1 - w0)]) {
+                                *o += wv * v;
+                            }
+                        } else {
+                            for xo in w0..w1 {
+                                dst[xo] += wv * src[(xo as isize * sw as isize + offw) as usize];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Convolution: `x` is `[batch, in_ch, *input]`, `w` is `[out_ch, in_ch / groups, *kernel]`,
+/// `out` is `[batch, out_ch, *output]`.
+pub fn conv(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut [f32]) -> Result<()> {
+    g.check()?;
+    let cg = g.in_ch / g.groups;
+    let mg = g.out_ch / g.groups;
+    let isz = prod(&g.input);
+    let ksz = prod(&g.kernel);
+    let osz = prod(&g.output);
+    if x.len() != g.batch * g.in_ch * isz
+        || w.len() != g.out_ch * cg * ksz
+        || out.len() != g.batch * g.out_ch * osz
+        || bias.is_some_and(|b| b.len() != g.out_ch)
+    {
+        bail!(Shape, "convolution buffers do not match geometry {g:?}");
+    }
+    if out.is_empty() {
+        return Ok(());
+    }
+    if cg == 1 {
+        // One input channel per group: every output plane is a direct stencil of one input plane.
+        out.par_chunks_mut(osz).enumerate().for_each(|(p, o)| {
+            let (b, oc) = (p / g.out_ch, p % g.out_ch);
+            let ic = oc / mg;
+            let xp = &x[(b * g.in_ch + ic) * isz..][..isz];
+            depthwise_plane(g, xp, &w[oc * ksz..][..ksz], bias.map_or(0.0, |v| v[oc]), o);
+        });
+        return Ok(());
+    }
+    let pointwise = ksz == 1 && g.strides == [1, 1, 1] && g.pads == [0, 0, 0] && g.input == g.output;
+    let task = |t: usize, o: &mut [f32]| -> Result<()> {
+        let (b, gr) = (t / g.groups, t % g.groups);
+        let xg = &x[(b * g.in_ch + gr * cg) * isz..][..cg * isz];
+        let wg = &w[gr * mg * cg * ksz..][..mg * cg * ksz];
+        let bias = bias.map(|v| Bias::PerRow(&v[gr * mg..(gr + 1) * mg]));
+        if pointwise {
+            return gemm(mg, cg, osz, wg, false, xg, false, o, 1.0, 0.0, bias);
+        }
+        let mut col = vec![0.0f32; cg * ksz * osz];
+        im2col(g, cg, xg, &mut col);
+        gemm(mg, cg * ksz, osz, wg, false, &col, false, o, 1.0, 0.0, bias)
+    };
+    let tasks = g.batch * g.groups;
+    if tasks == 1 {
+        task(0, out)
+    } else {
+        out.par_chunks_mut(mg * osz)
+            .enumerate()
+            .try_for_each(|(t, o)| task(t, o))
+    }
+}
+
+/// Transposed convolution: `x` is `[batch, in_ch, *input]`, `w` is
+/// `[in_ch, out_ch / groups, *kernel]`, `out` is `[batch, out_ch, *output]`; `g.pads` are the
+/// begin pads of the (forward) convolution this one inverts.
+pub fn conv_transpose(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    g.check()?;
+    let cg = g.in_ch / g.groups;
+    let mg = g.out_ch / g.groups;
+    let isz = prod(&g.input);
+    let ksz = prod(&g.kernel);
+    let osz = prod(&g.output);
+    if x.len() != g.batch * g.in_ch * isz
+        || w.len() != g.in_ch * mg * ksz
+        || out.len() != g.batch * g.out_ch * osz
+        || bias.is_some_and(|b| b.len() != g.out_ch)
+    {
+        bail!(Shape, "transposed convolution buffers do not match geometry {g:?}");
+    }
+    if out.is_empty() {
+        return Ok(());
+    }
+    let [id, ih, iw] = g.input;
+    let [kd, kh, kw] = g.kernel;
+    let [od, oh, ow] = g.output;
+    out.par_chunks_mut(mg * osz)
+        .enumerate()
+        .try_for_each(|(t, o)| -> Result<()> {
+            let (b, gr) = (t / g.groups, t % g.groups);
+            let xg = &x[(b * g.in_ch + gr * cg) * isz..][..cg * isz];
+            let wg = &w[gr * cg * mg * ksz..][..cg * mg * ksz];
+            // col[(oc, kernel pos), input pos] = sum over ic of w[ic, oc, k] * x[ic, pos]
+            let mut col = vec![0.0f32; mg * ksz * isz];
+            gemm(mg * ksz, cg, isz, wg, true, xg, false, &mut col, 1.0, 0.0, None)?;
+            for oc in 0..mg {
+                let plane = &mut o[oc * osz..(oc + 1) * osz];
+                plane.fill(bias.map_or(0.0, |v| v[gr * mg + oc]));
+                for a in 0..kd {
+                    for bb in 0..kh {
+                        for e in 0..kw {
+                            let r = ((oc * kd + a) * kh + bb) * kw + e;
+                            let src = &col[r * isz..(r + 1) * isz];
+                            for z in 0..id {
+                                let oz = (z * g.strides[0] + a * g.dilations[0]) as isize - g.pads[0] as isize;
+                                if oz < 0 || oz >= od as isize {
+                                    continue;
+                                }
+                                for y in 0..ih {
+                                    let oy = (y * g.strides[1] + bb * g.dilations[1]) as isize
+                                        - g.pads[1] as isize;
+                                    if oy < 0 || oy >= oh as isize {
+                                        continue;
+                                    }
+                                    let dst = &mut plane[(oz as usize * oh + oy as usize) * ow..][..ow];
+                                    let srow = &src[(z * ih + y) * iw..][..iw];
+                                    for (xi, &v) in srow.iter().enumerate() {
+                                        let ox = (xi * g.strides[2] + e * g.dilations[2]) as isize
+                                            - g.pads[2] as isize;
+                                        if ox >= 0 && ox < ow as isize {
+                                            dst[ox as usize] += v;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Straightforward 2-D convolution, the reference for the fast paths.
+    fn naive_conv2d(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+        let [_, ih, iw] = g.input;
+        let [_, kh, kw] = g.kernel;
+        let [_, oh, ow] = g.output;
+        let cg = g.in_ch / g.groups;
+        let mg = g.out_ch / g.groups;
+        let mut out = vec![0.0; g.batch * g.out_ch * oh * ow];
+        for b in 0..g.batch {
+            for oc in 0..g.out_ch {
+                let gr = oc / mg;
+                for y in 0..oh {
+                    for xo in 0..ow {
+                        let mut s = bias.map_or(0.0, |v| v[oc]);
+                        for c in 0..cg {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let iy = (y * g.strides[1] + ky * g.dilations[1]) as isize - g.pads[1] as isize;
+                                    let ix = (xo * g.strides[2] + kx * g.dilations[2]) as isize - g.pads[2] as isize;
+                                    if iy < 0 || ix < 0 || iy >= ih as isize || ix >= iw as isize {
+                                        continue;
+                                    }
+                                    let xv = x[((b * g.in_ch + gr * cg + c) * ih + iy as usize) * iw + ix as usize];
+                                    let wv = w[((oc * cg + c) * kh + ky) * kw + kx];
+                                    s += xv * wv;
+                                }
+                            }
+                        }
+                        out[((b * g.out_ch + oc) * oh + y) * ow + xo] = s;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn vals(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| (((i + seed) * 37 % 17) as f32 - 8.0) / 4.0).collect()
+    }
+
+    fn geom(batch: usize, ci: usize, co: usize, groups: usize, hw: usize, k: usize, s: usize, p: usize, d: usize) -> ConvGeom {
+        let eff = (k - 1) * d + 1;
+        let o = (hw + 2 * p - eff) / s + 1;
+        ConvGeom {
+            batch,
+            in_ch: ci,
+            out_ch: co,
+            groups,
+            input: [1, hw, hw],
+            kernel: [1, k, k],
+            output: [1, o, o],
+            strides: [1, s, s],
+            dilations: [1, d, d],
+            pads: [0, p, p],
+        }
+    }
+
+    fn check(g: &ConvGeom) {
+        let cg = g.in_ch / g.groups;
+        let x = vals(g.batch * g.in_ch * prod(&g.input), 1);
+        let w = vals(g.out_ch * cg * prod(&g.kernel), 5);
+        let bias = vals(g.out_ch, 9);
+        let mut out = vec![f32::NAN; g.batch * g.out_ch * prod(&g.output)];
+        conv(g, &x, &w, Some(&bias), &mut out).unwrap();
+        let want = naive_conv2d(g, &x, &w, Some(&bias));
+        for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() < 1e-3, "{g:?} at {i}: {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn conv_paths_match_naive() {
+        check(&geom(1, 3, 4, 1, 7, 3, 1, 1, 1)); // padded im2col
+        check(&geom(2, 4, 6, 2, 8, 3, 2, 1, 1)); // groups, stride, batch
+        check(&geom(1, 2, 2, 1, 9, 3, 1, 2, 2)); // dilation
+        check(&geom(2, 3, 5, 1, 5, 1, 1, 0, 1)); // pointwise
+        check(&geom(1, 4, 4, 4, 6, 3, 1, 1, 1)); // depthwise
+        check(&geom(2, 3, 6, 3, 7, 3, 2, 1, 1)); // depthwise multiplier 2, stride 2
+        check(&geom(1, 1, 8, 1, 28, 5, 1, 2, 1)); // MNIST's first layer
+    }
+
+    #[test]
+    fn tiny_conv_by_hand() {
+        // 1x1x3x3 input of 1..9, 2x2 kernel of ones, no padding: sums of 2x2 windows.
+        let g = geom(1, 1, 1, 1, 3, 2, 1, 0, 1);
+        let x: Vec<f32> = (1..=9).map(|v| v as f32).collect();
+        let mut out = vec![0.0; 4];
+        conv(&g, &x, &[1.0; 4], None, &mut out).unwrap();
+        assert_eq!(out, vec![12.0, 16.0, 24.0, 28.0]);
+    }
+
+    #[test]
+    fn conv_transpose_by_hand() {
+        // 1-D: x = [1, 2], w = [1, 10, 100], stride 2: out = [1, 10, 102, 20, 200]
+        let g = ConvGeom {
+            batch: 1,
+            in_ch: 1,
+            out_ch: 1,
+            groups: 1,
+            input: [1, 1, 2],
+            kernel: [1, 1, 3],
+            output: [1, 1, 5],
+            strides: [1, 1, 2],
+            dilations: [1, 1, 1],
+            pads: [0, 0, 0],
+        };
+        let mut out = vec![0.0; 5];
+        conv_transpose(&g, &[1.0, 2.0], &[1.0, 10.0, 100.0], Some(&[0.5]), &mut out).unwrap();
+        assert_eq!(out, vec![1.5, 10.5, 102.5, 20.5, 200.5]);
+    }
+}

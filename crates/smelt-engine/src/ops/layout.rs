@@ -1,3 +1,0 @@
-use super::Registry;
-
-pub fn register(_r: &mut Registry) {}

@@ -84,6 +84,15 @@ impl DataArgs {
             ds = Dataset::new(smelt_data::nhwc_to_nchw(ds.x)?, ds.y)?;
         }
         let input = single_input(model)?;
+        // A model exported with a fixed batch of 1 (like MNIST-8) is fed one sample at a time.
+        let fixed_one = model
+            .graph
+            .inputs
+            .iter()
+            .find(|v| v.name == input)
+            .and_then(|v| v.shape.as_ref())
+            .is_some_and(|s| s.first() == Some(&smelt_ir::Dim::Fixed(1)));
+        let batch = if fixed_one { 1 } else { batch };
         let mut feeds = Vec::new();
         let mut labels = ds.y.as_ref().map(|_| Vec::new());
         for (s, e) in ds.batch_ranges(batch) {

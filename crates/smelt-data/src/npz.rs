@@ -371,7 +371,7 @@ mod tests {
             z.start_file("x.npy", Default::default()).unwrap();
             let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000, 4), }";
             let mut h = header.to_string();
-            while (10 + h.len() + 1) % 64 != 0 {
+            while (11 + h.len()) & 63 != 0 {
                 h.push(' ');
             }
             h.push('\n');

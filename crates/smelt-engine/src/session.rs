@@ -31,7 +31,7 @@ impl Session {
         let mut last_use = HashMap::new();
         for (pos, &i) in order.iter().enumerate() {
             let n = &model.graph.nodes[i];
-            let f = ops::lookup(&n.domain, &n.op_type).expect("checked above");
+            let f = ops::lookup(&n.domain, &n.op_type).unwrap_or(placeholder);
             plan.push((i, f));
             for inp in n.inputs.iter().filter(|s| !s.is_empty()) {
                 last_use.insert(inp.clone(), pos);
@@ -116,27 +116,12 @@ impl Session {
         for (pos, &(i, f)) in self.plan.iter().enumerate() {
             let node = &g.nodes[i];
             let outs = {
-                let ins: Vec<Option<&Tensor>> = node
-                    .inputs
-                    .iter()
-                    .map(|name| {
-                        if name.is_empty() {
-                            Ok(None)
-                        } else {
-                            values
-                                .get(name)
-                                .or_else(|| g.initializers.get(name))
-                                .map(Some)
-                                .ok_or_else(|| Error::Invalid(format!("value '{name}' is missing")))
-                        }
-                    })
-                    .collect::<Result<_>>()
-                    .map_err(|e| e.context(node.label()))?;
-                let ctx = OpCtx {
-                    node,
-                    opset: self.opset,
+                let scope = Scope {
+                    values: &values,
+                    initializers: &g.initializers,
+                    outer: None,
                 };
-                f(&ctx, &ins).map_err(|e| e.context(node.label()))?
+                run_one(node, f, self.opset, &scope)?
             };
             for (name, t) in node.outputs.iter().zip(outs) {
                 if name.is_empty() {
@@ -158,10 +143,289 @@ impl Session {
     }
 }
 
+/// Where a node finds its inputs: values computed so far, the graph's initializers, then the
+/// enclosing graph's scope (subgraphs of If/Loop/Scan see their parents' values).
+struct Scope<'a> {
+    values: &'a HashMap<String, Tensor>,
+    initializers: &'a indexmap::IndexMap<String, Tensor>,
+    outer: Option<&'a Scope<'a>>,
+}
+
+impl Scope<'_> {
+    fn get(&self, name: &str) -> Option<&Tensor> {
+        self.values
+            .get(name)
+            .or_else(|| self.initializers.get(name))
+            .or_else(|| self.outer.and_then(|o| o.get(name)))
+    }
+}
+
+fn run_one(node: &Node, f: OpFn, opset: i64, scope: &Scope) -> Result<Vec<Tensor>> {
+    let ins: Vec<Option<&Tensor>> = node
+        .inputs
+        .iter()
+        .map(|name| {
+            if name.is_empty() {
+                Ok(None)
+            } else {
+                scope
+                    .get(name)
+                    .map(Some)
+                    .ok_or_else(|| Error::Invalid(format!("value '{name}' is missing")))
+            }
+        })
+        .collect::<Result<_>>()
+        .map_err(|e| e.context(node.label()))?;
+    let res = match node.op_type.as_str() {
+        "If" | "Loop" | "Scan" if node.domain.is_empty() => control_flow(node, opset, &ins, scope),
+        _ => f(&OpCtx { node, opset }, &ins),
+    };
+    res.map_err(|e| e.context(node.label()))
+}
+
+/// Runs a subgraph with its formal inputs bound to `args`; returns its outputs in order.
+fn run_subgraph(g: &Graph, opset: i64, args: Vec<Tensor>, outer: &Scope) -> Result<Vec<Tensor>> {
+    let mut values = HashMap::new();
+    for (v, t) in g.inputs.iter().zip(args) {
+        values.insert(v.name.clone(), t);
+    }
+    let outer_names: HashSet<String> = HashSet::new();
+    let mut visible = outer_names;
+    let mut sc = Some(outer);
+    while let Some(s) = sc {
+        visible.extend(s.values.keys().cloned());
+        visible.extend(s.initializers.keys().cloned());
+        sc = s.outer;
+    }
+    let order = g.topo_order_with(&visible)?;
+    for i in order {
+        let node = &g.nodes[i];
+        let f = ops::lookup(&node.domain, &node.op_type)
+            .or_else(|| is_control_flow(node).then_some(placeholder as OpFn))
+            .ok_or_else(|| Error::Unsupported(format!("{}: op '{}' is not implemented", node.label(), node.op_type)))?;
+        let outs = {
+            let scope = Scope {
+                values: &values,
+                initializers: &g.initializers,
+                outer: Some(outer),
+            };
+            run_one(node, f, opset, &scope)?
+        };
+        for (name, t) in node.outputs.iter().zip(outs) {
+            if !name.is_empty() {
+                values.insert(name.clone(), t);
+            }
+        }
+    }
+    g.outputs
+        .iter()
+        .map(|o| {
+            values
+                .get(&o.name)
+                .or_else(|| g.initializers.get(&o.name))
+                .or_else(|| outer.get(&o.name))
+                .cloned()
+                .ok_or_else(|| Error::Invalid(format!("subgraph output '{}' was not computed", o.name)))
+        })
+        .collect()
+}
+
+fn is_control_flow(n: &Node) -> bool {
+    n.domain.is_empty() && matches!(n.op_type.as_str(), "If" | "Loop" | "Scan")
+}
+
+fn placeholder(_: &OpCtx, _: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    bail!(Unsupported, "control-flow op outside a session")
+}
+
+fn scalar_bool(t: &Tensor) -> Result<bool> {
+    let v = t.cast(smelt_tensor::DType::Bool)?;
+    match v.as_slice::<bool>()?.first() {
+        Some(b) if v.numel() == 1 => Ok(*b),
+        _ => bail!(Shape, "expected a single boolean, got shape {:?}", t.shape()),
+    }
+}
+
+fn control_flow(node: &Node, opset: i64, ins: &[Option<&Tensor>], scope: &Scope) -> Result<Vec<Tensor>> {
+    let graph = |key: &str| {
+        node.attr_graph(key)?
+            .ok_or_else(|| Error::Invalid(format!("attribute '{key}' (a graph) is missing")))
+    };
+    match node.op_type.as_str() {
+        "If" => {
+            let cond = scalar_bool(ops::input(ins, 0)?)?;
+            let g = graph(if cond { "then_branch" } else { "else_branch" })?;
+            run_subgraph(g, opset, vec![], scope)
+        }
+        "Loop" => run_loop(node, opset, ins, scope, graph("body")?),
+        "Scan" => run_scan(node, opset, ins, scope, graph("body")?),
+        _ => unreachable!(),
+    }
+}
+
+/// ONNX Loop: body(iter, cond, carried...) -> (cond, carried..., scan outputs...).
+fn run_loop(_node: &Node, opset: i64, ins: &[Option<&Tensor>], scope: &Scope, body: &Graph) -> Result<Vec<Tensor>> {
+    let max_trip = match ops::opt_input(ins, 0) {
+        Some(t) => Some(t.to_i64_vec()?.first().copied().unwrap_or(0)),
+        None => None,
+    };
+    let mut cond = match ops::opt_input(ins, 1) {
+        Some(t) => scalar_bool(t)?,
+        None => true,
+    };
+    let mut carried: Vec<Tensor> = ins.iter().skip(2).map(|t| t.cloned().ok_or_else(|| Error::Invalid("Loop carried value missing".into()))).collect::<Result<_>>()?;
+    let n_carried = carried.len();
+    let n_scan = body.outputs.len().saturating_sub(1 + n_carried);
+    let mut scans: Vec<Vec<Tensor>> = vec![Vec::new(); n_scan];
+    let mut i: i64 = 0;
+    const MAX_ITERS: i64 = 10_000_000;
+    while cond && max_trip.is_none_or(|m| i < m) {
+        if i >= MAX_ITERS {
+            bail!(Limit, "Loop ran {MAX_ITERS} iterations without stopping");
+        }
+        let mut args = vec![Tensor::scalar(i), Tensor::scalar(cond)];
+        args.extend(carried.iter().cloned());
+        let outs = run_subgraph(body, opset, args, scope)?;
+        if outs.len() != 1 + n_carried + n_scan {
+            bail!(Invalid, "Loop body returned {} values, expected {}", outs.len(), 1 + n_carried + n_scan);
+        }
+        let mut it = outs.into_iter();
+        cond = scalar_bool(&it.next().unwrap())?;
+        carried = it.by_ref().take(n_carried).collect();
+        for (s, t) in scans.iter_mut().zip(it) {
+            s.push(t);
+        }
+        i += 1;
+    }
+    let mut outs = carried;
+    for (k, s) in scans.into_iter().enumerate() {
+        outs.push(stack(s, body.outputs.get(1 + n_carried + k))?);
+    }
+    Ok(outs)
+}
+
+/// Stacks equally shaped tensors along a new leading axis.
+fn stack(parts: Vec<Tensor>, decl: Option<&smelt_ir::ValueInfo>) -> Result<Tensor> {
+    let Some(first) = parts.first() else {
+        let dt = decl.and_then(|d| d.dtype).unwrap_or(smelt_tensor::DType::F32);
+        return Ok(Tensor::zeros(dt, vec![0]));
+    };
+    let mut shape = vec![parts.len()];
+    shape.extend_from_slice(first.shape());
+    let dt = first.dtype();
+    for p in &parts {
+        if p.shape() != first.shape() || p.dtype() != dt {
+            bail!(Shape, "scan outputs differ in shape across iterations: {:?} vs {:?}", p.shape(), first.shape());
+        }
+    }
+    Tensor::new(shape, concat_data(&parts))
+}
+
+/// The elements of `parts` (all of one dtype) one after another.
+fn concat_data(parts: &[Tensor]) -> smelt_tensor::Data {
+    use smelt_tensor::Data;
+    let mut out = Data::zeros(parts[0].dtype(), 0);
+    macro_rules! ext {
+        ($($v:ident),*) => {
+            match &mut out {
+                $(Data::$v(o) => for p in parts { if let Data::$v(x) = p.data() { o.extend_from_slice(x) } },)*
+                Data::Str(o) => for p in parts { if let Data::Str(x) = p.data() { o.extend(x.iter().cloned()) } },
+            }
+        };
+    }
+    ext!(F32, F64, F16, BF16, I8, U8, I16, U16, I32, I64, U32, U64, Bool);
+    out
+}
+
+/// Slices index `i` of `axis` out of `t` (dropping that axis).
+fn take_along(t: &Tensor, axis: usize, i: usize) -> Result<Tensor> {
+    let shape = t.shape();
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..].iter().product();
+    let len = shape[axis];
+    let idx = (0..outer).flat_map(move |o| (0..inner).map(move |k| (o * len + i) * inner + k));
+    let mut s = shape.to_vec();
+    s.remove(axis);
+    Tensor::new(s, t.data().gather(idx))
+}
+
+/// Moves the leading axis of `t` to position `axis`.
+fn move_leading_axis(t: Tensor, axis: usize) -> Result<Tensor> {
+    if axis == 0 {
+        return Ok(t);
+    }
+    let shape = t.shape().to_vec();
+    let n = shape[0];
+    let mut out_shape = shape[1..].to_vec();
+    out_shape.insert(axis, n);
+    let inner: usize = shape[axis + 1..].iter().product();
+    let mid: usize = shape[1..axis + 1].iter().product();
+    // out[m, s, k] = in[s, m, k] for m over mid, s over n, k over inner.
+    let idx = (0..mid).flat_map(move |m| (0..n).flat_map(move |s| (0..inner).map(move |k| (s * mid + m) * inner + k)));
+    let data = t.data().gather(idx);
+    Tensor::new(out_shape, data)
+}
+
+/// ONNX Scan (opset 9+): state variables carried, scan inputs sliced along their axes.
+fn run_scan(node: &Node, opset: i64, ins: &[Option<&Tensor>], scope: &Scope, body: &Graph) -> Result<Vec<Tensor>> {
+    let n_scan_in = node.attr_int("num_scan_inputs")?.ok_or_else(|| Error::Invalid("Scan needs num_scan_inputs".into()))? as usize;
+    if opset < 9 {
+        bail!(Unsupported, "Scan before opset 9 (with a batch axis)");
+    }
+    let all: Vec<&Tensor> = ins.iter().map(|t| t.ok_or_else(|| Error::Invalid("Scan input missing".into()))).collect::<Result<_>>()?;
+    if n_scan_in > all.len() {
+        bail!(Invalid, "Scan has {} inputs but num_scan_inputs = {n_scan_in}", all.len());
+    }
+    let n_state = all.len() - n_scan_in;
+    let in_axes = node.attr_ints("scan_input_axes")?.map(|v| v.to_vec()).unwrap_or_else(|| vec![0; n_scan_in]);
+    let in_dirs = node.attr_ints("scan_input_directions")?.map(|v| v.to_vec()).unwrap_or_else(|| vec![0; n_scan_in]);
+    let n_scan_out = body.outputs.len().saturating_sub(n_state);
+    let out_axes = node.attr_ints("scan_output_axes")?.map(|v| v.to_vec()).unwrap_or_else(|| vec![0; n_scan_out]);
+    let out_dirs = node.attr_ints("scan_output_directions")?.map(|v| v.to_vec()).unwrap_or_else(|| vec![0; n_scan_out]);
+    let mut state: Vec<Tensor> = all[..n_state].iter().map(|t| (*t).clone()).collect();
+    let scan_in = &all[n_state..];
+    let axes: Vec<usize> = scan_in
+        .iter()
+        .enumerate()
+        .map(|(k, t)| ops::norm_axis(in_axes.get(k).copied().unwrap_or(0), t.rank()))
+        .collect::<Result<_>>()?;
+    let Some(first) = scan_in.first() else {
+        bail!(Invalid, "Scan has no scan inputs");
+    };
+    let len = first.shape()[axes[0]];
+    let mut outs: Vec<Vec<Tensor>> = vec![Vec::new(); n_scan_out];
+    for step in 0..len {
+        let mut args = state.clone();
+        for (k, t) in scan_in.iter().enumerate() {
+            if t.shape()[axes[k]] != len {
+                bail!(Shape, "Scan inputs have different lengths along their scan axes");
+            }
+            let i = if in_dirs.get(k) == Some(&1) { len - 1 - step } else { step };
+            args.push(take_along(t, axes[k], i)?);
+        }
+        let res = run_subgraph(body, opset, args, scope)?;
+        let mut it = res.into_iter();
+        state = it.by_ref().take(n_state).collect();
+        for (o, t) in outs.iter_mut().zip(it) {
+            o.push(t);
+        }
+    }
+    let mut result = state;
+    for (k, mut parts) in outs.into_iter().enumerate() {
+        if out_dirs.get(k) == Some(&1) {
+            parts.reverse();
+        }
+        let stacked = stack(parts, body.outputs.get(n_state + k))?;
+        let axis = ops::norm_axis(out_axes.get(k).copied().unwrap_or(0), stacked.rank())?;
+        result.push(move_leading_axis(stacked, axis)?);
+    }
+    Ok(result)
+}
+
 /// Fails with the first node whose op smelt does not implement, naming it.
 fn check_ops(g: &Graph) -> Result<()> {
     for n in &g.nodes {
-        if ops::lookup(&n.domain, &n.op_type).is_none() {
+        if ops::lookup(&n.domain, &n.op_type).is_none() && !is_control_flow(n) {
             let dom = if n.domain.is_empty() {
                 String::new()
             } else {

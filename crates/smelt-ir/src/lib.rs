@@ -5,6 +5,7 @@
 mod graph;
 mod model;
 mod pass;
+pub mod passes;
 
 pub use graph::{Attr, Dim, Graph, Node, ValueInfo};
 pub use model::{Model, OpsetImport};

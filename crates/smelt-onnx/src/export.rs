@@ -201,7 +201,9 @@ fn value_info_to_proto(v: &ValueInfo) -> ValueInfoProto {
                         Dim::Fixed(x) => {
                             Some(tensor_shape_proto::dimension::Value::DimValue(*x as i64))
                         }
-                        Dim::Sym(s) => Some(tensor_shape_proto::dimension::Value::DimParam(s.clone())),
+                        Dim::Sym(s) => {
+                            Some(tensor_shape_proto::dimension::Value::DimParam(s.clone()))
+                        }
                         Dim::Unknown => None,
                     },
                     denotation: None,

@@ -13,16 +13,25 @@ pub(crate) fn check_relative(rel: &str, what: &str) -> Result<()> {
         bail!(Invalid, "{what} is empty");
     }
     if p.is_absolute() || p.has_root() {
-        bail!(Invalid, "{what} '{rel}' is absolute; it must be relative to the model's folder");
+        bail!(
+            Invalid,
+            "{what} '{rel}' is absolute; it must be relative to the model's folder"
+        );
     }
     for c in p.components() {
         match c {
             Component::Normal(_) | Component::CurDir => {}
             Component::ParentDir => {
-                bail!(Invalid, "{what} '{rel}' contains '..'; it must stay inside the model's folder")
+                bail!(
+                    Invalid,
+                    "{what} '{rel}' contains '..'; it must stay inside the model's folder"
+                )
             }
             Component::RootDir | Component::Prefix(_) => {
-                bail!(Invalid, "{what} '{rel}' is absolute; it must be relative to the model's folder")
+                bail!(
+                    Invalid,
+                    "{what} '{rel}' is absolute; it must be relative to the model's folder"
+                )
             }
         }
     }
@@ -105,9 +114,9 @@ impl TempFile {
     pub(crate) fn finish(&mut self) -> Result<()> {
         let tmp = &self.tmp;
         if let Some(f) = self.file.take() {
-            let f = f
-                .into_inner()
-                .map_err(|e| Error::io(format!("cannot write {}", tmp.display()), e.into_error()))?;
+            let f = f.into_inner().map_err(|e| {
+                Error::io(format!("cannot write {}", tmp.display()), e.into_error())
+            })?;
             f.sync_all()
                 .map_err(|e| Error::io(format!("cannot sync {}", tmp.display()), e))?;
         }
@@ -118,7 +127,11 @@ impl TempFile {
         self.finish()?;
         std::fs::rename(&self.tmp, &self.dest).map_err(|e| {
             Error::io(
-                format!("cannot rename {} to {}", self.tmp.display(), self.dest.display()),
+                format!(
+                    "cannot rename {} to {}",
+                    self.tmp.display(),
+                    self.dest.display()
+                ),
                 e,
             )
         })?;

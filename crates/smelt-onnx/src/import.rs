@@ -109,7 +109,11 @@ fn node_from_proto(n: &NodeProto, index: usize, ctx: &Ctx) -> Result<Node> {
     for a in &n.attribute {
         let (key, v) = attr_from_proto(a, ctx).map_err(|e| e.context(node.label()))?;
         if node.attrs.insert(key.clone(), v).is_some() {
-            bail!(Invalid, "{}: attribute '{key}' is given twice", node.label());
+            bail!(
+                Invalid,
+                "{}: attribute '{key}' is given twice",
+                node.label()
+            );
         }
     }
     Ok(node)
@@ -166,7 +170,12 @@ fn attr_from_proto(a: &AttributeProto, ctx: &Ctx) -> Result<(String, Attr)> {
             Error::Invalid(format!("attribute '{name}' has unknown type code {code}"))
         })?
     };
-    let missing = || Error::Invalid(format!("attribute '{name}' of type {} has no value", ty.as_str_name()));
+    let missing = || {
+        Error::Invalid(format!(
+            "attribute '{name}' of type {} has no value",
+            ty.as_str_name()
+        ))
+    };
     let in_attr = |e: Error| e.context(format!("attribute '{name}'"));
     let v = match ty {
         AttributeType::Float => Attr::Float(a.f.ok_or_else(missing)?),
@@ -207,7 +216,10 @@ fn attr_from_proto(a: &AttributeProto, ctx: &Ctx) -> Result<(String, Attr)> {
 fn value_info(v: &ValueInfoProto) -> Result<ValueInfo> {
     let name = v.name.clone().unwrap_or_default();
     if name.is_empty() {
-        bail!(Invalid, "a graph input, output or value_info entry has no name");
+        bail!(
+            Invalid,
+            "a graph input, output or value_info entry has no name"
+        );
     }
     let mut info = ValueInfo {
         name,
@@ -216,7 +228,8 @@ fn value_info(v: &ValueInfoProto) -> Result<ValueInfo> {
         doc_string: v.doc_string.clone().unwrap_or_default(),
     };
     // Sequence, map, optional and sparse types are kept as "unknown": smelt only computes on tensors.
-    if let Some(type_proto::Value::TensorType(tt)) = v.r#type.as_ref().and_then(|t| t.value.as_ref())
+    if let Some(type_proto::Value::TensorType(tt)) =
+        v.r#type.as_ref().and_then(|t| t.value.as_ref())
     {
         info.dtype = match tt.elem_type.unwrap_or(0) {
             0 => None,
@@ -230,14 +243,14 @@ fn value_info(v: &ValueInfoProto) -> Result<ValueInfo> {
                 .dim
                 .iter()
                 .map(|d| match &d.value {
-                    Some(dimension::Value::DimValue(x)) => usize::try_from(*x)
-                        .map(Dim::Fixed)
-                        .map_err(|_| {
+                    Some(dimension::Value::DimValue(x)) => {
+                        usize::try_from(*x).map(Dim::Fixed).map_err(|_| {
                             Error::Invalid(format!(
                                 "value '{}' has negative dimension {x}",
                                 info.name
                             ))
-                        }),
+                        })
+                    }
                     Some(dimension::Value::DimParam(s)) if !s.is_empty() => Ok(Dim::Sym(s.clone())),
                     _ => Ok(Dim::Unknown),
                 })

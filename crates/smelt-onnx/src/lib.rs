@@ -65,8 +65,7 @@ pub fn load(path: &Path) -> Result<Model> {
 /// Reads an ONNX model; external data is resolved relative to the model's folder.
 pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Model> {
     let bytes = read_limited(path, opts.max_file_bytes)?;
-    decode(&bytes, Some(fsutil::parent_dir(path)), opts)
-        .map_err(|e| e.context(path.display()))
+    decode(&bytes, Some(fsutil::parent_dir(path)), opts).map_err(|e| e.context(path.display()))
 }
 
 /// Decodes a serialized ModelProto. `base_dir` is the folder external data lives in; with

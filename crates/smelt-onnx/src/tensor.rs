@@ -84,7 +84,10 @@ fn decode(p: &TensorProto, ctx: &Ctx) -> Result<Tensor> {
                 from_raw(dtype, raw, n)?
             }
             _ if typed == 0 && n > 0 => {
-                bail!(Invalid, "shape {shape:?} needs {n} elements but the tensor holds no data")
+                bail!(
+                    Invalid,
+                    "shape {shape:?} needs {n} elements but the tensor holds no data"
+                )
             }
             _ => from_typed(p, dtype, n)?,
         }
@@ -263,8 +266,12 @@ fn read_external(entries: &[StringStringEntryProto], ctx: &Ctx, want: usize) -> 
         );
     };
     let path = resolve_inside(base, location, "external data path")?;
-    let mut f = File::open(&path)
-        .map_err(|e| Error::io(format!("cannot open external data file {}", path.display()), e))?;
+    let mut f = File::open(&path).map_err(|e| {
+        Error::io(
+            format!("cannot open external data file {}", path.display()),
+            e,
+        )
+    })?;
     let file_len = f
         .metadata()
         .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?
@@ -358,7 +365,10 @@ mod tests {
             assert_eq!(back.dtype(), t.dtype());
         }
         let p = tensor_to_proto(&Tensor::from_vec(vec![2], vec![1.0f32, 2.0]).unwrap(), "w");
-        assert_eq!(p.raw_data.as_deref(), Some(&[0, 0, 128, 63, 0, 0, 0, 64][..]));
+        assert_eq!(
+            p.raw_data.as_deref(),
+            Some(&[0, 0, 128, 63, 0, 0, 0, 64][..])
+        );
     }
 
     #[test]

@@ -78,14 +78,19 @@ fn truncated_and_random_files_are_invalid() {
     let e = load_err(&p);
     assert!(matches!(e, Error::Invalid(_)), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("not a valid ONNX protobuf") && msg.contains("cut.onnx"), "{msg}");
+    assert!(
+        msg.contains("not a valid ONNX protobuf") && msg.contains("cut.onnx"),
+        "{msg}"
+    );
 
     // Deterministic pseudo-random bytes (an LCG), several seeds.
     for seed in 1u64..20 {
         let mut x = seed;
         let junk: Vec<u8> = (0..4096)
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (x >> 56) as u8
             })
             .collect();
@@ -96,7 +101,10 @@ fn truncated_and_random_files_are_invalid() {
     let e = smelt_onnx::decode(&[], None, &LoadOptions::default()).unwrap_err();
     assert!(e.to_string().contains("empty"), "{e}");
     let e = load_err(&dir.path().join("missing.onnx"));
-    assert!(matches!(e, Error::Io { .. }) && e.to_string().contains("missing.onnx"), "{e}");
+    assert!(
+        matches!(e, Error::Io { .. }) && e.to_string().contains("missing.onnx"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -115,37 +123,59 @@ fn external_data_must_stay_inside_the_model_folder() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("model");
     std::fs::create_dir(&dir).unwrap();
-    let floats: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0].iter().flat_map(|f| f.to_le_bytes()).collect();
+    let floats: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0]
+        .iter()
+        .flat_map(|f| f.to_le_bytes())
+        .collect();
     std::fs::write(root.path().join("x"), &floats).unwrap();
     std::fs::write(dir.join("w.bin"), &floats).unwrap();
 
     // The good case first, so the failures below are about the path alone.
     let ok = smelt_onnx::load(&write_model(&dir, &model_with(external("w.bin", 4, 8, 2)))).unwrap();
-    assert_eq!(ok.graph.initializers["w"].as_slice::<f32>().unwrap(), &[2.0, 3.0]);
+    assert_eq!(
+        ok.graph.initializers["w"].as_slice::<f32>().unwrap(),
+        &[2.0, 3.0]
+    );
 
     let e = load_err(&write_model(&dir, &model_with(external("../x", 0, 16, 4))));
     assert!(matches!(e, Error::Invalid(_)), "{e}");
     assert!(e.to_string().contains("'../x' contains '..'"), "{e}");
 
     let abs = root.path().join("x");
-    let e = load_err(&write_model(&dir, &model_with(external(abs.to_str().unwrap(), 0, 16, 4))));
+    let e = load_err(&write_model(
+        &dir,
+        &model_with(external(abs.to_str().unwrap(), 0, 16, 4)),
+    ));
     assert!(e.to_string().contains("is absolute"), "{e}");
 
     #[cfg(unix)]
     {
         std::os::unix::fs::symlink(root.path().join("x"), dir.join("link.bin")).unwrap();
-        let e = load_err(&write_model(&dir, &model_with(external("link.bin", 0, 16, 4))));
+        let e = load_err(&write_model(
+            &dir,
+            &model_with(external("link.bin", 0, 16, 4)),
+        ));
         assert!(e.to_string().contains("outside the model's folder"), "{e}");
     }
 
     let e = load_err(&write_model(&dir, &model_with(external("w.bin", 12, 8, 2))));
     assert!(e.to_string().contains("runs past the end"), "{e}");
     assert!(e.to_string().contains("tensor 'w'"), "{e}");
-    let e = load_err(&write_model(&dir, &model_with(external("w.bin", u64::MAX, 8, 2))));
+    let e = load_err(&write_model(
+        &dir,
+        &model_with(external("w.bin", u64::MAX, 8, 2)),
+    ));
     assert!(e.to_string().contains("runs past the end"), "{e}");
     let e = load_err(&write_model(&dir, &model_with(external("w.bin", 0, 12, 2))));
-    assert!(e.to_string().contains("length 12 does not match the 8 bytes"), "{e}");
-    let e = load_err(&write_model(&dir, &model_with(external("nope.bin", 0, 8, 2))));
+    assert!(
+        e.to_string()
+            .contains("length 12 does not match the 8 bytes"),
+        "{e}"
+    );
+    let e = load_err(&write_model(
+        &dir,
+        &model_with(external("nope.bin", 0, 8, 2)),
+    ));
     assert!(e.to_string().contains("nope.bin"), "{e}");
 
     // Without a folder (decoding bytes), external data cannot be read at all.
@@ -187,18 +217,23 @@ fn huge_and_negative_dims_are_rejected() {
     let g = m.graph.as_mut().unwrap();
     g.output[0].r#type = Some(proto::TypeProto {
         denotation: None,
-        value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
-            elem_type: Some(1),
-            shape: Some(proto::TensorShapeProto {
-                dim: vec![proto::tensor_shape_proto::Dimension {
-                    value: Some(proto::tensor_shape_proto::dimension::Value::DimValue(-1)),
-                    denotation: None,
-                }],
-            }),
-        })),
+        value: Some(proto::type_proto::Value::TensorType(
+            proto::type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(proto::TensorShapeProto {
+                    dim: vec![proto::tensor_shape_proto::Dimension {
+                        value: Some(proto::tensor_shape_proto::dimension::Value::DimValue(-1)),
+                        denotation: None,
+                    }],
+                }),
+            },
+        )),
     });
     let e = load_err(&write_model(dir.path(), &m));
-    assert!(e.to_string().contains("'y' has negative dimension -1"), "{e}");
+    assert!(
+        e.to_string().contains("'y' has negative dimension -1"),
+        "{e}"
+    );
 
     // A smaller element limit applies to ordinary tensors.
     let mut t5 = t;
@@ -233,7 +268,11 @@ fn structural_errors_name_the_culprit() {
     assert!(e.to_string().contains("'w' is defined twice"), "{e}");
 
     let mut m = model_with(good.clone());
-    m.graph.as_mut().unwrap().sparse_initializer.push(Default::default());
+    m.graph
+        .as_mut()
+        .unwrap()
+        .sparse_initializer
+        .push(Default::default());
     let e = load_err(&write_model(dir.path(), &m));
     assert!(matches!(e, Error::Unsupported(_)), "{e}");
     assert!(e.to_string().contains("sparse initializers"), "{e}");
@@ -242,7 +281,10 @@ fn structural_errors_name_the_culprit() {
     bad.data_type = Some(23); // FLOAT4E2M1
     let e = load_err(&write_model(dir.path(), &model_with(bad)));
     assert!(matches!(e, Error::Unsupported(_)), "{e}");
-    assert!(e.to_string().contains("FLOAT4E2M1") && e.to_string().contains("'w'"), "{e}");
+    assert!(
+        e.to_string().contains("FLOAT4E2M1") && e.to_string().contains("'w'"),
+        "{e}"
+    );
 
     let mut m = model_with(good);
     m.graph.as_mut().unwrap().node[0].op_type = None;

@@ -1,5 +1,6 @@
 use crate::args::{load_model, print_json};
 use serde_json::json;
+use smelt_ir::Pass;
 use smelt_onnx::{ExternalData, SaveOptions};
 use smelt_tensor::{bail, Result};
 use std::path::PathBuf;
@@ -16,6 +17,9 @@ pub struct Args {
     external_data: Option<String>,
     #[arg(long, default_value_t = 1024)]
     external_threshold: usize,
+    /// Let a model exported with batch 1 take any batch size (the dynamic-batch pass).
+    #[arg(long)]
+    dynamic_batch: bool,
     /// Allow writing over the input file.
     #[arg(long)]
     force: bool,
@@ -25,7 +29,16 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     if !a.force && same_file(&a.model, &a.output) {
         bail!(Input, "refusing to overwrite the input {} (pass --force)", a.model.display());
     }
-    let model = load_model(&a.model)?;
+    let mut model = load_model(&a.model)?;
+    if a.dynamic_batch {
+        let (m, rec) = smelt_ir::passes::DynamicBatch::default().run(model)?;
+        model = m;
+        if !json {
+            for c in &rec.changes {
+                println!("{}: {c}", rec.pass);
+            }
+        }
+    }
     let opts = SaveOptions {
         external_data: a.external_data.as_ref().map(|f| ExternalData {
             file_name: f.clone(),

@@ -23,18 +23,66 @@ const CHUNK: usize = 1 << 14;
 macro_rules! num_dispatch {
     ($data:expr, $T:ident, $v:ident => $body:expr, else => $other:expr) => {
         match $data {
-            Data::F32($v) => { #[allow(dead_code)] type $T = f32; $body }
-            Data::F64($v) => { #[allow(dead_code)] type $T = f64; $body }
-            Data::F16($v) => { #[allow(dead_code)] type $T = f16; $body }
-            Data::BF16($v) => { #[allow(dead_code)] type $T = bf16; $body }
-            Data::I8($v) => { #[allow(dead_code)] type $T = i8; $body }
-            Data::U8($v) => { #[allow(dead_code)] type $T = u8; $body }
-            Data::I16($v) => { #[allow(dead_code)] type $T = i16; $body }
-            Data::U16($v) => { #[allow(dead_code)] type $T = u16; $body }
-            Data::I32($v) => { #[allow(dead_code)] type $T = i32; $body }
-            Data::I64($v) => { #[allow(dead_code)] type $T = i64; $body }
-            Data::U32($v) => { #[allow(dead_code)] type $T = u32; $body }
-            Data::U64($v) => { #[allow(dead_code)] type $T = u64; $body }
+            Data::F32($v) => {
+                #[allow(dead_code)]
+                type $T = f32;
+                $body
+            }
+            Data::F64($v) => {
+                #[allow(dead_code)]
+                type $T = f64;
+                $body
+            }
+            Data::F16($v) => {
+                #[allow(dead_code)]
+                type $T = f16;
+                $body
+            }
+            Data::BF16($v) => {
+                #[allow(dead_code)]
+                type $T = bf16;
+                $body
+            }
+            Data::I8($v) => {
+                #[allow(dead_code)]
+                type $T = i8;
+                $body
+            }
+            Data::U8($v) => {
+                #[allow(dead_code)]
+                type $T = u8;
+                $body
+            }
+            Data::I16($v) => {
+                #[allow(dead_code)]
+                type $T = i16;
+                $body
+            }
+            Data::U16($v) => {
+                #[allow(dead_code)]
+                type $T = u16;
+                $body
+            }
+            Data::I32($v) => {
+                #[allow(dead_code)]
+                type $T = i32;
+                $body
+            }
+            Data::I64($v) => {
+                #[allow(dead_code)]
+                type $T = i64;
+                $body
+            }
+            Data::U32($v) => {
+                #[allow(dead_code)]
+                type $T = u32;
+                $body
+            }
+            Data::U64($v) => {
+                #[allow(dead_code)]
+                type $T = u64;
+                $body
+            }
             _ => $other,
         }
     };
@@ -45,14 +93,46 @@ pub(crate) use num_dispatch;
 macro_rules! int_dispatch {
     ($data:expr, $T:ident, $v:ident => $body:expr, else => $other:expr) => {
         match $data {
-            Data::I8($v) => { #[allow(dead_code)] type $T = i8; $body }
-            Data::U8($v) => { #[allow(dead_code)] type $T = u8; $body }
-            Data::I16($v) => { #[allow(dead_code)] type $T = i16; $body }
-            Data::U16($v) => { #[allow(dead_code)] type $T = u16; $body }
-            Data::I32($v) => { #[allow(dead_code)] type $T = i32; $body }
-            Data::I64($v) => { #[allow(dead_code)] type $T = i64; $body }
-            Data::U32($v) => { #[allow(dead_code)] type $T = u32; $body }
-            Data::U64($v) => { #[allow(dead_code)] type $T = u64; $body }
+            Data::I8($v) => {
+                #[allow(dead_code)]
+                type $T = i8;
+                $body
+            }
+            Data::U8($v) => {
+                #[allow(dead_code)]
+                type $T = u8;
+                $body
+            }
+            Data::I16($v) => {
+                #[allow(dead_code)]
+                type $T = i16;
+                $body
+            }
+            Data::U16($v) => {
+                #[allow(dead_code)]
+                type $T = u16;
+                $body
+            }
+            Data::I32($v) => {
+                #[allow(dead_code)]
+                type $T = i32;
+                $body
+            }
+            Data::I64($v) => {
+                #[allow(dead_code)]
+                type $T = i64;
+                $body
+            }
+            Data::U32($v) => {
+                #[allow(dead_code)]
+                type $T = u32;
+                $body
+            }
+            Data::U64($v) => {
+                #[allow(dead_code)]
+                type $T = u64;
+                $body
+            }
             _ => $other,
         }
     };
@@ -90,7 +170,12 @@ macro_rules! float_map {
                     bf16::from_f32($body)
                 }))
             }
-            _ => bail!(Unsupported, "{} needs a float tensor, got {}", $name, t.dtype()),
+            _ => bail!(
+                Unsupported,
+                "{} needs a float tensor, got {}",
+                $name,
+                t.dtype()
+            ),
         };
         Tensor::new(t.shape().to_vec(), data)
     }};
@@ -633,7 +718,13 @@ fn mismatch(a: &Tensor, b: &Tensor) -> Error {
     ))
 }
 
-fn bin_kernel<T: Num>(x: &[T], xs: &[usize], y: &[T], ys: &[usize], op: Bin) -> Result<(Vec<usize>, Vec<T>)> {
+fn bin_kernel<T: Num>(
+    x: &[T],
+    xs: &[usize],
+    y: &[T],
+    ys: &[usize],
+    op: Bin,
+) -> Result<(Vec<usize>, Vec<T>)> {
     if !T::FLOAT
         && matches!(op, Bin::Div | Bin::ModTrunc | Bin::ModFloor)
         && y.iter().any(|v| v.is_zero())
@@ -750,7 +841,10 @@ fn op_pow(_: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let b = input(inputs, 1)?;
     if let (Data::F32(x), Data::F32(y)) = (a.data(), b.data()) {
         let (shape, v) = if b.numel() == 1 && y[0] == 2.0 {
-            (broadcast_shapes(a.shape(), b.shape())?, map_slice(x, |v| v * v))
+            (
+                broadcast_shapes(a.shape(), b.shape())?,
+                map_slice(x, |v| v * v),
+            )
         } else {
             zip_broadcast(x, a.shape(), y, b.shape(), f32::powf)?
         };
@@ -807,7 +901,13 @@ fn compare(inputs: &[Option<&Tensor>], op: Cmp) -> Result<Vec<Tensor>> {
             .collect();
         return Ok(vec![Tensor::from_vec(shape, v)?]);
     }
-    fn run<T: Element>(x: &[T], xs: &[usize], y: &[T], ys: &[usize], op: Cmp) -> Result<(Vec<usize>, Vec<bool>)> {
+    fn run<T: Element>(
+        x: &[T],
+        xs: &[usize],
+        y: &[T],
+        ys: &[usize],
+        op: Cmp,
+    ) -> Result<(Vec<usize>, Vec<bool>)> {
         match op {
             Cmp::Eq => zip_broadcast(x, xs, y, ys, |a, b| a == b),
             Cmp::Lt => zip_broadcast(x, xs, y, ys, |a, b| a < b),
@@ -843,7 +943,12 @@ fn logic(inputs: &[Option<&Tensor>], f: fn(bool, bool) -> bool) -> Result<Vec<Te
     let a = input(inputs, 0)?;
     let b = input(inputs, 1)?;
     let (Data::Bool(x), Data::Bool(y)) = (a.data(), b.data()) else {
-        bail!(Unsupported, "logical ops need bool tensors, got {} and {}", a.dtype(), b.dtype());
+        bail!(
+            Unsupported,
+            "logical ops need bool tensors, got {} and {}",
+            a.dtype(),
+            b.dtype()
+        );
     };
     let (shape, v) = zip_broadcast(x, a.shape(), y, b.shape(), f)?;
     Ok(vec![Tensor::from_vec(shape, v)?])
@@ -863,7 +968,10 @@ fn op_not(_: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let Data::Bool(x) = a.data() else {
         bail!(Unsupported, "Not needs a bool tensor, got {}", a.dtype());
     };
-    Ok(vec![Tensor::from_vec(a.shape().to_vec(), map_slice(x, |v| !v))?])
+    Ok(vec![Tensor::from_vec(
+        a.shape().to_vec(),
+        map_slice(x, |v| !v),
+    )?])
 }
 
 #[derive(Clone, Copy)]
@@ -879,7 +987,13 @@ fn bitwise(inputs: &[Option<&Tensor>], op: BitOp) -> Result<Vec<Tensor>> {
     let a = input(inputs, 0)?;
     let b = input(inputs, 1)?;
     same_dtype(a, b)?;
-    fn run<T: Bits>(x: &[T], xs: &[usize], y: &[T], ys: &[usize], op: BitOp) -> Result<(Vec<usize>, Vec<T>)> {
+    fn run<T: Bits>(
+        x: &[T],
+        xs: &[usize],
+        y: &[T],
+        ys: &[usize],
+        op: BitOp,
+    ) -> Result<(Vec<usize>, Vec<T>)> {
         match op {
             BitOp::And => zip_broadcast(x, xs, y, ys, T::and),
             BitOp::Or => zip_broadcast(x, xs, y, ys, T::or),
@@ -909,7 +1023,10 @@ fn op_bitshift(ctx: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     match ctx.string("direction", "")?.as_str() {
         "LEFT" => bitwise(i, BitOp::Shl),
         "RIGHT" => bitwise(i, BitOp::Shr),
-        d => bail!(Invalid, "BitShift direction must be LEFT or RIGHT, got {d:?}"),
+        d => bail!(
+            Invalid,
+            "BitShift direction must be LEFT or RIGHT, got {d:?}"
+        ),
     }
 }
 fn op_bitwise_not(_: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
@@ -941,7 +1058,11 @@ fn op_prelu(_: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 // ---------------------------------------------------------------------------------------------
 // Unary ops on any numeric type
 
-fn num_unary(inputs: &[Option<&Tensor>], name: &str, f: fn(&Tensor) -> Result<Data>) -> Result<Vec<Tensor>> {
+fn num_unary(
+    inputs: &[Option<&Tensor>],
+    name: &str,
+    f: fn(&Tensor) -> Result<Data>,
+) -> Result<Vec<Tensor>> {
     let t = input(inputs, 0)?;
     let data = f(t).map_err(|e| e.context(name))?;
     Ok(vec![Tensor::new(t.shape().to_vec(), data)?])
@@ -949,26 +1070,34 @@ fn num_unary(inputs: &[Option<&Tensor>], name: &str, f: fn(&Tensor) -> Result<Da
 
 fn op_abs(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     num_unary(i, "Abs", |t| {
-        Ok(num_dispatch!(t.data(), T, v => T::wrap(map_slice(v, T::abs_)),
-            else => bail!(Unsupported, "not defined for {}", t.dtype())))
+        Ok(
+            num_dispatch!(t.data(), T, v => T::wrap(map_slice(v, T::abs_)),
+            else => bail!(Unsupported, "not defined for {}", t.dtype())),
+        )
     })
 }
 fn op_neg(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     num_unary(i, "Neg", |t| {
-        Ok(num_dispatch!(t.data(), T, v => T::wrap(map_slice(v, T::neg_)),
-            else => bail!(Unsupported, "not defined for {}", t.dtype())))
+        Ok(
+            num_dispatch!(t.data(), T, v => T::wrap(map_slice(v, T::neg_)),
+            else => bail!(Unsupported, "not defined for {}", t.dtype())),
+        )
     })
 }
 fn op_sign(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     num_unary(i, "Sign", |t| {
-        Ok(num_dispatch!(t.data(), T, v => T::wrap(map_slice(v, T::sign_)),
-            else => bail!(Unsupported, "not defined for {}", t.dtype())))
+        Ok(
+            num_dispatch!(t.data(), T, v => T::wrap(map_slice(v, T::sign_)),
+            else => bail!(Unsupported, "not defined for {}", t.dtype())),
+        )
     })
 }
 fn op_relu(_: &OpCtx, i: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     num_unary(i, "Relu", |t| {
-        Ok(num_dispatch!(t.data(), T, v => T::wrap(map_slice(v, |x: T| if x < T::zero() { T::zero() } else { x })),
-            else => bail!(Unsupported, "not defined for {}", t.dtype())))
+        Ok(
+            num_dispatch!(t.data(), T, v => T::wrap(map_slice(v, |x: T| if x < T::zero() { T::zero() } else { x })),
+            else => bail!(Unsupported, "not defined for {}", t.dtype())),
+        )
     })
 }
 
@@ -987,9 +1116,15 @@ fn op_shrink(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 fn clip_bound<T: Element>(t: Option<&Tensor>, which: &str) -> Result<Option<T>> {
     let Some(t) = t else { return Ok(None) };
     if t.numel() != 1 {
-        bail!(Shape, "Clip {which} must be a scalar, got shape {:?}", t.shape());
+        bail!(
+            Shape,
+            "Clip {which} must be a scalar, got shape {:?}",
+            t.shape()
+        );
     }
-    let v = t.as_slice::<T>().map_err(|e| e.context(format!("Clip {which}")))?;
+    let v = t
+        .as_slice::<T>()
+        .map_err(|e| e.context(format!("Clip {which}")))?;
     Ok(Some(v[0]))
 }
 
@@ -1035,7 +1170,11 @@ fn float_pred(t: &Tensor, name: &str, f: impl Fn(f64) -> bool + Sync) -> Result<
         Data::F64(v) => map_slice(v, &f),
         Data::F16(v) => map_slice(v, |x| f(x.to_f64())),
         Data::BF16(v) => map_slice(v, |x| f(x.to_f64())),
-        _ => bail!(Unsupported, "{name} needs a float tensor, got {}", t.dtype()),
+        _ => bail!(
+            Unsupported,
+            "{name} needs a float tensor, got {}",
+            t.dtype()
+        ),
     };
     Tensor::from_vec(t.shape().to_vec(), v)
 }
@@ -1060,72 +1199,72 @@ fn op_isinf(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 // ERFC_* tables: erfc(x)*exp(x^2) on [1,2], [2,3.5] and [3.5,6], each over its interval mapped
 // to t in [-1, 1]. Fit errors are below 3e-16 (relative to the fitted function).
 const ERF_SMALL: [f64; 12] = [
-    -3.80659122412213987e-13,
-    9.21125018742823043e-12,
-    -2.03523195648352696e-10,
-    4.11575150026588526e-09,
-    -7.51156925108609000e-08,
-    1.22338276380935719e-06,
-    -1.75371694412801985e-05,
-    2.17517156035634877e-04,
-    -2.28548556114408549e-03,
-    1.98524966889842176e-02,
-    -1.40536089022717109e-01,
-    9.65468738669867266e-01,
+    -3.80659122412214e-13,
+    9.21125018742823e-12,
+    -2.035231956483527e-10,
+    4.115751500265885e-09,
+    -7.51156925108609e-08,
+    1.2233827638093572e-06,
+    -1.75371694412802e-05,
+    0.00021751715603563488,
+    -0.0022854855611440855,
+    0.019852496688984218,
+    -0.1405360890227171,
+    0.9654687386698673,
 ];
 const ERFC_1_2: [f64; 16] = [
-    -1.50538458312996243e-12,
-    1.10096421217934606e-11,
-    -7.25951949945131287e-11,
-    5.03342056916474903e-10,
-    -3.40590129634009016e-09,
-    2.23295279186972949e-08,
-    -1.41911889835114878e-07,
-    8.72303953579688427e-07,
-    -5.17132866107807234e-06,
-    2.94708575853606632e-05,
-    -1.60811173372374632e-04,
-    8.36083809550177163e-04,
-    -4.11636316244543346e-03,
-    1.90377599638701378e-02,
-    -8.18114588662800374e-02,
-    3.21585416454317485e-01,
+    -1.5053845831299624e-12,
+    1.100964212179346e-11,
+    -7.259519499451313e-11,
+    5.033420569164749e-10,
+    -3.40590129634009e-09,
+    2.2329527918697295e-08,
+    -1.4191188983511488e-07,
+    8.723039535796884e-07,
+    -5.171328661078072e-06,
+    2.9470857585360663e-05,
+    -0.00016081117337237463,
+    0.0008360838095501772,
+    -0.0041163631624454335,
+    0.019037759963870138,
+    -0.08181145886628004,
+    0.3215854164543175,
 ];
 const ERFC_2_35: [f64; 16] = [
-    -5.38546041306828660e-12,
-    3.24174756101326067e-11,
-    -1.70152151371292280e-10,
-    9.83001637796772884e-10,
-    -5.60222178718414405e-09,
-    3.10884787461123204e-08,
-    -1.68742967102101355e-07,
-    8.95022829920069126e-07,
-    -4.63170536263041425e-06,
-    2.33475427107873838e-05,
-    -1.14427153943887200e-04,
-    5.44086455820228182e-04,
-    -2.50354880029657334e-03,
-    1.11142085553725470e-02,
-    -4.74282281704761291e-02,
-    1.93662096279068663e-01,
+    -5.385460413068287e-12,
+    3.2417475610132607e-11,
+    -1.7015215137129228e-10,
+    9.830016377967729e-10,
+    -5.602221787184144e-09,
+    3.108847874611232e-08,
+    -1.6874296710210136e-07,
+    8.950228299200691e-07,
+    -4.631705362630414e-06,
+    2.3347542710787384e-05,
+    -0.0001144271539438872,
+    0.0005440864558202282,
+    -0.0025035488002965733,
+    0.011114208555372547,
+    -0.04742822817047613,
+    0.19366209627906866,
 ];
 const ERFC_35_6: [f64; 16] = [
-    -2.89097377193221158e-11,
-    1.40588930795949987e-10,
-    -5.60488457625219014e-10,
-    2.65228978033912958e-09,
-    -1.25881053803414560e-08,
-    5.81689408003102959e-08,
-    -2.65205962226686339e-07,
-    1.19381816467116830e-06,
-    -5.30036870101503650e-06,
-    2.31976148873214506e-05,
-    -1.00023746041476698e-04,
-    4.24629648055260323e-04,
-    -1.77363065826573706e-03,
-    7.28332245154224636e-03,
-    -2.93793107477039010e-02,
-    1.16302707210247130e-01,
+    -2.8909737719322116e-11,
+    1.4058893079595e-10,
+    -5.60488457625219e-10,
+    2.6522897803391296e-09,
+    -1.2588105380341456e-08,
+    5.8168940800310296e-08,
+    -2.6520596222668634e-07,
+    1.1938181646711683e-06,
+    -5.3003687010150365e-06,
+    2.319761488732145e-05,
+    -0.0001000237460414767,
+    0.0004246296480552603,
+    -0.001773630658265737,
+    0.007283322451542246,
+    -0.0293793107477039,
+    0.11630270721024713,
 ];
 
 #[inline(always)]
@@ -1205,7 +1344,10 @@ fn op_cast(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         bail!(Invalid, "Cast needs a 'to' attribute");
     };
     let Some(dt) = DType::from_onnx(to as i32) else {
-        bail!(Unsupported, "Cast to ONNX element type {to} is not supported");
+        bail!(
+            Unsupported,
+            "Cast to ONNX element type {to} is not supported"
+        );
     };
     Ok(vec![input(inputs, 0)?.cast(dt)?])
 }
@@ -1329,5 +1471,515 @@ fn softplus(x: f64) -> f64 {
         x + (-x).exp().ln_1p()
     } else {
         x.exp().ln_1p()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{lookup, OpCtx};
+    use super::*;
+    use smelt_ir::{Attr, Node};
+
+    fn run_op(
+        op: &str,
+        attrs: &[(&str, Attr)],
+        opset: i64,
+        inputs: &[Option<&Tensor>],
+    ) -> Result<Vec<Tensor>> {
+        let mut node = Node::new(op, "t", &[], &[]);
+        for (k, v) in attrs {
+            node = node.with_attr(k, v.clone());
+        }
+        let ctx = OpCtx { node: &node, opset };
+        let f = lookup("", op).expect("op is registered");
+        f(&ctx, inputs)
+    }
+
+    fn run1(op: &str, attrs: &[(&str, Attr)], inputs: &[&Tensor]) -> Tensor {
+        let ins: Vec<Option<&Tensor>> = inputs.iter().map(|t| Some(*t)).collect();
+        run_op(op, attrs, 17, &ins).unwrap().remove(0)
+    }
+
+    fn f32t(shape: &[usize], v: &[f32]) -> Tensor {
+        Tensor::from_vec(shape.to_vec(), v.to_vec()).unwrap()
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], tol: f32) {
+        assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= tol, "element {i}: got {g}, want {w}");
+        }
+    }
+
+    #[test]
+    fn add_broadcasts_every_shape_pattern() {
+        let a = f32t(&[2, 3], &[1., 2., 3., 4., 5., 6.]);
+        // Bias row.
+        let out = run1("Add", &[], &[&a, &f32t(&[3], &[10., 20., 30.])]);
+        assert_eq!(out.shape(), &[2, 3]);
+        assert_eq!(
+            out.as_slice::<f32>().unwrap(),
+            &[11., 22., 33., 14., 25., 36.]
+        );
+        // Per-row column, on the left.
+        let out = run1("Sub", &[], &[&f32t(&[2, 1], &[100., 200.]), &a]);
+        assert_eq!(
+            out.as_slice::<f32>().unwrap(),
+            &[99., 98., 97., 196., 195., 194.]
+        );
+        // Scalar.
+        let out = run1("Mul", &[], &[&a, &Tensor::scalar(2.0f32)]);
+        assert_eq!(out.as_slice::<f32>().unwrap(), &[2., 4., 6., 8., 10., 12.]);
+        // Both sides broadcast: outer sum.
+        let out = run1(
+            "Add",
+            &[],
+            &[&f32t(&[2, 1], &[1., 2.]), &f32t(&[1, 3], &[10., 20., 30.])],
+        );
+        assert_eq!(out.shape(), &[2, 3]);
+        assert_eq!(
+            out.as_slice::<f32>().unwrap(),
+            &[11., 21., 31., 12., 22., 32.]
+        );
+        // Per-channel [C,1] against [N,C,W] (inner runs).
+        let x = f32t(&[2, 2, 2], &[1., 2., 3., 4., 5., 6., 7., 8.]);
+        let out = run1("Mul", &[], &[&x, &f32t(&[2, 1], &[10., -1.])]);
+        assert_eq!(
+            out.as_slice::<f32>().unwrap(),
+            &[10., 20., -3., -4., 50., 60., -7., -8.]
+        );
+        // Incompatible shapes fail.
+        let ins = [Some(&a), Some(&x)];
+        assert!(run_op("Add", &[], 17, &ins).is_err());
+        // Mismatched dtypes fail.
+        let i = Tensor::from_vec(vec![3], vec![1i32, 2, 3]).unwrap();
+        assert!(run_op("Add", &[], 17, &[Some(&a), Some(&i)]).is_err());
+    }
+
+    #[test]
+    fn large_broadcasts_match_a_plain_loop() {
+        // Big enough for the parallel paths.
+        let (n, c, hw) = (3, 5, 9000);
+        let x: Vec<f32> = (0..n * c * hw).map(|i| (i % 97) as f32 * 0.5).collect();
+        let xt = f32t(&[n, c, hw], &x);
+        let ch = f32t(&[c, 1], &[1., 2., 3., 4., 5.]);
+        let row: Vec<f32> = (0..hw).map(|i| i as f32).collect();
+        let rt = f32t(&[hw], &row);
+        let by_ch = run1("Mul", &[], &[&xt, &ch]);
+        let by_row = run1("Add", &[], &[&rt, &xt]);
+        let same = run1("Sub", &[], &[&xt, &xt]);
+        let (a, b, s) = (
+            by_ch.as_slice::<f32>().unwrap(),
+            by_row.as_slice::<f32>().unwrap(),
+            same.as_slice::<f32>().unwrap(),
+        );
+        for i in 0..x.len() {
+            let ci = (i / hw) % c;
+            assert_eq!(a[i], x[i] * (ci + 1) as f32, "channel mul at {i}");
+            assert_eq!(b[i], x[i] + (i % hw) as f32, "row add at {i}");
+            assert_eq!(s[i], 0.0);
+        }
+    }
+
+    #[test]
+    fn integer_division_truncates_and_mod_follows_fmod() {
+        let a = Tensor::from_vec(vec![4], vec![7i32, -7, 7, -7]).unwrap();
+        let b = Tensor::from_vec(vec![4], vec![2i32, 2, -2, -2]).unwrap();
+        let q = run1("Div", &[], &[&a, &b]);
+        assert_eq!(q.as_slice::<i32>().unwrap(), &[3, -3, -3, 3]);
+        let m = run1(
+            "Mod",
+            &[],
+            &[
+                &a,
+                &Tensor::from_vec(vec![4], vec![3i32, 3, -3, -3]).unwrap(),
+            ],
+        );
+        assert_eq!(m.as_slice::<i32>().unwrap(), &[1, 2, -2, -1]);
+        let m = run1(
+            "Mod",
+            &[("fmod", Attr::Int(1))],
+            &[
+                &a,
+                &Tensor::from_vec(vec![4], vec![3i32, 3, -3, -3]).unwrap(),
+            ],
+        );
+        assert_eq!(m.as_slice::<i32>().unwrap(), &[1, -1, 1, -1]);
+        let fm = run1(
+            "Mod",
+            &[("fmod", Attr::Int(1))],
+            &[&f32t(&[2], &[-4.5, 5.5]), &f32t(&[2], &[2.0, -2.0])],
+        );
+        assert_close(fm.as_slice::<f32>().unwrap(), &[-0.5, 1.5], 1e-6);
+        let z = Tensor::from_vec(vec![4], vec![1i32, 0, 1, 1]).unwrap();
+        assert!(run_op("Div", &[], 17, &[Some(&a), Some(&z)]).is_err());
+        // Wrapping instead of overflow panics.
+        let big = Tensor::from_vec(vec![1], vec![i8::MIN]).unwrap();
+        let neg1 = Tensor::from_vec(vec![1], vec![-1i8]).unwrap();
+        assert_eq!(
+            run1("Div", &[], &[&big, &neg1]).as_slice::<i8>().unwrap(),
+            &[i8::MIN]
+        );
+        let u = Tensor::from_vec(vec![2], vec![250u8, 10]).unwrap();
+        assert_eq!(
+            run1("Add", &[], &[&u, &u]).as_slice::<u8>().unwrap(),
+            &[244, 20]
+        );
+    }
+
+    #[test]
+    fn round_is_half_to_even() {
+        let x = f32t(&[8], &[0.5, 1.5, 2.5, -0.5, -1.5, 2.4, 2.6, -2.5]);
+        let out = run1("Round", &[], &[&x]);
+        assert_eq!(
+            out.as_slice::<f32>().unwrap(),
+            &[0., 2., 2., -0., -2., 2., 3., -2.]
+        );
+    }
+
+    #[test]
+    fn erf_matches_reference_values() {
+        // (x, erf(x)) from 30-digit mpmath.
+        let known = [
+            (0.1, 0.1124629160182849),
+            (0.5, 0.5204998778130465),
+            (1.0, 0.8427007929497149),
+            (0.999, 0.8422852702064969),
+            (1.001, 0.8431154854780762),
+            (1.5, 0.9661051464753108),
+            (1.999, 0.9953015566513705),
+            (2.0, 0.9953222650189527),
+            (2.001, 0.9953428907185247),
+            (2.5, 0.999593047982555),
+            (3.0, 0.9999779095030014),
+            (3.49, 0.9999992009745795),
+            (3.51, 0.9999993090477225),
+            (4.0, 0.9999999845827421),
+            (5.5, 0.9999999999999927),
+            (-0.3, -0.3286267594591274),
+            (-1.2, -0.9103139782296353),
+        ];
+        for &(x, want) in &known {
+            let got = erf(x);
+            assert!((got - want).abs() < 1e-15, "erf({x}) = {got}, want {want}");
+        }
+        assert_eq!(erf(0.0), 0.0);
+        assert_eq!(erf(7.0), 1.0);
+        assert_eq!(erf(-f64::INFINITY), -1.0);
+        assert!(erf(f64::NAN).is_nan());
+        let xs: Vec<f32> = known.iter().map(|k| k.0 as f32).collect();
+        let out = run1("Erf", &[], &[&f32t(&[xs.len()], &xs)]);
+        for (&g, &(x, _)) in out.as_slice::<f32>().unwrap().iter().zip(&known) {
+            // Compare against the exact erf of the f32-rounded input, to f32 precision.
+            let want = erf(x as f32 as f64);
+            assert!((g as f64 - want).abs() < 1e-7, "f32 erf({x}) = {g}");
+        }
+    }
+
+    #[test]
+    fn activations_match_hand_values() {
+        let x = f32t(&[2], &[1.0, -0.5]);
+        let g = run1("Gelu", &[], &[&x]);
+        assert_close(
+            g.as_slice::<f32>().unwrap(),
+            &[0.841_344_7, -0.154_268_77],
+            1e-6,
+        );
+        let g = run1(
+            "Gelu",
+            &[("approximate", Attr::String(b"tanh".to_vec()))],
+            &[&f32t(&[1], &[1.0])],
+        );
+        assert_close(g.as_slice::<f32>().unwrap(), &[0.841_192], 1e-6);
+        let one = f32t(&[1], &[1.0]);
+        assert_close(
+            run1("Sigmoid", &[], &[&one]).as_slice::<f32>().unwrap(),
+            &[0.731_058_6],
+            1e-6,
+        );
+        assert_close(
+            run1("Softplus", &[], &[&one]).as_slice::<f32>().unwrap(),
+            &[1.313_261_7],
+            1e-6,
+        );
+        assert_close(
+            run1("Mish", &[], &[&one]).as_slice::<f32>().unwrap(),
+            &[0.865_098_4],
+            1e-6,
+        );
+        let big = f32t(&[2], &[1000.0, -1000.0]);
+        assert_eq!(
+            run1("Softplus", &[], &[&big]).as_slice::<f32>().unwrap(),
+            &[1000.0, 0.0]
+        );
+        assert_eq!(
+            run1("Sigmoid", &[], &[&big]).as_slice::<f32>().unwrap(),
+            &[1.0, 0.0]
+        );
+        let x = f32t(&[4], &[-2.0, -0.5, 0.5, 4.0]);
+        let lr = run1("LeakyRelu", &[("alpha", Attr::Float(0.1))], &[&x]);
+        assert_close(
+            lr.as_slice::<f32>().unwrap(),
+            &[-0.2, -0.05, 0.5, 4.0],
+            1e-7,
+        );
+        let hs = run1("HardSigmoid", &[], &[&x]);
+        assert_close(hs.as_slice::<f32>().unwrap(), &[0.1, 0.4, 0.6, 1.0], 1e-7);
+        let hw = run1("HardSwish", &[], &[&x]);
+        assert_close(
+            hw.as_slice::<f32>().unwrap(),
+            &[-2.0 / 6.0, -0.5 * 2.5 / 6.0, 0.5 * 3.5 / 6.0, 4.0],
+            1e-6,
+        );
+        let sh = run1(
+            "Shrink",
+            &[("lambd", Attr::Float(1.0)), ("bias", Attr::Float(0.5))],
+            &[&x],
+        );
+        assert_close(sh.as_slice::<f32>().unwrap(), &[-1.5, 0.0, 0.0, 3.5], 1e-7);
+        let ir = run1(
+            "Relu",
+            &[],
+            &[&Tensor::from_vec(vec![3], vec![-3i64, 0, 5]).unwrap()],
+        );
+        assert_eq!(ir.as_slice::<i64>().unwrap(), &[0, 0, 5]);
+        // Half types compute in f32 and round back.
+        let h = Tensor::from_vec(vec![1], vec![f16::from_f32(1.0)]).unwrap();
+        let e = run1("Exp", &[], &[&h]);
+        assert_eq!(
+            e.as_slice::<f16>().unwrap(),
+            &[f16::from_f32(std::f32::consts::E)]
+        );
+        // Integer tensors are refused by float-only ops.
+        let i = Tensor::from_vec(vec![1], vec![1i32]).unwrap();
+        assert!(run_op("Exp", &[], 17, &[Some(&i)]).is_err());
+    }
+
+    #[test]
+    fn pow_mixes_dtypes() {
+        let base = Tensor::from_vec(vec![3], vec![1i32, 2, 3]).unwrap();
+        let ef = f32t(&[3], &[4.0, 5.0, 6.0]);
+        assert_eq!(
+            run1("Pow", &[], &[&base, &ef]).as_slice::<i32>().unwrap(),
+            &[1, 32, 729]
+        );
+        let ei = Tensor::from_vec(vec![3], vec![4i64, 5, 6]).unwrap();
+        assert_eq!(
+            run1("Pow", &[], &[&base, &ei]).as_slice::<i32>().unwrap(),
+            &[1, 32, 729]
+        );
+        let fb = f32t(&[3], &[1.0, 2.0, 3.0]);
+        assert_eq!(
+            run1("Pow", &[], &[&fb, &ei]).as_slice::<f32>().unwrap(),
+            &[1.0, 32.0, 729.0]
+        );
+        let p = run1("Pow", &[], &[&fb, &Tensor::scalar(2.0f32)]);
+        assert_eq!(p.as_slice::<f32>().unwrap(), &[1.0, 4.0, 9.0]);
+        let p = run1("Pow", &[], &[&fb, &Tensor::scalar(0.5f32)]);
+        assert_close(
+            p.as_slice::<f32>().unwrap(),
+            &[1.0, std::f32::consts::SQRT_2, 3f32.sqrt()],
+            1e-6,
+        );
+        assert_eq!(int_pow(2, -1), 0);
+        assert_eq!(int_pow(-1, -3), -1);
+        assert_eq!(int_pow(-3, 3), -27);
+    }
+
+    #[test]
+    fn comparisons_logic_and_bits() {
+        let a = f32t(&[2, 2], &[1., 2., 3., 4.]);
+        let b = f32t(&[2], &[2., 3.]);
+        let want_lt = [true, true, false, false];
+        assert_eq!(
+            run1("Less", &[], &[&a, &b]).as_slice::<bool>().unwrap(),
+            &want_lt
+        );
+        assert_eq!(
+            run1("GreaterOrEqual", &[], &[&a, &b])
+                .as_slice::<bool>()
+                .unwrap(),
+            &[false, false, true, true]
+        );
+        assert_eq!(
+            run1("Equal", &[], &[&a, &b]).as_slice::<bool>().unwrap(),
+            &[false, false, false, false]
+        );
+        assert_eq!(
+            run1("LessOrEqual", &[], &[&a, &b])
+                .as_slice::<bool>()
+                .unwrap(),
+            &[true, true, false, false]
+        );
+        let s1 = Tensor::new(vec![2], Data::Str(vec!["a".into(), "b".into()])).unwrap();
+        let s2 = Tensor::new(vec![], Data::Str(vec!["b".into()])).unwrap();
+        assert_eq!(
+            run1("Equal", &[], &[&s1, &s2]).as_slice::<bool>().unwrap(),
+            &[false, true]
+        );
+        let p = Tensor::from_vec(vec![4], vec![true, true, false, false]).unwrap();
+        let q = Tensor::from_vec(vec![4], vec![true, false, true, false]).unwrap();
+        assert_eq!(
+            run1("And", &[], &[&p, &q]).as_slice::<bool>().unwrap(),
+            &[true, false, false, false]
+        );
+        assert_eq!(
+            run1("Or", &[], &[&p, &q]).as_slice::<bool>().unwrap(),
+            &[true, true, true, false]
+        );
+        assert_eq!(
+            run1("Xor", &[], &[&p, &q]).as_slice::<bool>().unwrap(),
+            &[false, true, true, false]
+        );
+        assert_eq!(
+            run1("Not", &[], &[&p]).as_slice::<bool>().unwrap(),
+            &[false, false, true, true]
+        );
+        let x = Tensor::from_vec(vec![3], vec![16u8, 4, 1]).unwrap();
+        let s = Tensor::from_vec(vec![3], vec![1u8, 2, 9]).unwrap();
+        let right = [("direction", Attr::String(b"RIGHT".to_vec()))];
+        let left = [("direction", Attr::String(b"LEFT".to_vec()))];
+        assert_eq!(
+            run1("BitShift", &right, &[&x, &s])
+                .as_slice::<u8>()
+                .unwrap(),
+            &[8, 1, 0]
+        );
+        assert_eq!(
+            run1("BitShift", &left, &[&x, &s]).as_slice::<u8>().unwrap(),
+            &[32, 16, 0]
+        );
+        let i = Tensor::from_vec(vec![2], vec![0b1100i32, -1]).unwrap();
+        let j = Tensor::from_vec(vec![2], vec![0b1010i32, 5]).unwrap();
+        assert_eq!(
+            run1("BitwiseAnd", &[], &[&i, &j])
+                .as_slice::<i32>()
+                .unwrap(),
+            &[0b1000, 5]
+        );
+        assert_eq!(
+            run1("BitwiseXor", &[], &[&i, &j])
+                .as_slice::<i32>()
+                .unwrap(),
+            &[0b0110, -6]
+        );
+        assert_eq!(
+            run1("BitwiseNot", &[], &[&i]).as_slice::<i32>().unwrap(),
+            &[-13, 0]
+        );
+    }
+
+    #[test]
+    fn variadic_ops() {
+        let a = f32t(&[2], &[1., 5.]);
+        let b = f32t(&[2], &[4., 2.]);
+        let c = f32t(&[1], &[3.]);
+        assert_eq!(
+            run1("Sum", &[], &[&a, &b, &c]).as_slice::<f32>().unwrap(),
+            &[8., 10.]
+        );
+        assert_eq!(
+            run1("Max", &[], &[&a, &b, &c]).as_slice::<f32>().unwrap(),
+            &[4., 5.]
+        );
+        assert_eq!(
+            run1("Min", &[], &[&a, &b, &c]).as_slice::<f32>().unwrap(),
+            &[1., 2.]
+        );
+        assert_eq!(
+            run1("Mean", &[], &[&a, &b, &c]).as_slice::<f32>().unwrap(),
+            &[8. / 3., 10. / 3.]
+        );
+        assert_eq!(
+            run1("Max", &[], &[&a]).as_slice::<f32>().unwrap(),
+            &[1., 5.]
+        );
+        let nan = f32t(&[2], &[f32::NAN, 0.0]);
+        assert!(run1("Max", &[], &[&a, &nan]).as_slice::<f32>().unwrap()[0].is_nan());
+    }
+
+    #[test]
+    fn clip_by_attribute_and_by_input() {
+        let x = f32t(&[4], &[-3., -1., 1., 3.]);
+        let attrs = [("min", Attr::Float(-2.0)), ("max", Attr::Float(2.0))];
+        let out = run_op("Clip", &attrs, 6, &[Some(&x)]).unwrap();
+        assert_eq!(out[0].as_slice::<f32>().unwrap(), &[-2., -1., 1., 2.]);
+        let lo = Tensor::scalar(0.0f32);
+        let out = run_op("Clip", &[], 13, &[Some(&x), Some(&lo), None]).unwrap();
+        assert_eq!(out[0].as_slice::<f32>().unwrap(), &[0., 0., 1., 3.]);
+        let xi = Tensor::from_vec(vec![4], vec![-3i8, -1, 1, 3]).unwrap();
+        let hi = Tensor::scalar(0i8);
+        let out = run_op("Clip", &[], 13, &[Some(&xi), None, Some(&hi)]).unwrap();
+        assert_eq!(out[0].as_slice::<i8>().unwrap(), &[-3, -1, 0, 0]);
+        // min > max: everything becomes max.
+        let out = run_op(
+            "Clip",
+            &[],
+            13,
+            &[
+                Some(&x),
+                Some(&Tensor::scalar(2.0f32)),
+                Some(&Tensor::scalar(1.0f32)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(out[0].as_slice::<f32>().unwrap(), &[1., 1., 1., 1.]);
+        // A bound of the wrong dtype is an error, not a panic.
+        assert!(run_op("Clip", &[], 13, &[Some(&xi), Some(&lo)]).is_err());
+    }
+
+    #[test]
+    fn where_prelu_and_cast() {
+        let c = Tensor::from_vec(vec![2, 1], vec![true, false]).unwrap();
+        let x = f32t(&[1, 3], &[1., 2., 3.]);
+        let y = Tensor::scalar(-1.0f32);
+        let out = run1("Where", &[], &[&c, &x, &y]);
+        assert_eq!(out.shape(), &[2, 3]);
+        assert_eq!(out.as_slice::<f32>().unwrap(), &[1., 2., 3., -1., -1., -1.]);
+        let c2 = Tensor::from_vec(vec![3], vec![false, true, false]).unwrap();
+        let out = run1(
+            "Where",
+            &[],
+            &[&c2, &f32t(&[3], &[1., 2., 3.]), &f32t(&[3], &[4., 5., 6.])],
+        );
+        assert_eq!(out.as_slice::<f32>().unwrap(), &[4., 2., 6.]);
+
+        let x = f32t(&[1, 2, 2], &[-1., 2., -3., 4.]);
+        let slope = f32t(&[2, 1], &[0.5, 0.25]);
+        let out = run1("PRelu", &[], &[&x, &slope]);
+        assert_eq!(out.as_slice::<f32>().unwrap(), &[-0.5, 2., -0.75, 4.]);
+
+        let out = run1(
+            "Cast",
+            &[("to", Attr::Int(7))],
+            &[&f32t(&[3], &[1.7, -1.7, 3.0])],
+        );
+        assert_eq!(out.as_slice::<i64>().unwrap(), &[1, -1, 3]);
+        let like = Tensor::scalar(0u8);
+        let out = run1(
+            "CastLike",
+            &[],
+            &[&Tensor::from_vec(vec![2], vec![1i32, 300]).unwrap(), &like],
+        );
+        assert_eq!(out.as_slice::<u8>().unwrap(), &[1, 44]);
+        assert!(run_op("Cast", &[("to", Attr::Int(17))], 19, &[Some(&like)]).is_err());
+    }
+
+    #[test]
+    fn isnan_isinf() {
+        let x = f32t(&[4], &[f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1.0]);
+        assert_eq!(
+            run1("IsNaN", &[], &[&x]).as_slice::<bool>().unwrap(),
+            &[true, false, false, false]
+        );
+        assert_eq!(
+            run1("IsInf", &[], &[&x]).as_slice::<bool>().unwrap(),
+            &[false, true, true, false]
+        );
+        let only_neg = [("detect_positive", Attr::Int(0))];
+        assert_eq!(
+            run1("IsInf", &only_neg, &[&x]).as_slice::<bool>().unwrap(),
+            &[false, false, true, false]
+        );
     }
 }

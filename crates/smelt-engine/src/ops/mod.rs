@@ -6,9 +6,11 @@
 
 pub mod elementwise;
 pub mod layout;
+pub mod misc;
 pub mod nn;
 pub mod quant;
 pub mod reduce;
+pub mod rnn;
 
 use smelt_ir::Node;
 use smelt_tensor::{bail, Result, Tensor};
@@ -51,9 +53,11 @@ fn registry() -> &'static Registry {
         let mut r = Registry::new();
         elementwise::register(&mut r);
         layout::register(&mut r);
+        misc::register(&mut r);
         nn::register(&mut r);
         quant::register(&mut r);
         reduce::register(&mut r);
+        rnn::register(&mut r);
         r
     })
 }

@@ -8,8 +8,8 @@
 use super::{input, norm_axis, opt_input, OpCtx, Registry};
 use rayon::prelude::*;
 use smelt_tensor::{
-    bail, bf16, broadcast_shapes, broadcast_strides, f16, BroadcastIter, DType, Data, Error,
-    Result, Tensor,
+    bail, bf16, broadcast_shapes, broadcast_strides, checked_numel, f16, BroadcastIter, DType,
+    Data, Error, Result, Tensor, DEFAULT_MAX_ELEMENTS,
 };
 
 pub fn register(r: &mut Registry) {
@@ -471,10 +471,7 @@ fn matmul_i32(
         out_shape.push(n);
     }
     let nb: usize = batch.iter().product();
-    let total = nb
-        .checked_mul(m)
-        .and_then(|x| x.checked_mul(n))
-        .ok_or_else(|| Error::Limit(format!("matmul output {out_shape:?} is too large")))?;
+    let total = checked_numel(&[nb, m, n], DEFAULT_MAX_ELEMENTS)?;
     let mut out = vec![0i32; total];
     if total == 0 {
         return Ok((out, out_shape));
@@ -485,32 +482,134 @@ fn matmul_i32(
     let b_offs: Vec<usize> = BroadcastIter::new(&batch, broadcast_strides(bbatch, &batch), 0)
         .map(|o| o * k * n)
         .collect();
-    // One output row: the sum of B's rows weighted by A's row, so the inner loop runs over
-    // contiguous memory and vectorises.
-    let row_fn = |idx: usize, row: &mut [i32]| {
-        let (bi, i) = (idx / m, idx % m);
-        let arow = &a[a_offs[bi] + i * k..][..k];
-        let bmat = &b[b_offs[bi]..][..k * n];
-        for (kk, &av) in arow.iter().enumerate() {
-            if av == 0 {
-                continue;
+    // 8-bit operands (minus zero points) fit in i16: B is then packed as interleaved row pairs
+    // so each step is two i16 products summed into i32, which compiles to `pmaddwd`.
+    let fits16 = |v: &[i32]| v.iter().all(|&x| i16::try_from(x).is_ok());
+    let packed = if k >= 2 && fits16(a) && fits16(b) {
+        Some(pack_row_pairs(b, k, n))
+    } else {
+        None
+    };
+    let kp = k.div_ceil(2);
+    // A block of up to ROWS output rows of batch `bi` starting at row `i0`: the sum of B's rows
+    // weighted by A's rows, so the inner loop runs over contiguous memory, and each packed B
+    // row pair loaded serves every row of the block.
+    let block_fn = |bi: usize, i0: usize, rows: &mut [i32]| {
+        let r = rows.len() / n;
+        let arows: Vec<&[i32]> = (0..r)
+            .map(|rr| &a[a_offs[bi] + (i0 + rr) * k..][..k])
+            .collect();
+        if let Some(bp) = &packed {
+            let bmat = &bp[b_offs[bi] / (k * n) * kp * 2 * n..][..kp * 2 * n];
+            let mut aps = [(0i16, 0i16); ROWS];
+            for p in 0..kp {
+                for (ap, arow) in aps.iter_mut().zip(&arows) {
+                    let a1 = arow.get(2 * p + 1).copied().unwrap_or(0);
+                    *ap = (arow[2 * p] as i16, a1 as i16);
+                }
+                if aps[..r].iter().all(|&ap| ap == (0, 0)) {
+                    continue;
+                }
+                pair_axpy_rows(rows, n, &bmat[p * 2 * n..][..2 * n], &aps[..r]);
             }
-            let brow = &bmat[kk * n..][..n];
-            for (o, &bv) in row.iter_mut().zip(brow) {
-                *o = o.wrapping_add(av.wrapping_mul(bv));
+            return;
+        }
+        let bmat = &b[b_offs[bi]..][..k * n];
+        for (row, arow) in rows.chunks_exact_mut(n).zip(&arows) {
+            for (kk, &av) in arow.iter().enumerate() {
+                if av == 0 {
+                    continue;
+                }
+                let brow = &bmat[kk * n..][..n];
+                for (o, &bv) in row.iter_mut().zip(brow) {
+                    *o = o.wrapping_add(av.wrapping_mul(bv));
+                }
             }
         }
     };
     if (total as u64) * (k as u64) >= 1 << 16 {
-        out.par_chunks_mut(n)
-            .enumerate()
-            .for_each(|(idx, row)| row_fn(idx, row));
+        out.par_chunks_mut(m * n).enumerate().for_each(|(bi, mat)| {
+            mat.par_chunks_mut(ROWS * n)
+                .enumerate()
+                .for_each(|(rb, rows)| block_fn(bi, rb * ROWS, rows))
+        });
     } else {
-        out.chunks_mut(n)
-            .enumerate()
-            .for_each(|(idx, row)| row_fn(idx, row));
+        for (bi, mat) in out.chunks_mut(m * n).enumerate() {
+            for (rb, rows) in mat.chunks_mut(ROWS * n).enumerate() {
+                block_fn(bi, rb * ROWS, rows);
+            }
+        }
     }
     Ok((out, out_shape))
+}
+
+/// Output rows per block in the integer matmul.
+const ROWS: usize = 4;
+
+/// For each row `rr` of `rows` (`aps.len()` rows of `n`):
+/// `row[j] += a0 * bpair[2j] + a1 * bpair[2j + 1]` (wrapping), with AVX2's `vpmaddwd` when
+/// the CPU has it: it does exactly this pairwise i16 product-sum into i32 lanes.
+fn pair_axpy_rows(rows: &mut [i32], n: usize, bpair: &[i16], aps: &[(i16, i16)]) {
+    assert!(aps.len() <= ROWS && rows.len() == aps.len() * n && bpair.len() >= 2 * n);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present, and the kernel stays within `rows` and `bpair` (checked above).
+        unsafe { pair_axpy_rows_avx2(rows, n, bpair, aps) };
+        return;
+    }
+    for (row, &ap) in rows.chunks_exact_mut(n).zip(aps) {
+        pair_axpy_scalar(row, bpair, ap);
+    }
+}
+
+fn pair_axpy_scalar(row: &mut [i32], bpair: &[i16], (a0, a1): (i16, i16)) {
+    let (a0, a1) = (a0 as i32, a1 as i32);
+    for (o, bv) in row.iter_mut().zip(bpair.chunks_exact(2)) {
+        let t = (a0 * bv[0] as i32).wrapping_add(a1 * bv[1] as i32);
+        *o = o.wrapping_add(t);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pair_axpy_rows_avx2(rows: &mut [i32], n: usize, bpair: &[i16], aps: &[(i16, i16)]) {
+    use std::arch::x86_64::*;
+    let mut avs = [_mm256_setzero_si256(); ROWS];
+    for (v, &(a0, a1)) in avs.iter_mut().zip(aps) {
+        *v = _mm256_set1_epi32((((a1 as u16 as u32) << 16) | a0 as u16 as u32) as i32);
+    }
+    let mut j = 0;
+    while j + 8 <= n {
+        let b = _mm256_loadu_si256(bpair.as_ptr().add(2 * j) as *const __m256i);
+        for (rr, av) in avs.iter().enumerate().take(aps.len()) {
+            let o = rows.as_mut_ptr().add(rr * n + j) as *mut __m256i;
+            _mm256_storeu_si256(
+                o,
+                _mm256_add_epi32(_mm256_loadu_si256(o), _mm256_madd_epi16(b, *av)),
+            );
+        }
+        j += 8;
+    }
+    for (row, &ap) in rows.chunks_exact_mut(n).zip(aps) {
+        pair_axpy_scalar(&mut row[j..], &bpair[2 * j..], ap);
+    }
+}
+
+/// Packs each [k, n] matrix of `b` as ceil(k/2) rows of n interleaved pairs
+/// (b[2p][j], b[2p+1][j]), the second zero when k is odd. Values must fit in i16.
+fn pack_row_pairs(b: &[i32], k: usize, n: usize) -> Vec<i16> {
+    let kp = k.div_ceil(2);
+    let mats = b.len().checked_div(k * n).unwrap_or(0);
+    let mut out = vec![0i16; mats * kp * 2 * n];
+    for (src, dst) in b.chunks_exact(k * n).zip(out.chunks_exact_mut(kp * 2 * n)) {
+        for kk in 0..k {
+            let (p, half) = (kk / 2, kk % 2);
+            for j in 0..n {
+                dst[p * 2 * n + 2 * j + half] = src[kk * n + j] as i16;
+            }
+        }
+    }
+    out
 }
 
 fn matmul_integer(_ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
@@ -697,7 +796,7 @@ fn conv_geometry(ctx: &OpCtx, xs: &[usize], ws: &[usize]) -> Result<ConvGeom> {
     }
     let group = group as usize;
     let (batch, in_ch, out_ch) = (xs[0], xs[1], ws[0]);
-    if in_ch % group != 0 || out_ch % group != 0 || ws[1] * group != in_ch {
+    if in_ch % group != 0 || out_ch % group != 0 || ws[1].checked_mul(group) != Some(in_ch) {
         bail!(
             Shape,
             "conv channels do not fit: input {xs:?}, weights {ws:?}, group {group}"
@@ -718,6 +817,9 @@ fn conv_geometry(ctx: &OpCtx, xs: &[usize], ws: &[usize]) -> Result<ConvGeom> {
         }
         None => ws[2..].to_vec(),
     };
+    if k_sp.contains(&0) {
+        bail!(Shape, "conv kernel has an empty dimension: {k_sp:?}");
+    }
     let strides = attr_or(ctx, "strides", nsp, 1)?;
     let dils = attr_or(ctx, "dilations", nsp, 1)?;
     if strides.contains(&0) || dils.contains(&0) {
@@ -764,6 +866,14 @@ fn conv_geometry(ctx: &OpCtx, xs: &[usize], ws: &[usize]) -> Result<ConvGeom> {
             other => bail!(Invalid, "unknown auto_pad value {other:?}"),
         }
     }
+    // Refuse outputs (and the im2col buffer) too large to allocate before allocating.
+    let mut out_shape = vec![batch, out_ch];
+    out_shape.extend_from_slice(&out_sp);
+    checked_numel(&out_shape, DEFAULT_MAX_ELEMENTS)?;
+    let mut col_shape = vec![ws[1]];
+    col_shape.extend_from_slice(&k_sp);
+    col_shape.extend_from_slice(&out_sp);
+    checked_numel(&col_shape, DEFAULT_MAX_ELEMENTS)?;
     Ok(ConvGeom {
         batch,
         in_ch,
@@ -1302,28 +1412,65 @@ mod tests {
 
     #[test]
     fn matmul_integer_large_matches_naive() {
-        // Big enough to take the parallel path.
-        let (m, k, n) = (37, 70, 45);
-        let a: Vec<u8> = (0..m * k).map(|i| (i * 31 % 256) as u8).collect();
-        let b: Vec<i8> = (0..k * n).map(|i| (i * 17 % 256) as u8 as i8).collect();
-        let at = t(&[m, k], a.clone());
-        let bt = t(&[k, n], b.clone());
-        let az = Tensor::scalar(7u8);
-        let y = run(
-            matmul_integer,
-            node("MatMulInteger"),
-            10,
-            &[Some(&at), Some(&bt), Some(&az)],
-        );
-        let got = y[0].as_slice::<i32>().unwrap();
-        for i in 0..m {
-            for j in 0..n {
-                let want: i32 = (0..k)
-                    .map(|p| (a[i * k + p] as i32 - 7) * b[p * n + j] as i32)
-                    .sum();
-                assert_eq!(got[i * n + j], want, "at ({i}, {j})");
+        // Big enough to take the parallel path; odd k and n exercise the packing's padding
+        // and the SIMD remainder; extreme values check that nothing saturates.
+        for (m, k, n) in [(37, 70, 45), (9, 301, 19), (3, 1, 8)] {
+            let a: Vec<u8> = (0..m * k)
+                .map(|i| {
+                    if i % 5 == 0 {
+                        255
+                    } else {
+                        (i * 31 % 256) as u8
+                    }
+                })
+                .collect();
+            let b: Vec<i8> = (0..k * n)
+                .map(|i| {
+                    if i % 7 == 0 {
+                        -128
+                    } else {
+                        (i * 17 % 256) as u8 as i8
+                    }
+                })
+                .collect();
+            let at = t(&[m, k], a.clone());
+            let bt = t(&[k, n], b.clone());
+            let az = Tensor::scalar(7u8);
+            let y = run(
+                matmul_integer,
+                node("MatMulInteger"),
+                10,
+                &[Some(&at), Some(&bt), Some(&az)],
+            );
+            let got = y[0].as_slice::<i32>().unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let want: i32 = (0..k)
+                        .map(|p| (a[i * k + p] as i32 - 7) * b[p * n + j] as i32)
+                        .sum();
+                    assert_eq!(got[i * n + j], want, "{m}x{k}x{n} at ({i}, {j})");
+                }
             }
         }
+    }
+
+    #[test]
+    fn pair_kernel_matches_scalar_reference() {
+        // Whatever kernel the CPU selects must equal the plain pairwise sum, tail included.
+        let n = 19;
+        let bpair: Vec<i16> = (0..2 * n as i32)
+            .map(|i| (i * 37 % 511 - 255) as i16)
+            .collect();
+        let aps = [(-255i16, 255i16), (7, -3), (0, 1)];
+        let mut rows: Vec<i32> = (0..3 * n as i32).collect();
+        let mut want = rows.clone();
+        pair_axpy_rows(&mut rows, n, &bpair, &aps);
+        for (row, &ap) in want.chunks_exact_mut(n).zip(&aps) {
+            for (j, o) in row.iter_mut().enumerate() {
+                *o += ap.0 as i32 * bpair[2 * j] as i32 + ap.1 as i32 * bpair[2 * j + 1] as i32;
+            }
+        }
+        assert_eq!(rows, want);
     }
 
     #[test]

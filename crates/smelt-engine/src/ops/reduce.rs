@@ -8,7 +8,9 @@
 use super::elementwise::{num_dispatch, Num, PAR_MIN};
 use super::{input, norm_axis, opt_input, OpCtx, Registry};
 use rayon::prelude::*;
-use smelt_tensor::{bail, bf16, dispatch, f16, BroadcastIter, DType, Data, Element, Result, Tensor};
+use smelt_tensor::{
+    bail, bf16, dispatch, f16, BroadcastIter, DType, Data, Element, Result, Tensor,
+};
 use std::ops::{Add, Div, Mul, Sub};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -110,7 +112,12 @@ fn fold_float(kind: Red, vals: impl Iterator<Item = f64> + Clone, n: usize) -> f
 }
 
 /// Integer reductions; `range` is the element type's (min, max), the identity of Max/Min.
-fn fold_int(kind: Red, mut vals: impl Iterator<Item = i128>, n: usize, range: (i128, i128)) -> i128 {
+fn fold_int(
+    kind: Red,
+    mut vals: impl Iterator<Item = i128>,
+    n: usize,
+    range: (i128, i128),
+) -> i128 {
     match kind {
         Red::Sum => vals.fold(0, i128::wrapping_add),
         Red::Mean => {
@@ -174,7 +181,11 @@ fn reduce_slice<T: Element>(x: &[T], bases: &[usize], offs: &Offsets, kind: Red)
     };
     if x.len() >= PAR_MIN && bases.len() > 1 {
         let min_len = (PAR_MIN / n.max(1)).max(1);
-        bases.par_iter().with_min_len(min_len).map(|&b| one(b)).collect()
+        bases
+            .par_iter()
+            .with_min_len(min_len)
+            .map(|&b| one(b))
+            .collect()
     } else {
         bases.iter().map(|&b| one(b)).collect()
     }
@@ -274,7 +285,14 @@ fn arg_extreme(ctx: &OpCtx, inputs: &[Option<&Tensor>], max: bool) -> Result<Vec
     if len == 0 && outer * inner > 0 {
         bail!(Shape, "cannot take ArgMax/ArgMin over an empty axis {axis}");
     }
-    fn run<T: Element>(x: &[T], outer: usize, len: usize, inner: usize, max: bool, last: bool) -> Vec<i64> {
+    fn run<T: Element>(
+        x: &[T],
+        outer: usize,
+        len: usize,
+        inner: usize,
+        max: bool,
+        last: bool,
+    ) -> Vec<i64> {
         let mut out = Vec::with_capacity(outer * inner);
         for o in 0..outer {
             let block = &x[o * len * inner..(o + 1) * len * inner];
@@ -442,7 +460,11 @@ fn softmax_all<F: Real + Default>(x: &[F], len: usize, inner: usize, log: bool) 
 /// `[outer, len, inner]` for the softmax family: before opset 13 the input is coerced to 2D at
 /// `axis` (default 1) and each row normalised; from 13 it runs along `axis` (default -1).
 fn softmax_layout(ctx: &OpCtx, shape: &[usize]) -> Result<(usize, usize, usize)> {
-    let shape: Vec<usize> = if shape.is_empty() { vec![1] } else { shape.to_vec() };
+    let shape: Vec<usize> = if shape.is_empty() {
+        vec![1]
+    } else {
+        shape.to_vec()
+    };
     let rank = shape.len();
     if ctx.opset < 13 {
         let axis = ctx.int("axis", 1)?;
@@ -466,13 +488,27 @@ fn softmax_op(ctx: &OpCtx, inputs: &[Option<&Tensor>], log: bool) -> Result<Vec<
         Data::F64(v) => Data::F64(softmax_all(v, len, inner, log)),
         Data::F16(v) => {
             let f: Vec<f32> = v.iter().map(|h| h.to_f32()).collect();
-            Data::F16(softmax_all(&f, len, inner, log).into_iter().map(f16::from_f32).collect())
+            Data::F16(
+                softmax_all(&f, len, inner, log)
+                    .into_iter()
+                    .map(f16::from_f32)
+                    .collect(),
+            )
         }
         Data::BF16(v) => {
             let f: Vec<f32> = v.iter().map(|h| h.to_f32()).collect();
-            Data::BF16(softmax_all(&f, len, inner, log).into_iter().map(bf16::from_f32).collect())
+            Data::BF16(
+                softmax_all(&f, len, inner, log)
+                    .into_iter()
+                    .map(bf16::from_f32)
+                    .collect(),
+            )
         }
-        _ => bail!(Unsupported, "softmax needs a float tensor, got {}", x.dtype()),
+        _ => bail!(
+            Unsupported,
+            "softmax needs a float tensor, got {}",
+            x.dtype()
+        ),
     };
     Ok(vec![Tensor::new(x.shape().to_vec(), data)?])
 }
@@ -507,7 +543,11 @@ fn hardmax(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         out
     }
     if !x.dtype().is_float() {
-        bail!(Unsupported, "Hardmax needs a float tensor, got {}", x.dtype());
+        bail!(
+            Unsupported,
+            "Hardmax needs a float tensor, got {}",
+            x.dtype()
+        );
     }
     let data = dispatch!(x.data(), T, v => T::wrap(run::<T>(v, outer, len, inner)));
     Ok(vec![Tensor::new(x.shape().to_vec(), data)?])
@@ -519,7 +559,11 @@ fn cumsum(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let axis_t = input(inputs, 1)?;
     let axis = match axis_t.to_i64_vec()?.as_slice() {
         [a] => *a,
-        _ => bail!(Shape, "CumSum axis must be a scalar, got shape {:?}", axis_t.shape()),
+        _ => bail!(
+            Shape,
+            "CumSum axis must be a scalar, got shape {:?}",
+            axis_t.shape()
+        ),
     };
     if x.rank() == 0 {
         return Ok(vec![x.clone()]);
@@ -528,7 +572,14 @@ fn cumsum(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let exclusive = ctx.int("exclusive", 0)? != 0;
     let reverse = ctx.int("reverse", 0)? != 0;
     let (outer, len, inner) = split_at_axis(x.shape(), axis);
-    fn run<T: Num>(x: &[T], outer: usize, len: usize, inner: usize, exclusive: bool, reverse: bool) -> Vec<T> {
+    fn run<T: Num>(
+        x: &[T],
+        outer: usize,
+        len: usize,
+        inner: usize,
+        exclusive: bool,
+        reverse: bool,
+    ) -> Vec<T> {
         let mut out = vec![T::zero(); x.len()];
         let mut acc = vec![T::zero(); inner];
         for o in 0..outer {
@@ -572,4 +623,342 @@ pub fn register(r: &mut Registry) {
     r.insert("LogSoftmax", log_softmax);
     r.insert("Hardmax", hardmax);
     r.insert("CumSum", cumsum);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{lookup, OpCtx};
+    use smelt_ir::{Attr, Node};
+    use smelt_tensor::{Result, Tensor};
+
+    fn run_op(
+        op: &str,
+        attrs: &[(&str, Attr)],
+        opset: i64,
+        inputs: &[Option<&Tensor>],
+    ) -> Result<Vec<Tensor>> {
+        let mut node = Node::new(op, "t", &[], &[]);
+        for (k, v) in attrs {
+            node = node.with_attr(k, v.clone());
+        }
+        let ctx = OpCtx { node: &node, opset };
+        let f = lookup("", op).expect("op is registered");
+        f(&ctx, inputs)
+    }
+
+    fn run1(op: &str, attrs: &[(&str, Attr)], opset: i64, inputs: &[&Tensor]) -> Tensor {
+        let ins: Vec<Option<&Tensor>> = inputs.iter().map(|t| Some(*t)).collect();
+        run_op(op, attrs, opset, &ins).unwrap().remove(0)
+    }
+
+    fn f32t(shape: &[usize], v: &[f32]) -> Tensor {
+        Tensor::from_vec(shape.to_vec(), v.to_vec()).unwrap()
+    }
+
+    fn i64t(v: &[i64]) -> Tensor {
+        Tensor::from_vec(vec![v.len()], v.to_vec()).unwrap()
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], tol: f32) {
+        assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= tol, "element {i}: got {g}, want {w}");
+        }
+    }
+
+    fn cube() -> Tensor {
+        f32t(&[2, 2, 2], &[1., 2., 3., 4., 5., 6., 7., 8.])
+    }
+
+    #[test]
+    fn reduce_mean_negative_axes_without_keepdims() {
+        let no_keep = ("keepdims", Attr::Int(0));
+        // Attribute axes (opset 13) and input axes (opset 18) agree.
+        let a = run1(
+            "ReduceMean",
+            &[no_keep.clone(), ("axes", Attr::Ints(vec![-1]))],
+            13,
+            &[&cube()],
+        );
+        let b = run1(
+            "ReduceMean",
+            std::slice::from_ref(&no_keep),
+            18,
+            &[&cube(), &i64t(&[-1])],
+        );
+        for t in [&a, &b] {
+            assert_eq!(t.shape(), &[2, 2]);
+            assert_eq!(t.as_slice::<f32>().unwrap(), &[1.5, 3.5, 5.5, 7.5]);
+        }
+        // Two separated axes: means of {1,2,5,6} and {3,4,7,8}.
+        let c = run1("ReduceMean", &[no_keep], 18, &[&cube(), &i64t(&[0, -1])]);
+        assert_eq!(c.shape(), &[2]);
+        assert_eq!(c.as_slice::<f32>().unwrap(), &[3.5, 5.5]);
+        // Keepdims on the leading axis.
+        let d = run1(
+            "ReduceMean",
+            &[("axes", Attr::Ints(vec![0]))],
+            13,
+            &[&cube()],
+        );
+        assert_eq!(d.shape(), &[1, 2, 2]);
+        assert_eq!(d.as_slice::<f32>().unwrap(), &[3., 4., 5., 6.]);
+        // No axes: everything.
+        let e = run1("ReduceMean", &[], 18, &[&cube()]);
+        assert_eq!(e.shape(), &[1, 1, 1]);
+        assert_eq!(e.as_slice::<f32>().unwrap(), &[4.5]);
+        assert!(run_op("ReduceMean", &[], 18, &[Some(&cube()), Some(&i64t(&[3]))]).is_err());
+    }
+
+    #[test]
+    fn every_reduction_kind() {
+        let x = f32t(&[2, 2], &[1., -2., 3., 4.]);
+        let ax = i64t(&[1]);
+        let r = |op: &str| {
+            run1(op, &[("keepdims", Attr::Int(0))], 18, &[&x, &ax])
+                .as_slice::<f32>()
+                .unwrap()
+                .to_vec()
+        };
+        assert_eq!(r("ReduceSum"), vec![-1., 7.]);
+        assert_eq!(r("ReduceMax"), vec![1., 4.]);
+        assert_eq!(r("ReduceMin"), vec![-2., 3.]);
+        assert_eq!(r("ReduceProd"), vec![-2., 12.]);
+        assert_eq!(r("ReduceL1"), vec![3., 7.]);
+        assert_eq!(r("ReduceSumSquare"), vec![5., 25.]);
+        assert_close(&r("ReduceL2"), &[5f32.sqrt(), 5.], 1e-6);
+        let ls = r("ReduceLogSum");
+        assert!(ls[0].is_nan(), "log of a negative sum");
+        assert_close(&ls[1..], &[7f32.ln()], 1e-6);
+        assert_close(
+            &r("ReduceLogSumExp"),
+            &[
+                (1f32.exp() + (-2f32).exp()).ln(),
+                (3f32.exp() + 4f32.exp()).ln(),
+            ],
+            1e-5,
+        );
+        // Stable for large values.
+        let big = f32t(&[2], &[1000., 1000.]);
+        let lse = run1("ReduceLogSumExp", &[], 18, &[&big]);
+        assert_close(lse.as_slice::<f32>().unwrap(), &[1000. + 2f32.ln()], 1e-3);
+        // Integers accumulate exactly; Max over ints and bools.
+        let i = Tensor::from_vec(vec![2, 3], vec![1i32, 7, -3, 4, 5, 6]).unwrap();
+        let s = run1(
+            "ReduceSum",
+            &[("keepdims", Attr::Int(0))],
+            13,
+            &[&i, &i64t(&[1])],
+        );
+        assert_eq!(s.as_slice::<i32>().unwrap(), &[5, 15]);
+        let m = run1(
+            "ReduceMax",
+            &[("keepdims", Attr::Int(0)), ("axes", Attr::Ints(vec![0]))],
+            13,
+            &[&i],
+        );
+        assert_eq!(m.as_slice::<i32>().unwrap(), &[4, 7, 6]);
+        let b = Tensor::from_vec(vec![2, 2], vec![true, false, false, false]).unwrap();
+        let m = run1(
+            "ReduceMax",
+            &[("keepdims", Attr::Int(0))],
+            20,
+            &[&b, &i64t(&[1])],
+        );
+        assert_eq!(m.as_slice::<bool>().unwrap(), &[true, false]);
+    }
+
+    #[test]
+    fn empty_reductions_follow_onnx() {
+        let x = Tensor::zeros(smelt_tensor::DType::F32, vec![2, 0, 4]);
+        let ax = i64t(&[1]);
+        let sum = run1("ReduceSum", &[], 18, &[&x, &ax]);
+        assert_eq!(sum.shape(), &[2, 1, 4]);
+        assert!(sum.as_slice::<f32>().unwrap().iter().all(|&v| v == 0.0));
+        let max = run1("ReduceMax", &[], 18, &[&x, &ax]);
+        assert!(max
+            .as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .all(|&v| v == f32::NEG_INFINITY));
+        let min = run1("ReduceMin", &[], 18, &[&x, &ax]);
+        assert!(min
+            .as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .all(|&v| v == f32::INFINITY));
+        let prod = run1("ReduceProd", &[], 18, &[&x, &ax]);
+        assert!(prod.as_slice::<f32>().unwrap().iter().all(|&v| v == 1.0));
+        let lse = run1("ReduceLogSumExp", &[], 18, &[&x, &ax]);
+        assert!(lse
+            .as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .all(|&v| v == f32::NEG_INFINITY));
+        let xi = Tensor::zeros(smelt_tensor::DType::I32, vec![3, 0]);
+        let mi = run1(
+            "ReduceMax",
+            &[("keepdims", Attr::Int(0))],
+            18,
+            &[&xi, &i64t(&[1])],
+        );
+        assert_eq!(mi.as_slice::<i32>().unwrap(), &[i32::MIN; 3]);
+        // Reducing a non-empty axis of an empty tensor gives an empty result.
+        let e = run1("ReduceSum", &[], 18, &[&x, &i64t(&[2])]);
+        assert_eq!(e.shape(), &[2, 0, 1]);
+    }
+
+    #[test]
+    fn noop_with_empty_axes() {
+        let noop = [("noop_with_empty_axes", Attr::Int(1))];
+        let out = run1("ReduceSum", &noop, 13, &[&cube(), &i64t(&[])]);
+        assert_eq!(out, cube());
+        let all = run1(
+            "ReduceSum",
+            &[("keepdims", Attr::Int(0))],
+            13,
+            &[&cube(), &i64t(&[])],
+        );
+        assert_eq!(all.shape(), &[] as &[usize]);
+        assert_eq!(all.as_slice::<f32>().unwrap(), &[36.]);
+    }
+
+    #[test]
+    fn large_reduction_uses_threads_correctly() {
+        let (rows, cols) = (300, 1000);
+        let x: Vec<f32> = (0..rows * cols).map(|i| (i / cols) as f32).collect();
+        let t = f32t(&[rows, cols], &x);
+        let s = run1(
+            "ReduceSum",
+            &[("keepdims", Attr::Int(0))],
+            13,
+            &[&t, &i64t(&[1])],
+        );
+        let want: Vec<f32> = (0..rows).map(|r| (r * cols) as f32).collect();
+        assert_eq!(s.as_slice::<f32>().unwrap(), &want[..]);
+        let m = run1(
+            "ReduceMean",
+            &[("keepdims", Attr::Int(0)), ("axes", Attr::Ints(vec![0]))],
+            13,
+            &[&t],
+        );
+        assert!(m.as_slice::<f32>().unwrap().iter().all(|&v| v == 149.5));
+    }
+
+    #[test]
+    fn argmax_select_last_index() {
+        let x = f32t(&[2, 3], &[1., 3., 3., 7., 2., 7.]);
+        let first = run1("ArgMax", &[("axis", Attr::Int(1))], 13, &[&x]);
+        assert_eq!(first.shape(), &[2, 1]);
+        assert_eq!(first.as_slice::<i64>().unwrap(), &[1, 0]);
+        let attrs = [
+            ("axis", Attr::Int(-1)),
+            ("keepdims", Attr::Int(0)),
+            ("select_last_index", Attr::Int(1)),
+        ];
+        let last = run1("ArgMax", &attrs, 13, &[&x]);
+        assert_eq!(last.shape(), &[2]);
+        assert_eq!(last.as_slice::<i64>().unwrap(), &[2, 2]);
+        let amin = run1("ArgMin", &[("keepdims", Attr::Int(0))], 13, &[&x]);
+        assert_eq!(amin.as_slice::<i64>().unwrap(), &[0, 1, 0]);
+        let amin_last = run1("ArgMin", &attrs, 13, &[&f32t(&[1, 3], &[1., 1., 2.])]);
+        assert_eq!(amin_last.as_slice::<i64>().unwrap(), &[1]);
+    }
+
+    #[test]
+    fn softmax_opset_semantics() {
+        let (l3, l7) = (3f32.ln(), 7f32.ln());
+        let x = f32t(&[1, 2, 2], &[0., l3, 0., l7]);
+        // Opset 13: along the axis; default -1.
+        let last = run1("Softmax", &[], 13, &[&x]);
+        assert_close(
+            last.as_slice::<f32>().unwrap(),
+            &[0.25, 0.75, 0.125, 0.875],
+            1e-6,
+        );
+        let mid = run1("Softmax", &[("axis", Attr::Int(1))], 13, &[&x]);
+        assert_close(mid.as_slice::<f32>().unwrap(), &[0.5, 0.3, 0.5, 0.7], 1e-6);
+        // Before 13: coerce to 2D at axis (default 1), normalise whole rows.
+        let old = run1("Softmax", &[], 11, &[&x]);
+        assert_close(
+            old.as_slice::<f32>().unwrap(),
+            &[1. / 12., 3. / 12., 1. / 12., 7. / 12.],
+            1e-6,
+        );
+        let old2 = run1("Softmax", &[("axis", Attr::Int(2))], 11, &[&x]);
+        assert_close(
+            old2.as_slice::<f32>().unwrap(),
+            &[0.25, 0.75, 0.125, 0.875],
+            1e-6,
+        );
+        let log = run1("LogSoftmax", &[], 11, &[&x]);
+        let want: Vec<f32> = [1f32 / 12., 3. / 12., 1. / 12., 7. / 12.]
+            .iter()
+            .map(|v| v.ln())
+            .collect();
+        assert_close(log.as_slice::<f32>().unwrap(), &want, 1e-5);
+        let logmid = run1("LogSoftmax", &[("axis", Attr::Int(1))], 13, &[&x]);
+        let want: Vec<f32> = [0.5f32, 0.3, 0.5, 0.7].iter().map(|v| v.ln()).collect();
+        assert_close(logmid.as_slice::<f32>().unwrap(), &want, 1e-5);
+        // Large values stay finite.
+        let big = f32t(&[3], &[1000., 1000., -1000.]);
+        assert_close(
+            run1("Softmax", &[], 13, &[&big]).as_slice::<f32>().unwrap(),
+            &[0.5, 0.5, 0.],
+            1e-6,
+        );
+        let ls = run1("LogSoftmax", &[], 13, &[&big]);
+        assert_close(
+            ls.as_slice::<f32>().unwrap(),
+            &[-(2f32.ln()), -(2f32.ln()), -2000. - 2f32.ln()],
+            1e-3,
+        );
+        // f64 and parallel paths.
+        let d = Tensor::from_vec(vec![2], vec![0f64, 3f64.ln()]).unwrap();
+        let out = run1("Softmax", &[], 13, &[&d]);
+        let v = out.as_slice::<f64>().unwrap();
+        assert!((v[0] - 0.25).abs() < 1e-12 && (v[1] - 0.75).abs() < 1e-12);
+        let rows = f32t(&[40000, 2], &[0., l3].repeat(40000));
+        let out = run1("Softmax", &[], 13, &[&rows]);
+        assert!(out
+            .as_slice::<f32>()
+            .unwrap()
+            .chunks(2)
+            .all(|c| (c[0] - 0.25).abs() < 1e-6 && (c[1] - 0.75).abs() < 1e-6));
+    }
+
+    #[test]
+    fn hardmax_both_opsets() {
+        let x = f32t(&[1, 2, 2], &[1., 3., 3., 2.]);
+        let h13 = run1("Hardmax", &[], 13, &[&x]);
+        assert_eq!(h13.as_slice::<f32>().unwrap(), &[0., 1., 1., 0.]);
+        let h11 = run1("Hardmax", &[], 11, &[&x]);
+        assert_eq!(h11.as_slice::<f32>().unwrap(), &[0., 1., 0., 0.]);
+        let h1 = run1("Hardmax", &[("axis", Attr::Int(1))], 13, &[&x]);
+        assert_eq!(h1.as_slice::<f32>().unwrap(), &[0., 1., 1., 0.]);
+    }
+
+    #[test]
+    fn cumsum_variants() {
+        let x = f32t(&[5], &[1., 2., 3., 4., 5.]);
+        let ax = Tensor::scalar(0i32);
+        let c = |attrs: &[(&str, Attr)]| {
+            run1("CumSum", attrs, 14, &[&x, &ax])
+                .as_slice::<f32>()
+                .unwrap()
+                .to_vec()
+        };
+        assert_eq!(c(&[]), vec![1., 3., 6., 10., 15.]);
+        assert_eq!(c(&[("exclusive", Attr::Int(1))]), vec![0., 1., 3., 6., 10.]);
+        assert_eq!(c(&[("reverse", Attr::Int(1))]), vec![15., 14., 12., 9., 5.]);
+        assert_eq!(
+            c(&[("reverse", Attr::Int(1)), ("exclusive", Attr::Int(1))]),
+            vec![14., 12., 9., 5., 0.]
+        );
+        let m = Tensor::from_vec(vec![2, 3], vec![1i64, 2, 3, 4, 5, 6]).unwrap();
+        let out = run1("CumSum", &[], 14, &[&m, &Tensor::scalar(-1i64)]);
+        assert_eq!(out.as_slice::<i64>().unwrap(), &[1, 3, 6, 4, 9, 15]);
+        let out = run1("CumSum", &[], 14, &[&m, &Tensor::scalar(0i64)]);
+        assert_eq!(out.as_slice::<i64>().unwrap(), &[1, 2, 3, 5, 7, 9]);
+    }
 }

@@ -130,7 +130,7 @@ pub(super) fn reshape_target(from: &[usize], spec: &[i64], allowzero: bool) -> R
     }
     let known = bounded(&out)?;
     if let Some(i) = infer {
-        if known == 0 || total % known != 0 {
+        if total.checked_rem(known) != Some(0) {
             bail!(Shape, "cannot reshape {from:?} to {spec:?}");
         }
         out[i] = total / known;

@@ -1,0 +1,111 @@
+//! Shared test support: real assets (fetched on demand, failing loudly), the onnxruntime
+//! reference, and .npy files for exchanging tensors with it.
+#![allow(dead_code)]
+
+use npyz::WriterBuilder;
+use smelt_tensor::{Data, Tensor};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn script_output(script: &str, env_var: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env_var) {
+        if !p.is_empty() {
+            return PathBuf::from(p);
+        }
+    }
+    let out = Command::new(repo_root().join(script))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} failed (assets are required, run it by hand to see why):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The asset cache; runs scripts/fetch-assets.sh (cached, checksummed) once per test binary.
+pub fn assets() -> &'static Path {
+    static A: OnceLock<PathBuf> = OnceLock::new();
+    A.get_or_init(|| script_output("scripts/fetch-assets.sh", "SMELT_ASSETS"))
+}
+
+/// The Python with onnxruntime; runs scripts/setup-python.sh once per test binary.
+pub fn python() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| script_output("scripts/setup-python.sh", "SMELT_PYTHON"))
+}
+
+pub fn smelt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_smelt"))
+}
+
+/// Runs `model` in onnxruntime on the given inputs; returns outputs by name.
+pub fn ort_run(model: &Path, inputs: &[(&str, &Tensor)], dir: &Path) -> Vec<(String, Tensor)> {
+    let mut cmd = Command::new(python());
+    cmd.arg(repo_root().join("scripts/ort_run.py")).arg(model);
+    for (name, t) in inputs {
+        let p = dir.join(format!("in_{name}.npy"));
+        write_npy(&p, t);
+        cmd.arg("--input").arg(format!("{name}={}", p.display()));
+    }
+    let out_dir = dir.join("ort_out");
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let out = cmd.arg("--output-dir").arg(&out_dir).output().expect("run python");
+    assert!(out.status.success(), "onnxruntime failed: {}", String::from_utf8_lossy(&out.stderr));
+    let model = smelt_onnx::load(model).unwrap();
+    model
+        .graph
+        .outputs
+        .iter()
+        .map(|o| {
+            let f: String = o.name.chars().map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '_' }).collect();
+            (o.name.clone(), read_npy(&out_dir.join(format!("{f}.npy"))))
+        })
+        .collect()
+}
+
+pub fn write_npy(path: &Path, t: &Tensor) {
+    let shape: Vec<u64> = t.shape().iter().map(|&d| d as u64).collect();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    macro_rules! put {
+        ($v:expr) => {{
+            let mut w = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(&mut f).begin_nd().unwrap();
+            w.extend($v.iter().copied()).unwrap();
+            w.finish().unwrap();
+        }};
+    }
+    match t.data() {
+        Data::F32(v) => put!(v),
+        Data::I64(v) => put!(v),
+        Data::I32(v) => put!(v),
+        Data::U8(v) => put!(v),
+        Data::I8(v) => put!(v),
+        d => panic!("write_npy: unsupported {:?}", d.dtype()),
+    }
+}
+
+pub fn read_npy(path: &Path) -> Tensor {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
+    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let descr = npy.dtype().descr();
+    let data = match descr.trim_start_matches(['<', '|']) {
+        "f4" => Data::F32(npy.into_vec().unwrap()),
+        "i8" => Data::I64(npy.into_vec().unwrap()),
+        "i4" => Data::I32(npy.into_vec().unwrap()),
+        other => panic!("read_npy: dtype {other}"),
+    };
+    Tensor::new(shape, data).unwrap()
+}
+
+/// Largest |a - b| / max(|b|, 1) over all elements.
+pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs().max(1.0)).fold(0.0, f32::max)
+}

@@ -14,7 +14,7 @@ pub fn read(path: &Path) -> Result<Tensor> {
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     smelt_tensor::checked_numel(&shape, smelt_tensor::DEFAULT_MAX_ELEMENTS)?;
     let descr = npy.dtype().descr();
-    let data = match descr.trim_start_matches(['<', '|', '=']) {
+    let data = match descr.trim_matches('\'').trim_start_matches(['<', '|', '=']) {
         "f4" => Data::F32(npy.into_vec().map_err(io)?),
         "f8" => Data::F64(npy.into_vec().map_err(io)?),
         "i8" => Data::I64(npy.into_vec().map_err(io)?),

@@ -36,6 +36,12 @@ impl Session {
             for inp in n.inputs.iter().filter(|s| !s.is_empty()) {
                 last_use.insert(inp.clone(), pos);
             }
+            // Values a subgraph captures from this scope are read by this node too.
+            for g in smelt_ir::subgraphs(n) {
+                for v in g.free_values() {
+                    last_use.insert(v, pos);
+                }
+            }
         }
         Ok(Session {
             model,

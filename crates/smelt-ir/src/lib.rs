@@ -7,7 +7,7 @@ mod model;
 mod pass;
 pub mod passes;
 
-pub use graph::{Attr, Dim, Graph, Node, ValueInfo};
+pub use graph::{subgraphs, Attr, Dim, Graph, Node, ValueInfo};
 pub use model::{Model, OpsetImport};
 pub use pass::{Pass, PassRecord};
 pub use smelt_tensor::{DType, Error, Result, Tensor};

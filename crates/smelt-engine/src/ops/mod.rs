@@ -4,6 +4,7 @@
 //! Every op is a plain function: it reads its node's attributes and its inputs and returns its
 //! outputs. Errors name nothing themselves; the session adds the node's label.
 
+pub mod attention;
 pub mod elementwise;
 pub mod layout;
 pub mod misc;
@@ -51,6 +52,7 @@ fn registry() -> &'static Registry {
     static REG: OnceLock<Registry> = OnceLock::new();
     REG.get_or_init(|| {
         let mut r = Registry::new();
+        attention::register(&mut r);
         elementwise::register(&mut r);
         layout::register(&mut r);
         misc::register(&mut r);

@@ -265,10 +265,14 @@ fn conv_transpose_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tens
         }
         for d in 0..sp {
             let want = usize_dim(os[d], "output_shape")?;
-            let Some(total) = full(d).checked_sub(want) else {
-                bail!(Unsupported, "output_shape {want} exceeds the full transposed size {}", full(d));
-            };
-            pads_begin[d] = if auto_pad == "SAME_UPPER" { total / 2 } else { total - total / 2 };
+            // May be negative: the output then extends past the full size (zeros plus bias).
+            let total = full(d) as i64 - want as i64;
+            let small = total.div_euclid(2);
+            let begin = if auto_pad == "SAME_UPPER" { small } else { total - small };
+            if begin < 0 {
+                bail!(Unsupported, "output_shape {want} needs negative begin padding");
+            }
+            pads_begin[d] = begin as usize;
             output[d] = want;
         }
     } else {
@@ -1118,7 +1122,8 @@ impl AxisResize<'_> {
                 if self.len_out <= 1 {
                     0.0
                 } else {
-                    x * (lin - 1.0) / (lout - 1.0)
+                    // ONNX's reference divides by the unrounded length (scale * input).
+                    x * (lin - 1.0) / (s * lin - 1.0)
                 }
             }
             "pytorch_half_pixel" => {
@@ -1148,10 +1153,17 @@ impl AxisResize<'_> {
 }
 
 /// Input taps (index, weight) per output position of one axis; `None` means extrapolate.
-fn axis_taps(ax: &AxisResize, interp: Interp, nearest_mode: &str, cubic_a: f32, exclude_outside: bool) -> Vec<Option<Vec<(usize, f32)>>> {
-    let n = ax.len_in as isize;
+fn axis_taps(
+    ax: &AxisResize,
+    interp: Interp,
+    nearest_mode: &str,
+    cubic_a: f32,
+    exclude_outside: bool,
+    antialias: bool,
+) -> Vec<Option<Vec<(usize, f32)>>> {
+    let n_in = ax.len_in as isize;
     let last = (ax.len_in.max(1) - 1) as f32;
-    let clamp = |i: isize| i.clamp(0, n - 1) as usize;
+    let clamp = |i: isize| i.clamp(0, n_in - 1) as usize;
     (0..ax.len_out)
         .map(|o| {
             let x = ax.source(o);
@@ -1189,27 +1201,46 @@ fn axis_taps(ax: &AxisResize, interp: Interp, nearest_mode: &str, cubic_a: f32, 
                     };
                     vec![(clamp(i as isize), 1.0)]
                 }
-                Interp::Linear => {
-                    let x = x.clamp(0.0, last);
-                    let i0 = x.floor();
-                    let f = x - i0;
-                    let i0 = i0 as isize;
-                    vec![(clamp(i0), 1.0 - f), (clamp(i0 + 1), f)]
-                }
-                Interp::Cubic => {
-                    let i0 = x.floor();
-                    let t = x - i0;
+                Interp::Linear | Interp::Cubic => {
+                    // Taps sit at x_int + start + j with ratio in (0, 1], as ONNX's reference
+                    // picks them; with antialias the filter widens by 1 / scale when shrinking.
+                    let mut xi = x.floor();
+                    let mut r = x - xi;
+                    if r == 0.0 {
+                        r = 1.0;
+                        xi -= 1.0;
+                    }
+                    let s = if antialias { ax.scale.min(1.0) } else { 1.0 };
                     let a = cubic_a;
-                    let far = |d: f32| ((a * d - 5.0 * a) * d + 8.0 * a) * d - 4.0 * a;
-                    let near = |d: f32| ((a + 2.0) * d - (a + 3.0)) * d * d + 1.0;
-                    let w = [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)];
-                    let i0 = i0 as isize;
-                    let mut taps: Vec<(isize, f32)> = (0..4).map(|k| (i0 - 1 + k as isize, w[k])).collect();
+                    let (start, kernel): (isize, Box<dyn Fn(f32) -> f32>) = if interp == Interp::Linear {
+                        ((-1.0 / s).floor() as isize + 1, Box::new(|d: f32| (1.0 - d.abs()).max(0.0)))
+                    } else {
+                        let w = move |d: f32| {
+                            let d = d.abs();
+                            if d <= 1.0 {
+                                ((a + 2.0) * d - (a + 3.0)) * d * d + 1.0
+                            } else if d < 2.0 {
+                                ((a * d - 5.0 * a) * d + 8.0 * a) * d - 4.0 * a
+                            } else {
+                                0.0
+                            }
+                        };
+                        ((-2.0 / s).floor() as isize + 1, Box::new(w))
+                    };
+                    let n = 2 - 2 * start;
+                    let mut taps: Vec<(isize, f32)> = (0..n)
+                        .map(|j| {
+                            let off = start + j;
+                            (xi as isize + off, kernel(s * (off as f32 - r)))
+                        })
+                        .collect();
                     if exclude_outside {
-                        taps.retain(|&(i, _)| i >= 0 && i < n);
-                        let s: f32 = taps.iter().map(|t| t.1).sum();
-                        if s != 0.0 {
-                            taps.iter_mut().for_each(|t| t.1 /= s);
+                        taps.retain(|&(i, _)| i >= 0 && i < n_in);
+                    }
+                    if antialias || exclude_outside {
+                        let sum: f32 = taps.iter().map(|t| t.1).sum();
+                        if sum != 0.0 {
+                            taps.iter_mut().for_each(|t| t.1 /= sum);
                         }
                     }
                     taps.into_iter().map(|(i, w)| (clamp(i), w)).collect()
@@ -1254,6 +1285,7 @@ struct ResizeSpec<'a> {
     nearest_mode: &'a str,
     cubic_a: f32,
     exclude_outside: bool,
+    antialias: bool,
     extrapolation: f32,
 }
 
@@ -1277,7 +1309,7 @@ fn run_resize(x: &Tensor, spec: &ResizeSpec) -> Result<Tensor> {
         let maps: Vec<Vec<Option<usize>>> = axes
             .iter()
             .map(|a| {
-                axis_taps(a, Interp::Nearest, spec.nearest_mode, 0.0, false)
+                axis_taps(a, Interp::Nearest, spec.nearest_mode, 0.0, false, false)
                     .into_iter()
                     .map(|t| t.map(|t| t[0].0))
                     .collect()
@@ -1317,7 +1349,7 @@ fn run_resize(x: &Tensor, spec: &ResizeSpec) -> Result<Tensor> {
         if !changed(a) {
             continue;
         }
-        let taps = axis_taps(a, spec.interp, spec.nearest_mode, spec.cubic_a, spec.exclude_outside);
+        let taps = axis_taps(a, spec.interp, spec.nearest_mode, spec.cubic_a, spec.exclude_outside, spec.antialias);
         v = resize_axis(&v, &shape, d, &taps, spec.extrapolation);
         shape[d] = a.len_out;
     }
@@ -1344,9 +1376,6 @@ fn resize(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     };
     let mode = ctx.string("mode", "nearest")?;
     let interp = parse_interp(&mode)?;
-    if ctx.int("antialias", 0)? != 0 && interp != Interp::Nearest {
-        bail!(Unsupported, "Resize with antialias");
-    }
     let coord = if ctx.opset < 11 {
         "asymmetric".to_string()
     } else {
@@ -1429,6 +1458,7 @@ fn resize(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         nearest_mode: &nearest_mode,
         cubic_a: ctx.float("cubic_coeff_a", -0.75)?,
         exclude_outside: ctx.int("exclude_outside", 0)? != 0,
+        antialias: ctx.int("antialias", 0)? != 0,
         extrapolation: ctx.float("extrapolation_value", 0.0)?,
     };
     Ok(vec![run_resize(x, &spec)?])
@@ -1456,6 +1486,7 @@ fn upsample(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         nearest_mode: "floor",
         cubic_a: -0.75,
         exclude_outside: false,
+        antialias: false,
         extrapolation: 0.0,
     };
     Ok(vec![run_resize(x, &spec)?])

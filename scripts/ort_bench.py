@@ -3,7 +3,7 @@
 
 Inputs follow smelt's rule (smelt_engine::analysis::synth_inputs): symbolic first dim = batch,
 other symbolic dims = seq-len; floats uniform in [0,1); integer inputs named like a mask = 1,
-other integers in [0,100). Prints one JSON object like `smelt bench --json`.
+integer inputs named like token types / segments = 0, other integers in [0,100). Prints one JSON object like `smelt bench --json`.
 """
 import argparse, json, resource, statistics, time
 
@@ -41,6 +41,8 @@ def main():
             feeds[i.name] = rng.random(shape, dtype=np.float32)
         elif "mask" in i.name.lower():
             feeds[i.name] = np.ones(shape, dtype=t)
+        elif "type" in i.name.lower() or "segment" in i.name.lower():
+            feeds[i.name] = np.zeros(shape, dtype=t)
         else:
             feeds[i.name] = rng.integers(0, 100, shape).astype(t)
     for _ in range(a.warmup):

@@ -44,7 +44,8 @@ pub fn concrete_shape(v: &ValueInfo, spec: &InputSpec) -> Vec<usize> {
 }
 
 /// Deterministic inputs for every runtime input: floats uniform in [0, 1), integer inputs named
-/// like a mask are all ones, other integers small ids in [0, 100), bools true.
+/// like a mask are all ones, like token types (segment ids) all zeros, other integers small ids
+/// in [0, 100), bools true. scripts/ort_bench.py follows the same rule.
 pub fn synth_inputs(g: &Graph, spec: &InputSpec) -> Vec<(String, Tensor)> {
     let mut state = spec.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let mut next = move || {
@@ -58,7 +59,9 @@ pub fn synth_inputs(g: &Graph, spec: &InputSpec) -> Vec<(String, Tensor)> {
             let shape = concrete_shape(v, spec);
             let n: usize = shape.iter().product();
             let dtype = v.dtype.unwrap_or(DType::F32);
-            let mask = v.name.to_ascii_lowercase().contains("mask");
+            let lower = v.name.to_ascii_lowercase();
+            let mask = lower.contains("mask");
+            let segment = lower.contains("type") || lower.contains("segment");
             let t = match dtype {
                 DType::F32 => Tensor::from_vec(
                     shape.clone(),
@@ -67,7 +70,15 @@ pub fn synth_inputs(g: &Graph, spec: &InputSpec) -> Vec<(String, Tensor)> {
                 DType::Bool => Tensor::from_vec(shape.clone(), vec![true; n]),
                 dt if dt.is_int() => {
                     let vals: Vec<i64> = (0..n)
-                        .map(|_| if mask { 1 } else { (next() % 100) as i64 })
+                        .map(|_| {
+                            if mask {
+                                1
+                            } else if segment {
+                                0
+                            } else {
+                                (next() % 100) as i64
+                            }
+                        })
                         .collect();
                     Tensor::from_vec(shape.clone(), vals).and_then(|t| t.cast(dt))
                 }
@@ -92,8 +103,8 @@ pub fn infer_shapes(
     let (outs, captured) = session.run_with(
         &refs,
         &RunOptions {
-            capture: vec![],
             capture_all: true,
+            ..Default::default()
         },
     )?;
     let mut shapes: HashMap<String, (DType, Vec<usize>)> = HashMap::new();

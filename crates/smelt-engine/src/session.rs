@@ -10,6 +10,8 @@ pub struct RunOptions {
     pub capture: Vec<String>,
     /// Hand back every value the run computed.
     pub capture_all: bool,
+    /// Measure each node's wall time (see [`Session::take_profile`]).
+    pub profile: bool,
 }
 
 /// A model prepared for execution: nodes in dependency order, each bound to its op.
@@ -19,6 +21,8 @@ pub struct Session {
     /// For each value: the position in `plan` of its last reader, so memory is freed early.
     last_use: HashMap<String, usize>,
     opset: i64,
+    /// Accumulated (op type -> seconds, calls) from profiled runs.
+    profile: std::sync::Mutex<HashMap<String, (f64, usize)>>,
 }
 
 impl Session {
@@ -48,7 +52,16 @@ impl Session {
             plan,
             last_use,
             opset,
+            profile: Default::default(),
         })
+    }
+
+    /// Time per op type over all profiled runs so far, slowest first: (op, seconds, calls).
+    pub fn take_profile(&self) -> Vec<(String, f64, usize)> {
+        let mut p = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = p.drain().map(|(k, (t, n))| (k, t, n)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
     }
 
     pub fn model(&self) -> &Model {
@@ -92,7 +105,7 @@ impl Session {
             .chain(opts.capture.iter().map(String::as_str))
             .collect();
         let mut captured = HashMap::new();
-        let values = self.execute(g, fed, &keep, opts.capture_all, &mut captured)?;
+        let values = self.execute(g, fed, &keep, opts, &mut captured)?;
         let mut outs = Vec::new();
         for o in &g.outputs {
             let t = values
@@ -116,11 +129,13 @@ impl Session {
         g: &Graph,
         mut values: HashMap<String, Tensor>,
         keep: &HashSet<&str>,
-        capture_all: bool,
+        opts: &RunOptions,
         captured: &mut HashMap<String, Tensor>,
     ) -> Result<HashMap<String, Tensor>> {
+        let capture_all = opts.capture_all;
         for (pos, &(i, f)) in self.plan.iter().enumerate() {
             let node = &g.nodes[i];
+            let started = opts.profile.then(std::time::Instant::now);
             let outs = {
                 let scope = Scope {
                     values: &values,
@@ -129,6 +144,12 @@ impl Session {
                 };
                 run_one(node, f, self.opset, &scope)?
             };
+            if let Some(t0) = started {
+                let mut p = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+                let e = p.entry(node.op_type.clone()).or_default();
+                e.0 += t0.elapsed().as_secs_f64();
+                e.1 += 1;
+            }
             for (name, t) in node.outputs.iter().zip(outs) {
                 if name.is_empty() {
                     continue;

@@ -405,10 +405,16 @@ impl Graph {
         let mut it = keep.iter();
         self.nodes.retain(|_| *it.next().unwrap());
         let nodes_removed = before - self.nodes.len();
+        // Old files (IR < 4) list initializers as inputs too; a dead one goes with its entry.
+        let dead: HashSet<String> = self
+            .initializers
+            .keys()
+            .filter(|k| !live.contains(*k))
+            .cloned()
+            .collect();
+        self.inputs.retain(|v| !dead.contains(&v.name));
         let before = self.initializers.len();
-        let graph_inputs: HashSet<&str> = self.inputs.iter().map(|v| v.name.as_str()).collect();
-        self.initializers
-            .retain(|k, _| live.contains(k) || graph_inputs.contains(k.as_str()));
+        self.initializers.retain(|k, _| !dead.contains(k));
         (nodes_removed, before - self.initializers.len())
     }
 

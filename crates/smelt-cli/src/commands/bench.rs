@@ -21,6 +21,9 @@ pub struct Args {
     /// Timed runs.
     #[arg(long, default_value_t = 20)]
     runs: usize,
+    /// Also report time per op type (measured in separate runs after the timed ones).
+    #[arg(long)]
+    profile: bool,
 }
 
 pub fn run(a: Args, json: bool) -> Result<()> {
@@ -42,6 +45,16 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     ms.sort_by(|x, y| x.total_cmp(y));
+    let profile = if a.profile {
+        let opts = smelt_engine::RunOptions { profile: true, ..Default::default() };
+        for _ in 0..a.runs.max(1) {
+            s.run_with(&feed, &opts)?;
+        }
+        s.take_profile()
+    } else {
+        Vec::new()
+    };
+    let per_run = a.runs.max(1) as f64;
     let pct = |p: f64| ms[((ms.len() - 1) as f64 * p).round() as usize];
     let rss = peak_rss_bytes();
     let threads = rayon::current_num_threads();
@@ -51,6 +64,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             "batch": a.batch, "threads": threads, "runs": ms.len(),
             "median_ms": pct(0.5), "p10_ms": pct(0.1), "p90_ms": pct(0.9),
             "peak_rss_bytes": rss,
+            "profile": profile.iter().map(|(op, t, n)| json!({"op_type": op, "ms_per_run": t * 1e3 / per_run, "calls_per_run": *n as f64 / per_run})).collect::<Vec<_>>(),
         }));
     } else {
         println!("model      {}", a.model.display());
@@ -58,6 +72,9 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         println!("median     {:.3} ms   (p10 {:.3}, p90 {:.3})", pct(0.5), pct(0.1), pct(0.9));
         if let Some(r) = rss {
             println!("peak RSS   {:.1} MiB", r as f64 / (1024.0 * 1024.0));
+        }
+        for (op, t, n) in &profile {
+            println!("  {op:<24} {:>9.3} ms/run  ({} calls/run)", t * 1e3 / per_run, *n as f64 / per_run);
         }
     }
     Ok(())

@@ -47,7 +47,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         &feed,
         &RunOptions {
             capture: a.capture.clone(),
-            capture_all: false,
+            ..Default::default()
         },
     )?;
     let mut all: Vec<(String, Tensor)> = outs;

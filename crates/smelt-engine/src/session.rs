@@ -1,4 +1,6 @@
 use crate::ops::{self, OpCtx, OpFn};
+use crate::passes::FoldConstants;
+use smelt_ir::Pass;
 use smelt_ir::{Dim, Graph, Model, Node};
 use smelt_tensor::{bail, Error, Result, Tensor};
 use std::collections::{HashMap, HashSet};
@@ -26,11 +28,18 @@ pub struct Session {
 }
 
 impl Session {
-    /// Checks the graph (ordering, every op known) and plans the run.
+    /// Checks the graph (ordering, every op known) and plans the run. Constant subgraphs
+    /// (e.g. int8 weights cast and scaled to f32) are evaluated once here, not on every run.
     pub fn new(model: Model) -> Result<Session> {
         let opset = model.onnx_opset();
-        let order = model.graph.topo_order()?;
+        model.graph.topo_order()?;
         check_ops(&model.graph)?;
+        // In memory only, so large folded tensors (a dequantized embedding table) are fine.
+        let fold = FoldConstants {
+            max_elements: 1 << 26,
+        };
+        let (model, _) = fold.run(model)?;
+        let order = model.graph.topo_order()?;
         let mut plan = Vec::with_capacity(order.len());
         let mut last_use = HashMap::new();
         for (pos, &i) in order.iter().enumerate() {

@@ -20,6 +20,8 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     let file_bytes = std::fs::metadata(&a.model).map(|m| m.len()).unwrap_or(0);
     let model = load_model(&a.model)?;
     let opset = model.onnx_opset();
+    // Statistics describe the file as written; the session folds constants for speed.
+    let original = model.clone();
     let s = session(model)?;
     let spec = InputSpec {
         batch: 1,
@@ -27,8 +29,8 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         seed: 0,
     };
     let shapes = infer_shapes(&s, &spec)?;
-    let st = model_stats(s.model(), &shapes);
-    let g = s.graph();
+    let st = model_stats(&original, &shapes);
+    let g = &original.graph;
     let io = |vs: &[smelt_ir::ValueInfo]| -> Vec<serde_json::Value> {
         vs.iter()
             .map(|v| {

@@ -42,6 +42,9 @@ impl ConvGeom {
     }
 }
 
+/// Multiply-adds below which waking the thread pool costs more than it saves.
+const PAR_MIN_WORK: usize = 1 << 16;
+
 fn prod(v: &[usize; 3]) -> usize {
     v[0] * v[1] * v[2]
 }
@@ -51,7 +54,11 @@ fn prod(v: &[usize; 3]) -> usize {
 fn valid_range(out: usize, stride: usize, off: isize, len: usize) -> (usize, usize) {
     let s = stride as isize;
     let lo = if off < 0 { ((-off) + s - 1) / s } else { 0 };
-    let hi = if (len as isize) > off { ((len as isize - off) + s - 1) / s } else { 0 };
+    let hi = if (len as isize) > off {
+        ((len as isize - off) + s - 1) / s
+    } else {
+        0
+    };
     let lo = (lo as usize).min(out);
     let hi = (hi as usize).min(out).max(lo);
     (lo, hi)
@@ -146,7 +153,13 @@ fn depthwise_plane(g: &ConvGeom, x: &[f32], w: &[f32], bias: f32, out: &mut [f32
 
 /// Convolution: `x` is `[batch, in_ch, *input]`, `w` is `[out_ch, in_ch / groups, *kernel]`,
 /// `out` is `[batch, out_ch, *output]`.
-pub fn conv(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut [f32]) -> Result<()> {
+pub fn conv(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
     g.check()?;
     let cg = g.in_ch / g.groups;
     let mg = g.out_ch / g.groups;
@@ -165,15 +178,21 @@ pub fn conv(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut 
     }
     if cg == 1 {
         // One input channel per group: every output plane is a direct stencil of one input plane.
-        out.par_chunks_mut(osz).enumerate().for_each(|(p, o)| {
+        let plane = |(p, o): (usize, &mut [f32])| {
             let (b, oc) = (p / g.out_ch, p % g.out_ch);
             let ic = oc / mg;
             let xp = &x[(b * g.in_ch + ic) * isz..][..isz];
             depthwise_plane(g, xp, &w[oc * ksz..][..ksz], bias.map_or(0.0, |v| v[oc]), o);
-        });
+        };
+        if out.len() * ksz >= PAR_MIN_WORK {
+            out.par_chunks_mut(osz).enumerate().for_each(plane);
+        } else {
+            out.chunks_mut(osz).enumerate().for_each(plane);
+        }
         return Ok(());
     }
-    let pointwise = ksz == 1 && g.strides == [1, 1, 1] && g.pads == [0, 0, 0] && g.input == g.output;
+    let pointwise =
+        ksz == 1 && g.strides == [1, 1, 1] && g.pads == [0, 0, 0] && g.input == g.output;
     let task = |t: usize, o: &mut [f32]| -> Result<()> {
         let (b, gr) = (t / g.groups, t % g.groups);
         let xg = &x[(b * g.in_ch + gr * cg) * isz..][..cg * isz];
@@ -189,6 +208,10 @@ pub fn conv(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut 
     let tasks = g.batch * g.groups;
     if tasks == 1 {
         task(0, out)
+    } else if out.len() * cg * ksz < PAR_MIN_WORK {
+        out.chunks_mut(mg * osz)
+            .enumerate()
+            .try_for_each(|(t, o)| task(t, o))
     } else {
         out.par_chunks_mut(mg * osz)
             .enumerate()
@@ -217,7 +240,10 @@ pub fn conv_transpose(
         || out.len() != g.batch * g.out_ch * osz
         || bias.is_some_and(|b| b.len() != g.out_ch)
     {
-        bail!(Shape, "transposed convolution buffers do not match geometry {g:?}");
+        bail!(
+            Shape,
+            "transposed convolution buffers do not match geometry {g:?}"
+        );
     }
     if out.is_empty() {
         return Ok(());
@@ -225,42 +251,52 @@ pub fn conv_transpose(
     let [id, ih, iw] = g.input;
     let [kd, kh, kw] = g.kernel;
     let [od, oh, ow] = g.output;
-    out.par_chunks_mut(mg * osz)
-        .enumerate()
-        .try_for_each(|(t, o)| -> Result<()> {
-            let (b, gr) = (t / g.groups, t % g.groups);
-            let xg = &x[(b * g.in_ch + gr * cg) * isz..][..cg * isz];
-            let wg = &w[gr * cg * mg * ksz..][..cg * mg * ksz];
-            // col[(oc, kernel pos), input pos] = sum over ic of w[ic, oc, k] * x[ic, pos]
-            let mut col = vec![0.0f32; mg * ksz * isz];
-            gemm(mg * ksz, cg, isz, wg, true, xg, false, &mut col, 1.0, 0.0, None)?;
-            for oc in 0..mg {
-                let plane = &mut o[oc * osz..(oc + 1) * osz];
-                plane.fill(bias.map_or(0.0, |v| v[gr * mg + oc]));
-                for a in 0..kd {
-                    for bb in 0..kh {
-                        for e in 0..kw {
-                            let r = ((oc * kd + a) * kh + bb) * kw + e;
-                            let src = &col[r * isz..(r + 1) * isz];
-                            for z in 0..id {
-                                let oz = (z * g.strides[0] + a * g.dilations[0]) as isize - g.pads[0] as isize;
-                                if oz < 0 || oz >= od as isize {
+    let task = |(t, o): (usize, &mut [f32])| -> Result<()> {
+        let (b, gr) = (t / g.groups, t % g.groups);
+        let xg = &x[(b * g.in_ch + gr * cg) * isz..][..cg * isz];
+        let wg = &w[gr * cg * mg * ksz..][..cg * mg * ksz];
+        // col[(oc, kernel pos), input pos] = sum over ic of w[ic, oc, k] * x[ic, pos]
+        let mut col = vec![0.0f32; mg * ksz * isz];
+        gemm(
+            mg * ksz,
+            cg,
+            isz,
+            wg,
+            true,
+            xg,
+            false,
+            &mut col,
+            1.0,
+            0.0,
+            None,
+        )?;
+        for oc in 0..mg {
+            let plane = &mut o[oc * osz..(oc + 1) * osz];
+            plane.fill(bias.map_or(0.0, |v| v[gr * mg + oc]));
+            for a in 0..kd {
+                for bb in 0..kh {
+                    for e in 0..kw {
+                        let r = ((oc * kd + a) * kh + bb) * kw + e;
+                        let src = &col[r * isz..(r + 1) * isz];
+                        for z in 0..id {
+                            let oz = (z * g.strides[0] + a * g.dilations[0]) as isize
+                                - g.pads[0] as isize;
+                            if oz < 0 || oz >= od as isize {
+                                continue;
+                            }
+                            for y in 0..ih {
+                                let oy = (y * g.strides[1] + bb * g.dilations[1]) as isize
+                                    - g.pads[1] as isize;
+                                if oy < 0 || oy >= oh as isize {
                                     continue;
                                 }
-                                for y in 0..ih {
-                                    let oy = (y * g.strides[1] + bb * g.dilations[1]) as isize
-                                        - g.pads[1] as isize;
-                                    if oy < 0 || oy >= oh as isize {
-                                        continue;
-                                    }
-                                    let dst = &mut plane[(oz as usize * oh + oy as usize) * ow..][..ow];
-                                    let srow = &src[(z * ih + y) * iw..][..iw];
-                                    for (xi, &v) in srow.iter().enumerate() {
-                                        let ox = (xi * g.strides[2] + e * g.dilations[2]) as isize
-                                            - g.pads[2] as isize;
-                                        if ox >= 0 && ox < ow as isize {
-                                            dst[ox as usize] += v;
-                                        }
+                                let dst = &mut plane[(oz as usize * oh + oy as usize) * ow..][..ow];
+                                let srow = &src[(z * ih + y) * iw..][..iw];
+                                for (xi, &v) in srow.iter().enumerate() {
+                                    let ox = (xi * g.strides[2] + e * g.dilations[2]) as isize
+                                        - g.pads[2] as isize;
+                                    if ox >= 0 && ox < ow as isize {
+                                        dst[ox as usize] += v;
                                     }
                                 }
                             }
@@ -268,8 +304,14 @@ pub fn conv_transpose(
                     }
                 }
             }
-            Ok(())
-        })
+        }
+        Ok(())
+    };
+    if x.len() * mg * ksz < PAR_MIN_WORK {
+        out.chunks_mut(mg * osz).enumerate().try_for_each(task)
+    } else {
+        out.par_chunks_mut(mg * osz).enumerate().try_for_each(task)
+    }
 }
 
 #[cfg(test)]
@@ -293,12 +335,16 @@ mod tests {
                         for c in 0..cg {
                             for ky in 0..kh {
                                 for kx in 0..kw {
-                                    let iy = (y * g.strides[1] + ky * g.dilations[1]) as isize - g.pads[1] as isize;
-                                    let ix = (xo * g.strides[2] + kx * g.dilations[2]) as isize - g.pads[2] as isize;
+                                    let iy = (y * g.strides[1] + ky * g.dilations[1]) as isize
+                                        - g.pads[1] as isize;
+                                    let ix = (xo * g.strides[2] + kx * g.dilations[2]) as isize
+                                        - g.pads[2] as isize;
                                     if iy < 0 || ix < 0 || iy >= ih as isize || ix >= iw as isize {
                                         continue;
                                     }
-                                    let xv = x[((b * g.in_ch + gr * cg + c) * ih + iy as usize) * iw + ix as usize];
+                                    let xv = x[((b * g.in_ch + gr * cg + c) * ih + iy as usize)
+                                        * iw
+                                        + ix as usize];
                                     let wv = w[((oc * cg + c) * kh + ky) * kw + kx];
                                     s += xv * wv;
                                 }
@@ -313,10 +359,22 @@ mod tests {
     }
 
     fn vals(n: usize, seed: usize) -> Vec<f32> {
-        (0..n).map(|i| (((i + seed) * 37 % 17) as f32 - 8.0) / 4.0).collect()
+        (0..n)
+            .map(|i| (((i + seed) * 37 % 17) as f32 - 8.0) / 4.0)
+            .collect()
     }
 
-    fn geom(batch: usize, ci: usize, co: usize, groups: usize, hw: usize, k: usize, s: usize, p: usize, d: usize) -> ConvGeom {
+    fn geom(
+        batch: usize,
+        ci: usize,
+        co: usize,
+        groups: usize,
+        hw: usize,
+        k: usize,
+        s: usize,
+        p: usize,
+        d: usize,
+    ) -> ConvGeom {
         let eff = (k - 1) * d + 1;
         let o = (hw + 2 * p - eff) / s + 1;
         ConvGeom {

@@ -29,7 +29,11 @@ fn view(data: &[f32], rows: usize, cols: usize, trans: bool) -> Result<Matrix<'_
     let strides = if trans { [1, rows] } else { [cols, 1] };
     match Matrix::from_data_with_strides([rows, cols], data, strides) {
         Ok(m) => Ok(m),
-        Err(e) => bail!(Shape, "cannot view {} elements as a {rows}x{cols} matrix: {e:?}", data.len()),
+        Err(e) => bail!(
+            Shape,
+            "cannot view {} elements as a {rows}x{cols} matrix: {e:?}",
+            data.len()
+        ),
     }
 }
 
@@ -51,7 +55,19 @@ pub fn sgemm(
     beta: f32,
     bias: Option<&[f32]>,
 ) -> Result<()> {
-    gemm(m, k, n, a, a_trans, b, b_trans, out, alpha, beta, bias.map(Bias::PerColumn))
+    gemm(
+        m,
+        k,
+        n,
+        a,
+        a_trans,
+        b,
+        b_trans,
+        out,
+        alpha,
+        beta,
+        bias.map(Bias::PerColumn),
+    )
 }
 
 /// [`sgemm`] with a bias that may be per row or per column.
@@ -116,7 +132,12 @@ pub fn gemm(
         }),
         ..Default::default()
     };
-    if let Err(e) = executor().gemm(out, GemmInputA::Unpacked(am), GemmInputB::Unpacked(bm), opts) {
+    if let Err(e) = executor().gemm(
+        out,
+        GemmInputA::Unpacked(am),
+        GemmInputB::Unpacked(bm),
+        opts,
+    ) {
         bail!(Shape, "gemm {m}x{k} @ {k}x{n} failed: {e:?}");
     }
     Ok(())
@@ -140,7 +161,9 @@ pub fn batched_matmul(
     if b_offsets.len() != batch || out.len() != batch * m * n {
         bail!(Shape, "batched matmul: inconsistent batch sizes");
     }
-    if a_offsets.iter().any(|&o| o + m * k > a.len()) || b_offsets.iter().any(|&o| o + k * n > b.len()) {
+    if a_offsets.iter().any(|&o| o + m * k > a.len())
+        || b_offsets.iter().any(|&o| o + k * n > b.len())
+    {
         bail!(Shape, "batched matmul: a matrix lies outside its buffer");
     }
     if batch == 0 || m == 0 || n == 0 {
@@ -149,7 +172,10 @@ pub fn batched_matmul(
     // A shared right-hand matrix with consecutive left-hand matrices (a linear layer over a
     // batch of sequences) is one tall product: far better for the GEMM's blocking.
     let shared_b = b_offsets.iter().all(|&o| o == b_offsets[0]);
-    let consecutive_a = a_offsets.iter().enumerate().all(|(i, &o)| o == a_offsets[0] + i * m * k);
+    let consecutive_a = a_offsets
+        .iter()
+        .enumerate()
+        .all(|(i, &o)| o == a_offsets[0] + i * m * k);
     if batch == 1 || (shared_b && consecutive_a) {
         let a0 = a_offsets[0];
         let b0 = b_offsets[0];
@@ -167,11 +193,31 @@ pub fn batched_matmul(
             None,
         );
     }
-    out.par_chunks_mut(m * n)
-        .zip(a_offsets.par_iter().zip(b_offsets.par_iter()))
-        .try_for_each(|(o, (&ao, &bo))| {
-            sgemm(m, k, n, &a[ao..ao + m * k], false, &b[bo..bo + k * n], false, o, 1.0, 0.0, None)
-        })
+    let one = |(o, (&ao, &bo)): (&mut [f32], (&usize, &usize))| {
+        sgemm(
+            m,
+            k,
+            n,
+            &a[ao..ao + m * k],
+            false,
+            &b[bo..bo + k * n],
+            false,
+            o,
+            1.0,
+            0.0,
+            None,
+        )
+    };
+    // Many small products: one thread per product beats splitting each one.
+    if batch * m * k * n < 1 << 15 {
+        out.chunks_mut(m * n)
+            .zip(a_offsets.iter().zip(b_offsets))
+            .try_for_each(one)
+    } else {
+        out.par_chunks_mut(m * n)
+            .zip(a_offsets.par_iter().zip(b_offsets.par_iter()))
+            .try_for_each(one)
+    }
 }
 
 #[cfg(test)]
@@ -221,9 +267,35 @@ mod tests {
         let a = [1.0, 2.0, 3.0, 4.0];
         let eye = [1.0, 0.0, 0.0, 1.0];
         let mut out = vec![0.0; 4];
-        gemm(2, 2, 2, &a, false, &eye, false, &mut out, 1.0, 0.0, Some(Bias::PerRow(&[10.0, 20.0]))).unwrap();
+        gemm(
+            2,
+            2,
+            2,
+            &a,
+            false,
+            &eye,
+            false,
+            &mut out,
+            1.0,
+            0.0,
+            Some(Bias::PerRow(&[10.0, 20.0])),
+        )
+        .unwrap();
         assert_eq!(out, vec![11.0, 12.0, 23.0, 24.0]);
-        sgemm(2, 2, 2, &a, false, &eye, false, &mut out, 1.0, 0.0, Some(&[10.0, 20.0])).unwrap();
+        sgemm(
+            2,
+            2,
+            2,
+            &a,
+            false,
+            &eye,
+            false,
+            &mut out,
+            1.0,
+            0.0,
+            Some(&[10.0, 20.0]),
+        )
+        .unwrap();
         assert_eq!(out, vec![11.0, 22.0, 13.0, 24.0]);
     }
 
@@ -246,6 +318,8 @@ mod tests {
     #[test]
     fn rejects_short_buffers() {
         let mut out = vec![0.0; 4];
-        assert!(sgemm(2, 2, 2, &[1.0; 3], false, &[1.0; 4], false, &mut out, 1.0, 0.0, None).is_err());
+        assert!(
+            sgemm(2, 2, 2, &[1.0; 3], false, &[1.0; 4], false, &mut out, 1.0, 0.0, None).is_err()
+        );
     }
 }

@@ -32,7 +32,10 @@ fn sizes(g: &PoolGeom) -> (usize, usize) {
 fn check(g: &PoolGeom, in_len: usize, out_len: usize) -> Result<()> {
     let (isz, osz) = sizes(g);
     if g.strides.contains(&0) || g.dilations.contains(&0) || g.kernel.contains(&0) {
-        bail!(Invalid, "pooling kernel, strides and dilations must be positive");
+        bail!(
+            Invalid,
+            "pooling kernel, strides and dilations must be positive"
+        );
     }
     if in_len != g.planes * isz || out_len != g.planes * osz {
         bail!(Shape, "pooling buffers do not match geometry {g:?}");
@@ -89,6 +92,51 @@ fn positions(g: &PoolGeom) -> impl Iterator<Item = [usize; 3]> + '_ {
     (0..od).flat_map(move |z| (0..oh).flat_map(move |y| (0..ow).map(move |x| [z, y, x])))
 }
 
+/// Work (element reads) below which waking the thread pool costs more than it saves.
+const PAR_MIN_WORK: usize = 1 << 16;
+
+fn work(g: &PoolGeom) -> usize {
+    g.planes * g.output.iter().product::<usize>() * g.kernel.iter().product::<usize>()
+}
+
+/// Runs `f(plane index, output plane)` over all planes, in parallel only when worth it.
+fn for_planes<T: Send>(
+    out: &mut [T],
+    osz: usize,
+    parallel: bool,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    if parallel {
+        out.par_chunks_mut(osz)
+            .enumerate()
+            .for_each(|(p, o)| f(p, o));
+    } else {
+        out.chunks_mut(osz).enumerate().for_each(|(p, o)| f(p, o));
+    }
+}
+
+/// Per output index of one axis (dilation 1): in-bounds input range and the count of cells
+/// inside the padded extent.
+fn spans(g: &PoolGeom, d: usize) -> Vec<(usize, usize, usize)> {
+    let (s, k, pb, pe, len) = (
+        g.strides[d],
+        g.kernel[d],
+        g.pads_begin[d],
+        g.pads_end[d],
+        g.input[d],
+    );
+    (0..g.output[d])
+        .map(|o| {
+            let start = (o * s) as isize - pb as isize;
+            let end = start + k as isize;
+            let lo = start.max(0);
+            let hi = end.min(len as isize).max(lo);
+            let padded = (end.min((len + pe) as isize) - start.max(-(pb as isize))).max(0);
+            (lo as usize, hi as usize, padded as usize)
+        })
+        .collect()
+}
+
 /// Max pooling for any ordered element type. `indices`, when given, receives each maximum's
 /// flat index into the whole input tensor (row-major, or column-major over the spatial
 /// dimensions when `col_major`). A window with no in-bounds cell yields `T::default()`.
@@ -105,19 +153,12 @@ pub fn max_pool<T: Copy + PartialOrd + Default + Send + Sync>(
         return Ok(());
     }
     let [id, ih, iw] = g.input;
+    let dense = g.dilations == [1, 1, 1];
+    let sp = [spans(g, 0), spans(g, 1), spans(g, 2)];
     let plane = |p: usize, o: &mut [T], idx: Option<&mut [i64]>| {
         let xp = &x[p * isz..(p + 1) * isz];
         let mut idx = idx;
-        for (i, pos) in positions(g).enumerate() {
-            let mut best: Option<(T, usize)> = None;
-            window(g, pos, |off| {
-                let v = xp[off];
-                // NaN compares false, so a NaN is kept only if it came first (as numpy's max).
-                match best {
-                    Some((b, _)) if !(v > b) => {}
-                    _ => best = Some((v, off)),
-                }
-            });
+        let mut emit = |i: usize, best: Option<(T, usize)>| {
             let (v, off) = best.unwrap_or((T::default(), 0));
             o[i] = v;
             if let Some(ix) = idx.as_deref_mut() {
@@ -129,22 +170,64 @@ pub fn max_pool<T: Copy + PartialOrd + Default + Send + Sync>(
                 };
                 ix[i] = (p * isz + flat) as i64;
             }
+        };
+        // NaN compares false, so a NaN is kept only if it came first.
+        let better = |v: T, best: &Option<(T, usize)>| match best {
+            Some((b, _)) => v > *b,
+            None => true,
+        };
+        if dense {
+            let mut i = 0;
+            for &(z0, z1, _) in &sp[0] {
+                for &(y0, y1, _) in &sp[1] {
+                    for &(x0, x1, _) in &sp[2] {
+                        let mut best: Option<(T, usize)> = None;
+                        for z in z0..z1 {
+                            for y in y0..y1 {
+                                let row = (z * ih + y) * iw;
+                                for (k, &v) in xp[row + x0..row + x1].iter().enumerate() {
+                                    if better(v, &best) {
+                                        best = Some((v, row + x0 + k));
+                                    }
+                                }
+                            }
+                        }
+                        emit(i, best);
+                        i += 1;
+                    }
+                }
+            }
+        } else {
+            for (i, pos) in positions(g).enumerate() {
+                let mut best: Option<(T, usize)> = None;
+                window(g, pos, |off| {
+                    if better(xp[off], &best) {
+                        best = Some((xp[off], off));
+                    }
+                });
+                emit(i, best);
+            }
         }
     };
+    let parallel = work(g) >= PAR_MIN_WORK;
     match indices {
         Some(ix) => {
             if ix.len() != out.len() {
                 bail!(Shape, "pooling indices buffer has the wrong size");
             }
-            out.par_chunks_mut(osz)
-                .zip(ix.par_chunks_mut(osz))
-                .enumerate()
-                .for_each(|(p, (o, i))| plane(p, o, Some(i)));
+            if parallel {
+                out.par_chunks_mut(osz)
+                    .zip(ix.par_chunks_mut(osz))
+                    .enumerate()
+                    .for_each(|(p, (o, i))| plane(p, o, Some(i)));
+            } else {
+                out.chunks_mut(osz)
+                    .zip(ix.chunks_mut(osz))
+                    .enumerate()
+                    .for_each(|(p, (o, i))| plane(p, o, Some(i)));
+            }
         }
-        None => out
-            .par_chunks_mut(osz)
-            .enumerate()
-            .for_each(|(p, o)| plane(p, o, None)),
+        None => for_planes(out, osz, parallel, |p, o| plane(p, o, None)),
     }
     Ok(())
 }
@@ -156,29 +239,54 @@ pub fn pool(g: &PoolGeom, kind: PoolKind, x: &[f32], out: &mut [f32]) -> Result<
     if osz == 0 {
         return Ok(());
     }
-    out.par_chunks_mut(osz).enumerate().for_each(|(p, o)| {
+    let dense = g.dilations == [1, 1, 1];
+    let sp = [spans(g, 0), spans(g, 1), spans(g, 2)];
+    let [_, ih, iw] = g.input;
+    let finish = |acc: f32, n: usize, padded: usize| match kind {
+        PoolKind::Avg { count_include_pad } => {
+            let div = if count_include_pad { padded } else { n };
+            if div == 0 {
+                0.0
+            } else {
+                acc / div as f32
+            }
+        }
+        PoolKind::Lp(pw) => acc.powf(1.0 / pw),
+    };
+    let term = |v: f32| match kind {
+        PoolKind::Avg { .. } => v,
+        PoolKind::Lp(pw) => v.abs().powf(pw),
+    };
+    for_planes(out, osz, work(g) >= PAR_MIN_WORK, |p, o| {
         let xp = &x[p * isz..(p + 1) * isz];
-        for (i, pos) in positions(g).enumerate() {
-            let mut acc = 0.0f32;
-            let mut n = 0usize;
-            o[i] = match kind {
-                PoolKind::Avg { count_include_pad } => {
-                    let padded = window(g, pos, |off| {
-                        acc += xp[off];
-                        n += 1;
-                    });
-                    let div = if count_include_pad { padded } else { n };
-                    if div == 0 {
-                        0.0
-                    } else {
-                        acc / div as f32
+        if dense {
+            let mut i = 0;
+            for &(z0, z1, pz) in &sp[0] {
+                for &(y0, y1, py) in &sp[1] {
+                    for &(x0, x1, px) in &sp[2] {
+                        let mut acc = 0.0f32;
+                        for z in z0..z1 {
+                            for y in y0..y1 {
+                                let row = (z * ih + y) * iw;
+                                acc += xp[row + x0..row + x1].iter().map(|&v| term(v)).sum::<f32>();
+                            }
+                        }
+                        let n = (z1 - z0) * (y1 - y0) * (x1 - x0);
+                        o[i] = finish(acc, n, pz * py * px);
+                        i += 1;
                     }
                 }
-                PoolKind::Lp(pw) => {
-                    window(g, pos, |off| acc += xp[off].abs().powf(pw));
-                    acc.powf(1.0 / pw)
-                }
-            };
+            }
+        } else {
+            for (i, pos) in positions(g).enumerate() {
+                let mut acc = 0.0f32;
+                let mut n = 0usize;
+                let padded = window(g, pos, |off| {
+                    acc += term(xp[off]);
+                    n += 1;
+                });
+                o[i] = finish(acc, n, padded);
+            }
         }
     });
     Ok(())
@@ -188,7 +296,16 @@ pub fn pool(g: &PoolGeom, kind: PoolKind, x: &[f32], out: &mut [f32]) -> Result<
 mod tests {
     use super::*;
 
-    fn g2(h: usize, w: usize, k: usize, s: usize, pb: usize, pe: usize, oh: usize, ow: usize) -> PoolGeom {
+    fn g2(
+        h: usize,
+        w: usize,
+        k: usize,
+        s: usize,
+        pb: usize,
+        pe: usize,
+        oh: usize,
+        ow: usize,
+    ) -> PoolGeom {
         PoolGeom {
             planes: 1,
             input: [1, h, w],
@@ -222,9 +339,25 @@ mod tests {
         let x = [1.0, 2.0, 3.0, 4.0];
         let g = g2(2, 2, 2, 2, 1, 1, 2, 2);
         let mut out = vec![0.0; 4];
-        pool(&g, PoolKind::Avg { count_include_pad: false }, &x, &mut out).unwrap();
+        pool(
+            &g,
+            PoolKind::Avg {
+                count_include_pad: false,
+            },
+            &x,
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(out, vec![1.0, 2.0, 3.0, 4.0]);
-        pool(&g, PoolKind::Avg { count_include_pad: true }, &x, &mut out).unwrap();
+        pool(
+            &g,
+            PoolKind::Avg {
+                count_include_pad: true,
+            },
+            &x,
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(out, vec![0.25, 0.5, 0.75, 1.0]);
         let g = g2(2, 2, 2, 1, 0, 0, 1, 1);
         let mut o = vec![0.0];

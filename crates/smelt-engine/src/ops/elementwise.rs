@@ -1316,25 +1316,35 @@ fn op_where(_: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         });
         return Ok(vec![Tensor::new(shape, data)?]);
     }
-    // Select per element: an index into X, or into Y (tagged by the high bit).
-    let pick = |ci: usize, xi: usize, yi: usize| -> (bool, usize) {
-        if cv[ci] {
-            (true, xi)
-        } else {
-            (false, yi)
-        }
-    };
-    let picks: Vec<(bool, usize)> = BroadcastIter::broadcast(c.shape(), &shape)
-        .zip(BroadcastIter::broadcast(x.shape(), &shape))
-        .zip(BroadcastIter::broadcast(y.shape(), &shape))
-        .map(|((ci, xi), yi)| pick(ci, xi, yi))
+    // Walk the output row by row (rows = all but the last axis): the outer offsets come from
+    // an odometer per input, the inner loop is a plain stride (0 or 1) walk.
+    let rank = shape.len();
+    let last = if rank == 0 { 1 } else { shape[rank - 1] };
+    let outer = if rank == 0 { &[][..] } else { &shape[..rank - 1] };
+    let strides = |s: &[usize]| smelt_tensor::broadcast_strides(s, &shape);
+    let (cs, xs, ys) = (strides(c.shape()), strides(x.shape()), strides(y.shape()));
+    let inner = |st: &[usize]| if rank == 0 { 0 } else { st[rank - 1] };
+    let (ci, xi, yi) = (inner(&cs), inner(&xs), inner(&ys));
+    let rows = |st: &[usize]| BroadcastIter::new(outer, st[..rank.saturating_sub(1)].to_vec(), 0);
+    let bases: Vec<(usize, usize, usize)> = rows(&cs)
+        .zip(rows(&xs))
+        .zip(rows(&ys))
+        .map(|((a, b), c)| (a, b, c))
         .collect();
     let data = dispatch!(x.data(), T, xv => {
         let yv = T::slice(y.data()).ok_or_else(|| mismatch(x, y))?;
-        T::wrap(picks.iter().map(|&(from_x, i)| if from_x { xv[i] } else { yv[i] }).collect())
+        let mut out: Vec<T> = Vec::with_capacity(n);
+        for &(cb, xb, yb) in &bases {
+            out.extend((0..last).map(|j| if cv[cb + j * ci] { xv[xb + j * xi] } else { yv[yb + j * yi] }));
+        }
+        T::wrap(out)
     }, str => {
         let (Data::Str(xv), Data::Str(yv)) = (x.data(), y.data()) else { return Err(mismatch(x, y)) };
-        Data::Str(picks.iter().map(|&(from_x, i)| if from_x { xv[i].clone() } else { yv[i].clone() }).collect())
+        let mut out = Vec::with_capacity(n);
+        for &(cb, xb, yb) in &bases {
+            out.extend((0..last).map(|j| if cv[cb + j * ci] { xv[xb + j * xi].clone() } else { yv[yb + j * yi].clone() }));
+        }
+        Data::Str(out)
     });
     Ok(vec![Tensor::new(shape, data)?])
 }

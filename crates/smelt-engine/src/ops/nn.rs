@@ -9,8 +9,8 @@ use crate::kernels::gemm;
 use crate::kernels::pool::{self, PoolGeom, PoolKind};
 use rayon::prelude::*;
 use smelt_tensor::{
-    bail, broadcast_shapes, dispatch, strides_of, BroadcastIter, DType, Data,
-    Element, Result, Tensor,
+    bail, broadcast_shapes, dispatch, strides_of, BroadcastIter, DType, Data, Element, Result,
+    Tensor,
 };
 use std::borrow::Cow;
 
@@ -73,7 +73,11 @@ fn spatial_attr(ctx: &OpCtx, key: &str, n: usize, default: usize) -> Result<Vec<
         Some(v) if v.is_empty() => Ok(vec![default; n]),
         Some(v) => {
             if v.len() != n {
-                bail!(Invalid, "attribute '{key}' has {} values, expected {n}", v.len());
+                bail!(
+                    Invalid,
+                    "attribute '{key}' has {} values, expected {n}",
+                    v.len()
+                );
             }
             v.iter().map(|&x| usize_dim(x, key)).collect()
         }
@@ -177,7 +181,11 @@ fn window_geometry(
 fn check_rank(x: &Tensor, what: &str) -> Result<usize> {
     let r = x.rank();
     if !(3..=5).contains(&r) {
-        bail!(Unsupported, "{what} supports 1 to 3 spatial dimensions, input has shape {:?}", x.shape());
+        bail!(
+            Unsupported,
+            "{what} supports 1 to 3 spatial dimensions, input has shape {:?}",
+            x.shape()
+        );
     }
     Ok(r - 2)
 }
@@ -191,15 +199,28 @@ fn conv_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let b = opt_input(inputs, 2);
     let sp = check_rank(x, "Conv")?;
     if w.rank() != sp + 2 {
-        bail!(Shape, "weight shape {:?} does not match input shape {:?}", w.shape(), x.shape());
+        bail!(
+            Shape,
+            "weight shape {:?} does not match input shape {:?}",
+            w.shape(),
+            x.shape()
+        );
     }
     let group = usize_dim(ctx.int("group", 1)?, "group")?;
     let kernel = match ctx.ints("kernel_shape")? {
-        Some(k) if !k.is_empty() => k.iter().map(|&v| usize_dim(v, "kernel_shape")).collect::<Result<Vec<_>>>()?,
+        Some(k) if !k.is_empty() => k
+            .iter()
+            .map(|&v| usize_dim(v, "kernel_shape"))
+            .collect::<Result<Vec<_>>>()?,
         _ => w.shape()[2..].to_vec(),
     };
     if kernel != w.shape()[2..] {
-        bail!(Shape, "kernel_shape {:?} disagrees with weight shape {:?}", kernel, w.shape());
+        bail!(
+            Shape,
+            "kernel_shape {:?} disagrees with weight shape {:?}",
+            kernel,
+            w.shape()
+        );
     }
     let strides = spatial_attr(ctx, "strides", sp, 1)?;
     let dilations = spatial_attr(ctx, "dilations", sp, 1)?;
@@ -207,7 +228,12 @@ fn conv_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let (n, c) = (x.shape()[0], x.shape()[1]);
     let m = w.shape()[0];
     if group == 0 || c != w.shape()[1] * group {
-        bail!(Shape, "input has {c} channels, weight {:?} with group {group} expects {}", w.shape(), w.shape()[1] * group);
+        bail!(
+            Shape,
+            "input has {c} channels, weight {:?} with group {group} expects {}",
+            w.shape(),
+            w.shape()[1] * group
+        );
     }
     let g = ConvGeom {
         batch: n,
@@ -237,12 +263,21 @@ fn conv_transpose_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tens
     let b = opt_input(inputs, 2);
     let sp = check_rank(x, "ConvTranspose")?;
     if w.rank() != sp + 2 {
-        bail!(Shape, "weight shape {:?} does not match input shape {:?}", w.shape(), x.shape());
+        bail!(
+            Shape,
+            "weight shape {:?} does not match input shape {:?}",
+            w.shape(),
+            x.shape()
+        );
     }
     let group = usize_dim(ctx.int("group", 1)?, "group")?;
     let (n, c) = (x.shape()[0], x.shape()[1]);
     if group == 0 || w.shape()[0] != c || c % group != 0 {
-        bail!(Shape, "input has {c} channels but weight has shape {:?} (group {group})", w.shape());
+        bail!(
+            Shape,
+            "input has {c} channels but weight has shape {:?} (group {group})",
+            w.shape()
+        );
     }
     let m = w.shape()[1] * group;
     let kernel = w.shape()[2..].to_vec();
@@ -251,26 +286,44 @@ fn conv_transpose_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tens
     let out_pad = spatial_attr(ctx, "output_padding", sp, 0)?;
     let auto_pad = ctx.string("auto_pad", "NOTSET")?;
     let ins = &x.shape()[2..];
-    let full = |d: usize| strides[d] * (ins[d].max(1) - 1) + out_pad[d] + (kernel[d] - 1) * dilations[d] + 1;
+    let full = |d: usize| {
+        strides[d] * (ins[d].max(1) - 1) + out_pad[d] + (kernel[d] - 1) * dilations[d] + 1
+    };
     let mut pads_begin = vec![0usize; sp];
     let mut output = vec![0usize; sp];
     let out_shape = match ctx.ints("output_shape")? {
         Some(v) if !v.is_empty() => Some(v[v.len().saturating_sub(sp)..].to_vec()),
-        _ if auto_pad.starts_with("SAME") => Some(ins.iter().zip(&strides).map(|(&i, &s)| (i * s) as i64).collect()),
+        _ if auto_pad.starts_with("SAME") => Some(
+            ins.iter()
+                .zip(&strides)
+                .map(|(&i, &s)| (i * s) as i64)
+                .collect(),
+        ),
         _ => None,
     };
     if let Some(os) = out_shape {
         if os.len() != sp {
-            bail!(Invalid, "output_shape has {} values, expected {sp}", os.len());
+            bail!(
+                Invalid,
+                "output_shape has {} values, expected {sp}",
+                os.len()
+            );
         }
         for d in 0..sp {
             let want = usize_dim(os[d], "output_shape")?;
             // May be negative: the output then extends past the full size (zeros plus bias).
             let total = full(d) as i64 - want as i64;
             let small = total.div_euclid(2);
-            let begin = if auto_pad == "SAME_UPPER" { small } else { total - small };
+            let begin = if auto_pad == "SAME_UPPER" {
+                small
+            } else {
+                total - small
+            };
             if begin < 0 {
-                bail!(Unsupported, "output_shape {want} needs negative begin padding");
+                bail!(
+                    Unsupported,
+                    "output_shape {want} needs negative begin padding"
+                );
             }
             pads_begin[d] = begin as usize;
             output[d] = want;
@@ -279,9 +332,16 @@ fn conv_transpose_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tens
         let pads = match ctx.ints("pads")? {
             Some(p) if !p.is_empty() => {
                 if p.len() != 2 * sp {
-                    bail!(Invalid, "'pads' has {} values, expected {}", p.len(), 2 * sp);
+                    bail!(
+                        Invalid,
+                        "'pads' has {} values, expected {}",
+                        p.len(),
+                        2 * sp
+                    );
                 }
-                p.iter().map(|&v| usize_dim(v, "pads")).collect::<Result<Vec<_>>>()?
+                p.iter()
+                    .map(|&v| usize_dim(v, "pads"))
+                    .collect::<Result<Vec<_>>>()?
             }
             _ => vec![0; 2 * sp],
         };
@@ -338,15 +398,27 @@ fn naive_matmul<T: Element>(
         for j in 0..n {
             let (mut sf, mut si) = (0.0f64, 0i128);
             for p in 0..k {
-                let x = if a_trans { a[a_off + p * m + i] } else { a[a_off + i * k + p] };
-                let y = if b_trans { b[b_off + j * k + p] } else { b[b_off + p * n + j] };
+                let x = if a_trans {
+                    a[a_off + p * m + i]
+                } else {
+                    a[a_off + i * k + p]
+                };
+                let y = if b_trans {
+                    b[b_off + j * k + p]
+                } else {
+                    b[b_off + p * n + j]
+                };
                 if float {
                     sf += x.to_f64() * y.to_f64();
                 } else {
                     si = si.wrapping_add(x.to_i128().wrapping_mul(y.to_i128()));
                 }
             }
-            out[i * n + j] = if float { T::from_f64(sf) } else { T::from_i128(si) };
+            out[i * n + j] = if float {
+                T::from_f64(sf)
+            } else {
+                T::from_i128(si)
+            };
         }
     }
 }
@@ -359,24 +431,53 @@ fn gemm_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         bail!(Invalid, "Gemm before opset 11 requires input C");
     }
     if a.rank() != 2 || b.rank() != 2 {
-        bail!(Shape, "Gemm needs 2-D inputs, got {:?} and {:?}", a.shape(), b.shape());
+        bail!(
+            Shape,
+            "Gemm needs 2-D inputs, got {:?} and {:?}",
+            a.shape(),
+            b.shape()
+        );
     }
     if a.dtype() != b.dtype() {
-        bail!(Shape, "Gemm inputs differ in type: {} and {}", a.dtype(), b.dtype());
+        bail!(
+            Shape,
+            "Gemm inputs differ in type: {} and {}",
+            a.dtype(),
+            b.dtype()
+        );
     }
     let ta = ctx.int("transA", 0)? != 0;
     let tb = ctx.int("transB", 0)? != 0;
     let alpha = ctx.float("alpha", 1.0)?;
     let beta = ctx.float("beta", 1.0)?;
-    let (m, k) = if ta { (a.shape()[1], a.shape()[0]) } else { (a.shape()[0], a.shape()[1]) };
-    let (k2, n) = if tb { (b.shape()[1], b.shape()[0]) } else { (b.shape()[0], b.shape()[1]) };
+    let (m, k) = if ta {
+        (a.shape()[1], a.shape()[0])
+    } else {
+        (a.shape()[0], a.shape()[1])
+    };
+    let (k2, n) = if tb {
+        (b.shape()[1], b.shape()[0])
+    } else {
+        (b.shape()[0], b.shape()[1])
+    };
     if k != k2 {
-        bail!(Shape, "Gemm inner dimensions differ: {:?}{} x {:?}{}", a.shape(), if ta { "^T" } else { "" }, b.shape(), if tb { "^T" } else { "" });
+        bail!(
+            Shape,
+            "Gemm inner dimensions differ: {:?}{} x {:?}{}",
+            a.shape(),
+            if ta { "^T" } else { "" },
+            b.shape(),
+            if tb { "^T" } else { "" }
+        );
     }
     let c = c.filter(|_| beta != 0.0);
     if let Some(c) = c {
         if broadcast_shapes(c.shape(), &[m, n])? != [m, n] {
-            bail!(Shape, "Gemm C of shape {:?} does not broadcast to [{m}, {n}]", c.shape());
+            bail!(
+                Shape,
+                "Gemm C of shape {:?} does not broadcast to [{m}, {n}]",
+                c.shape()
+            );
         }
         if c.dtype() != a.dtype() {
             bail!(Shape, "Gemm C is {}, A is {}", c.dtype(), a.dtype());
@@ -392,10 +493,17 @@ fn gemm_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
                 let cv = c.as_slice::<f32>()?;
                 let per_col = c.numel() == n && c.shape().last() == Some(&n);
                 if per_col {
-                    let bias: Cow<[f32]> = if beta == 1.0 { Cow::Borrowed(cv) } else { Cow::Owned(cv.iter().map(|v| v * beta).collect()) };
+                    let bias: Cow<[f32]> = if beta == 1.0 {
+                        Cow::Borrowed(cv)
+                    } else {
+                        Cow::Owned(cv.iter().map(|v| v * beta).collect())
+                    };
                     gemm::sgemm(m, k, n, av, ta, bv, tb, &mut out, alpha, 0.0, Some(&bias))?;
                 } else {
-                    for (o, i) in out.iter_mut().zip(BroadcastIter::broadcast(c.shape(), &shape)) {
+                    for (o, i) in out
+                        .iter_mut()
+                        .zip(BroadcastIter::broadcast(c.shape(), &shape))
+                    {
                         *o = cv[i];
                     }
                     gemm::sgemm(m, k, n, av, ta, bv, tb, &mut out, alpha, beta, None)?;
@@ -428,23 +536,50 @@ fn gemm_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 /// leading (batch) dimensions broadcast.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.rank() == 0 || b.rank() == 0 {
-        bail!(Shape, "MatMul does not accept scalars ({:?} x {:?})", a.shape(), b.shape());
+        bail!(
+            Shape,
+            "MatMul does not accept scalars ({:?} x {:?})",
+            a.shape(),
+            b.shape()
+        );
     }
     if a.dtype() != b.dtype() {
-        bail!(Shape, "MatMul inputs differ in type: {} and {}", a.dtype(), b.dtype());
+        bail!(
+            Shape,
+            "MatMul inputs differ in type: {} and {}",
+            a.dtype(),
+            b.dtype()
+        );
     }
-    let ash: Vec<usize> = if a.rank() == 1 { vec![1, a.shape()[0]] } else { a.shape().to_vec() };
-    let bsh: Vec<usize> = if b.rank() == 1 { vec![b.shape()[0], 1] } else { b.shape().to_vec() };
+    let ash: Vec<usize> = if a.rank() == 1 {
+        vec![1, a.shape()[0]]
+    } else {
+        a.shape().to_vec()
+    };
+    let bsh: Vec<usize> = if b.rank() == 1 {
+        vec![b.shape()[0], 1]
+    } else {
+        b.shape().to_vec()
+    };
     let (m, k) = (ash[ash.len() - 2], ash[ash.len() - 1]);
     let (k2, n) = (bsh[bsh.len() - 2], bsh[bsh.len() - 1]);
     if k != k2 {
-        bail!(Shape, "MatMul inner dimensions differ: {:?} x {:?}", a.shape(), b.shape());
+        bail!(
+            Shape,
+            "MatMul inner dimensions differ: {:?} x {:?}",
+            a.shape(),
+            b.shape()
+        );
     }
     let ab = &ash[..ash.len() - 2];
     let bb = &bsh[..bsh.len() - 2];
     let batch_shape = broadcast_shapes(ab, bb)?;
-    let a_offs: Vec<usize> = BroadcastIter::broadcast(ab, &batch_shape).map(|o| o * m * k).collect();
-    let b_offs: Vec<usize> = BroadcastIter::broadcast(bb, &batch_shape).map(|o| o * k * n).collect();
+    let a_offs: Vec<usize> = BroadcastIter::broadcast(ab, &batch_shape)
+        .map(|o| o * m * k)
+        .collect();
+    let b_offs: Vec<usize> = BroadcastIter::broadcast(bb, &batch_shape)
+        .map(|o| o * k * n)
+        .collect();
     let batch = a_offs.len();
     let mut shape = batch_shape.clone();
     if a.rank() > 1 {
@@ -455,7 +590,16 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
     if a.dtype() == DType::F32 {
         let mut out = vec![0.0f32; batch * m * n];
-        gemm::batched_matmul(m, k, n, a.as_slice()?, &a_offs, b.as_slice()?, &b_offs, &mut out)?;
+        gemm::batched_matmul(
+            m,
+            k,
+            n,
+            a.as_slice()?,
+            &a_offs,
+            b.as_slice()?,
+            &b_offs,
+            &mut out,
+        )?;
         return Tensor::from_vec(shape, out);
     }
     let data = dispatch!(a.data(), T, av => {
@@ -482,11 +626,18 @@ fn matmul_op(_ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 fn pool_geom(ctx: &OpCtx, x: &Tensor, use_dilations: bool) -> Result<(PoolGeom, Vec<usize>)> {
     let sp = check_rank(x, &ctx.node.op_type)?;
     let kernel = match ctx.ints("kernel_shape")? {
-        Some(k) if k.len() == sp => k.iter().map(|&v| usize_dim(v, "kernel_shape")).collect::<Result<Vec<_>>>()?,
+        Some(k) if k.len() == sp => k
+            .iter()
+            .map(|&v| usize_dim(v, "kernel_shape"))
+            .collect::<Result<Vec<_>>>()?,
         _ => bail!(Invalid, "kernel_shape must list {sp} sizes"),
     };
     let strides = spatial_attr(ctx, "strides", sp, 1)?;
-    let dilations = if use_dilations { spatial_attr(ctx, "dilations", sp, 1)? } else { vec![1; sp] };
+    let dilations = if use_dilations {
+        spatial_attr(ctx, "dilations", sp, 1)?
+    } else {
+        vec![1; sp]
+    };
     let ceil = ctx.int("ceil_mode", 0)? != 0;
     let win = window_geometry(ctx, &x.shape()[2..], &kernel, &strides, &dilations, ceil)?;
     let g = PoolGeom {
@@ -523,7 +674,12 @@ fn max_pool_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     Ok(outs)
 }
 
-fn float_pool(ctx: &OpCtx, inputs: &[Option<&Tensor>], kind: PoolKind, dilations: bool) -> Result<Vec<Tensor>> {
+fn float_pool(
+    ctx: &OpCtx,
+    inputs: &[Option<&Tensor>],
+    kind: PoolKind,
+    dilations: bool,
+) -> Result<Vec<Tensor>> {
     let x = input(inputs, 0)?;
     let (g, shape) = pool_geom(ctx, x, dilations)?;
     let xv = floats(x)?;
@@ -545,7 +701,11 @@ fn lp_pool_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 /// Reduces every spatial plane of `x` (`[N, C, ...]`) to one value, keeping the rank.
 fn global_reduce(x: &Tensor, f: impl Fn(&[f32]) -> f32 + Sync) -> Result<Tensor> {
     if x.rank() < 2 {
-        bail!(Shape, "global pooling needs at least [N, C], got {:?}", x.shape());
+        bail!(
+            Shape,
+            "global pooling needs at least [N, C], got {:?}",
+            x.shape()
+        );
     }
     let xv = floats(x)?;
     let planes = x.shape()[0] * x.shape()[1];
@@ -564,18 +724,24 @@ fn global_reduce(x: &Tensor, f: impl Fn(&[f32]) -> f32 + Sync) -> Result<Tensor>
 
 fn global_average_pool(_ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(inputs, 0)?;
-    Ok(vec![global_reduce(x, |p| p.iter().sum::<f32>() / p.len() as f32)?])
+    Ok(vec![global_reduce(x, |p| {
+        p.iter().sum::<f32>() / p.len() as f32
+    })?])
 }
 
 fn global_max_pool(_ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(inputs, 0)?;
-    Ok(vec![global_reduce(x, |p| p.iter().copied().fold(f32::NEG_INFINITY, f32::max))?])
+    Ok(vec![global_reduce(x, |p| {
+        p.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    })?])
 }
 
 fn global_lp_pool(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(inputs, 0)?;
     let p = ctx.int("p", 2)? as f32;
-    Ok(vec![global_reduce(x, |v| v.iter().map(|x| x.abs().powf(p)).sum::<f32>().powf(1.0 / p))?])
+    Ok(vec![global_reduce(x, |v| {
+        v.iter().map(|x| x.abs().powf(p)).sum::<f32>().powf(1.0 / p)
+    })?])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -589,19 +755,26 @@ fn channel_affine(x: &[f32], shape: &[usize], mul: &[f32], add: &[f32]) -> Vec<f
     if sz == 0 {
         return out;
     }
-    out.par_chunks_mut(sz).zip(x.par_chunks(sz)).enumerate().for_each(|(p, (o, xi))| {
-        let ch = p % c;
-        let (m, a) = (mul[ch], add[ch]);
-        for (o, &v) in o.iter_mut().zip(xi) {
-            *o = v * m + a;
-        }
-    });
+    out.par_chunks_mut(sz)
+        .zip(x.par_chunks(sz))
+        .enumerate()
+        .for_each(|(p, (o, xi))| {
+            let ch = p % c;
+            let (m, a) = (mul[ch], add[ch]);
+            for (o, &v) in o.iter_mut().zip(xi) {
+                *o = v * m + a;
+            }
+        });
     out
 }
 
 fn per_channel<'a>(t: &'a Tensor, c: usize, what: &str) -> Result<Cow<'a, [f32]>> {
     if t.numel() != c {
-        bail!(Shape, "{what} has {} values, expected one per channel ({c})", t.numel());
+        bail!(
+            Shape,
+            "{what} has {} values, expected one per channel ({c})",
+            t.numel()
+        );
     }
     floats(t)
 }
@@ -609,7 +782,11 @@ fn per_channel<'a>(t: &'a Tensor, c: usize, what: &str) -> Result<Cow<'a, [f32]>
 fn batch_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(inputs, 0)?;
     if x.rank() < 2 {
-        bail!(Shape, "BatchNormalization needs [N, C, ...], got {:?}", x.shape());
+        bail!(
+            Shape,
+            "BatchNormalization needs [N, C, ...], got {:?}",
+            x.shape()
+        );
     }
     let c = x.shape()[1];
     let scale = per_channel(input(inputs, 1)?, c, "scale")?;
@@ -647,11 +824,17 @@ fn batch_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         }
     }
     bv.iter_mut().for_each(|v| *v /= cnt);
-    let mul: Vec<f32> = (0..c).map(|i| scale[i] / (bv[i] as f32 + eps).sqrt()).collect();
+    let mul: Vec<f32> = (0..c)
+        .map(|i| scale[i] / (bv[i] as f32 + eps).sqrt())
+        .collect();
     let add: Vec<f32> = (0..c).map(|i| bias[i] - bm[i] as f32 * mul[i]).collect();
     let y = channel_affine(&xv, x.shape(), &mul, &add);
-    let rm: Vec<f32> = (0..c).map(|i| mean[i] * momentum + bm[i] as f32 * (1.0 - momentum)).collect();
-    let rv: Vec<f32> = (0..c).map(|i| var[i] * momentum + bv[i] as f32 * (1.0 - momentum)).collect();
+    let rm: Vec<f32> = (0..c)
+        .map(|i| mean[i] * momentum + bm[i] as f32 * (1.0 - momentum))
+        .collect();
+    let rv: Vec<f32> = (0..c)
+        .map(|i| var[i] * momentum + bv[i] as f32 * (1.0 - momentum))
+        .collect();
     let dt = x.dtype();
     Ok(vec![
         from_floats(x.shape().to_vec(), y, dt)?,
@@ -685,7 +868,11 @@ fn moments(v: &[f32], eps: f64) -> (f32, f32) {
 fn instance_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(inputs, 0)?;
     if x.rank() < 3 {
-        bail!(Shape, "InstanceNormalization needs [N, C, D1, ...], got {:?}", x.shape());
+        bail!(
+            Shape,
+            "InstanceNormalization needs [N, C, D1, ...], got {:?}",
+            x.shape()
+        );
     }
     let c = x.shape()[1];
     let scale = per_channel(input(inputs, 1)?, c, "scale")?;
@@ -695,14 +882,17 @@ fn instance_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>>
     let sz: usize = x.shape()[2..].iter().product();
     let mut out = vec![0.0f32; xv.len()];
     if sz > 0 {
-        out.par_chunks_mut(sz).zip(xv.par_chunks(sz)).enumerate().for_each(|(p, (o, xi))| {
-            let ch = p % c;
-            let (mean, inv) = moments(xi, eps);
-            let m = inv * scale[ch];
-            for (o, &v) in o.iter_mut().zip(xi) {
-                *o = (v - mean) * m + bias[ch];
-            }
-        });
+        out.par_chunks_mut(sz)
+            .zip(xv.par_chunks(sz))
+            .enumerate()
+            .for_each(|(p, (o, xi))| {
+                let ch = p % c;
+                let (mean, inv) = moments(xi, eps);
+                let m = inv * scale[ch];
+                for (o, &v) in o.iter_mut().zip(xi) {
+                    *o = (v - mean) * m + bias[ch];
+                }
+            });
     }
     Ok(vec![from_floats(x.shape().to_vec(), out, x.dtype())?])
 }
@@ -715,9 +905,18 @@ fn trailing_params<'a>(t: &'a Tensor, shape: &[usize], what: &str) -> Result<Cow
         return Ok(v);
     }
     if broadcast_shapes(t.shape(), shape)? != shape {
-        bail!(Shape, "{what} of shape {:?} does not broadcast to {:?}", t.shape(), shape);
+        bail!(
+            Shape,
+            "{what} of shape {:?} does not broadcast to {:?}",
+            t.shape(),
+            shape
+        );
     }
-    Ok(Cow::Owned(BroadcastIter::broadcast(t.shape(), shape).map(|i| v[i]).collect()))
+    Ok(Cow::Owned(
+        BroadcastIter::broadcast(t.shape(), shape)
+            .map(|i| v[i])
+            .collect(),
+    ))
 }
 
 fn layer_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
@@ -726,7 +925,9 @@ fn layer_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let eps = ctx.float("epsilon", 1e-5)? as f64;
     let d: usize = x.shape()[axis..].iter().product();
     let scale = trailing_params(input(inputs, 1)?, &x.shape()[axis..], "Scale")?;
-    let bias = opt_input(inputs, 2).map(|b| trailing_params(b, &x.shape()[axis..], "B")).transpose()?;
+    let bias = opt_input(inputs, 2)
+        .map(|b| trailing_params(b, &x.shape()[axis..], "B"))
+        .transpose()?;
     let xv = floats(x)?;
     let rows = if d == 0 { 0 } else { xv.len() / d };
     let mut out = vec![0.0f32; xv.len()];
@@ -737,7 +938,8 @@ fn layer_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
             *st = (mean, inv);
             match &bias {
                 Some(b) => {
-                    for ((o, &v), (&s, &bb)) in o.iter_mut().zip(xi).zip(scale.iter().zip(b.iter())) {
+                    for ((o, &v), (&s, &bb)) in o.iter_mut().zip(xi).zip(scale.iter().zip(b.iter()))
+                    {
                         *o = (v - mean) * inv * s + bb;
                     }
                 }
@@ -750,9 +952,13 @@ fn layer_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         };
         // Small inputs are not worth waking the thread pool for.
         if xv.len() >= 1 << 15 {
-            out.par_chunks_mut(d).zip(xv.par_chunks(d).zip(stats.par_iter_mut())).for_each(row);
+            out.par_chunks_mut(d)
+                .zip(xv.par_chunks(d).zip(stats.par_iter_mut()))
+                .for_each(row);
         } else {
-            out.chunks_mut(d).zip(xv.chunks(d).zip(stats.iter_mut())).for_each(row);
+            out.chunks_mut(d)
+                .zip(xv.chunks(d).zip(stats.iter_mut()))
+                .for_each(row);
         }
     }
     let dt = x.dtype();
@@ -763,10 +969,22 @@ fn layer_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         for s in sshape.iter_mut().skip(axis) {
             *s = 1;
         }
-        let stash = if ctx.int("stash_type", 1)? == 1 { DType::F32 } else { dt };
-        outs.push(from_floats(sshape.clone(), stats.iter().map(|s| s.0).collect(), stash)?);
+        let stash = if ctx.int("stash_type", 1)? == 1 {
+            DType::F32
+        } else {
+            dt
+        };
+        outs.push(from_floats(
+            sshape.clone(),
+            stats.iter().map(|s| s.0).collect(),
+            stash,
+        )?);
         if n_out > 2 {
-            outs.push(from_floats(sshape, stats.iter().map(|s| s.1).collect(), stash)?);
+            outs.push(from_floats(
+                sshape,
+                stats.iter().map(|s| s.1).collect(),
+                stash,
+            )?);
         }
     }
     Ok(outs)
@@ -781,13 +999,15 @@ fn rms_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let xv = floats(x)?;
     let mut out = vec![0.0f32; xv.len()];
     if d > 0 {
-        out.par_chunks_mut(d).zip(xv.par_chunks(d)).for_each(|(o, xi)| {
-            let ms = xi.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
-            let inv = (1.0 / (ms + eps).sqrt()) as f32;
-            for ((o, &v), &s) in o.iter_mut().zip(xi).zip(scale.iter()) {
-                *o = v * inv * s;
-            }
-        });
+        out.par_chunks_mut(d)
+            .zip(xv.par_chunks(d))
+            .for_each(|(o, xi)| {
+                let ms = xi.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
+                let inv = (1.0 / (ms + eps).sqrt()) as f32;
+                for ((o, &v), &s) in o.iter_mut().zip(xi).zip(scale.iter()) {
+                    *o = v * inv * s;
+                }
+            });
     }
     Ok(vec![from_floats(x.shape().to_vec(), out, x.dtype())?])
 }
@@ -795,7 +1015,11 @@ fn rms_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 fn group_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(inputs, 0)?;
     if x.rank() < 2 {
-        bail!(Shape, "GroupNormalization needs [N, C, ...], got {:?}", x.shape());
+        bail!(
+            Shape,
+            "GroupNormalization needs [N, C, ...], got {:?}",
+            x.shape()
+        );
     }
     let groups = usize_dim(ctx.int("num_groups", 1)?, "num_groups")?;
     let eps = ctx.float("epsilon", 1e-5)? as f64;
@@ -810,24 +1034,35 @@ fn group_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let per_group = scale.len() == groups && cpg != 1;
     let want = if per_group { groups } else { c };
     if scale.len() != want || bias.len() != want {
-        bail!(Shape, "scale/bias have {}/{} values, expected {c} (or {groups})", scale.len(), bias.len());
+        bail!(
+            Shape,
+            "scale/bias have {}/{} values, expected {c} (or {groups})",
+            scale.len(),
+            bias.len()
+        );
     }
     let sz: usize = x.shape()[2..].iter().product();
     let xv = floats(x)?;
     let mut out = vec![0.0f32; xv.len()];
     let gsz = cpg * sz;
     if gsz > 0 {
-        out.par_chunks_mut(gsz).zip(xv.par_chunks(gsz)).enumerate().for_each(|(p, (o, xi))| {
-            let g = p % groups;
-            let (mean, inv) = moments(xi, eps);
-            for j in 0..cpg {
-                let pi = if per_group { g } else { g * cpg + j };
-                let (s, b) = (scale[pi] * inv, bias[pi]);
-                for (o, &v) in o[j * sz..(j + 1) * sz].iter_mut().zip(&xi[j * sz..(j + 1) * sz]) {
-                    *o = (v - mean) * s + b;
+        out.par_chunks_mut(gsz)
+            .zip(xv.par_chunks(gsz))
+            .enumerate()
+            .for_each(|(p, (o, xi))| {
+                let g = p % groups;
+                let (mean, inv) = moments(xi, eps);
+                for j in 0..cpg {
+                    let pi = if per_group { g } else { g * cpg + j };
+                    let (s, b) = (scale[pi] * inv, bias[pi]);
+                    for (o, &v) in o[j * sz..(j + 1) * sz]
+                        .iter_mut()
+                        .zip(&xi[j * sz..(j + 1) * sz])
+                    {
+                        *o = (v - mean) * s + b;
+                    }
                 }
-            }
-        });
+            });
     }
     Ok(vec![from_floats(x.shape().to_vec(), out, x.dtype())?])
 }
@@ -866,8 +1101,14 @@ fn lrn(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 fn mean_variance_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(inputs, 0)?;
     let axes: Vec<usize> = match ctx.ints("axes")? {
-        Some(a) => a.iter().map(|&v| norm_axis(v, x.rank())).collect::<Result<_>>()?,
-        None => vec![0, 2, 3].into_iter().filter(|&a| a < x.rank()).collect(),
+        Some(a) => a
+            .iter()
+            .map(|&v| norm_axis(v, x.rank()))
+            .collect::<Result<_>>()?,
+        None => vec![0, 2, 3]
+            .into_iter()
+            .filter(|&a| a < x.rank())
+            .collect(),
     };
     let xv = floats(x)?;
     let shape = x.shape();
@@ -882,14 +1123,22 @@ fn mean_variance_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Ten
         }
     }
     let st = strides_of(shape);
-    let red_strides: Vec<usize> = (0..shape.len()).map(|d| if axes.contains(&d) { st[d] } else { 0 }).collect();
-    let keep_strides: Vec<usize> = (0..shape.len()).map(|d| if axes.contains(&d) { 0 } else { st[d] }).collect();
+    let red_strides: Vec<usize> = (0..shape.len())
+        .map(|d| if axes.contains(&d) { st[d] } else { 0 })
+        .collect();
+    let keep_strides: Vec<usize> = (0..shape.len())
+        .map(|d| if axes.contains(&d) { 0 } else { st[d] })
+        .collect();
     let mut out = vec![0.0f32; xv.len()];
     for base in BroadcastIter::new(&keep_shape, keep_strides, 0) {
         let idx: Vec<usize> = BroadcastIter::new(&red_shape, red_strides.clone(), base).collect();
         let vals: Vec<f32> = idx.iter().map(|&i| xv[i]).collect();
         let (mean, _) = moments(&vals, 0.0);
-        let var = vals.iter().map(|&v| ((v - mean) as f64).powi(2)).sum::<f64>() / vals.len().max(1) as f64;
+        let var = vals
+            .iter()
+            .map(|&v| ((v - mean) as f64).powi(2))
+            .sum::<f64>()
+            / vals.len().max(1) as f64;
         let inv = (1.0 / (var + 1e-9).sqrt()) as f32;
         for &i in &idx {
             out[i] = (xv[i] - mean) * inv;
@@ -914,7 +1163,10 @@ fn einsum_term(term: &str, rank: Option<usize>, ell_rank: usize) -> Result<Vec<c
             bail!(Invalid, "Einsum term '{term}' has more than one ellipsis");
         }
         let k = match rank {
-            Some(r) if r < explicit => bail!(Shape, "Einsum term '{term}' has more letters than its input's rank {r}"),
+            Some(r) if r < explicit => bail!(
+                Shape,
+                "Einsum term '{term}' has more letters than its input's rank {r}"
+            ),
             Some(r) => r - explicit,
             None => ell_rank,
         };
@@ -925,7 +1177,10 @@ fn einsum_term(term: &str, rank: Option<usize>, ell_rank: usize) -> Result<Vec<c
     } else {
         if let Some(r) = rank {
             if r != explicit {
-                bail!(Shape, "Einsum term '{term}' names {explicit} dims, its input has rank {r}");
+                bail!(
+                    Shape,
+                    "Einsum term '{term}' names {explicit} dims, its input has rank {r}"
+                );
             }
         }
         Ok(term.chars().collect())
@@ -944,15 +1199,26 @@ fn permute_f32(v: &[f32], shape: &[usize], perm: &[usize]) -> Vec<f32> {
 }
 
 fn einsum(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-    let eq: String = ctx.string("equation", "")?.chars().filter(|c| !c.is_whitespace()).collect();
+    let eq: String = ctx
+        .string("equation", "")?
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
     let (lhs, rhs) = match eq.split_once("->") {
         Some((l, r)) => (l, Some(r)),
         None => (eq.as_str(), None),
     };
     let terms: Vec<&str> = lhs.split(',').collect();
-    let ops: Vec<&Tensor> = (0..terms.len()).map(|i| input(inputs, i)).collect::<Result<_>>()?;
+    let ops: Vec<&Tensor> = (0..terms.len())
+        .map(|i| input(inputs, i))
+        .collect::<Result<_>>()?;
     if inputs.len() != terms.len() {
-        bail!(Invalid, "Einsum equation '{eq}' has {} terms for {} inputs", terms.len(), inputs.len());
+        bail!(
+            Invalid,
+            "Einsum equation '{eq}' has {} terms for {} inputs",
+            terms.len(),
+            inputs.len()
+        );
     }
     let dtype = ops[0].dtype();
     if ops.iter().any(|t| t.dtype() != dtype) {
@@ -962,7 +1228,10 @@ fn einsum(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         .iter()
         .zip(&ops)
         .filter(|(t, _)| t.contains("..."))
-        .map(|(t, o)| o.rank().saturating_sub(t.replace("...", "").chars().count()))
+        .map(|(t, o)| {
+            o.rank()
+                .saturating_sub(t.replace("...", "").chars().count())
+        })
         .max()
         .unwrap_or(0);
     let letters: Vec<Vec<char>> = terms
@@ -972,7 +1241,10 @@ fn einsum(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         .collect::<Result<_>>()?;
     for l in letters.iter().flatten() {
         if !(l.is_ascii_alphabetic() || *l as u32 >= 0x100) {
-            bail!(Invalid, "Einsum equation '{eq}' has an invalid character '{l}'");
+            bail!(
+                Invalid,
+                "Einsum equation '{eq}' has an invalid character '{l}'"
+            );
         }
     }
     let out: Vec<char> = match rhs {
@@ -982,7 +1254,10 @@ fn einsum(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
             let mut once: Vec<char> = letters
                 .iter()
                 .flatten()
-                .filter(|c| c.is_ascii_alphabetic() && letters.iter().flatten().filter(|d| d == c).count() == 1)
+                .filter(|c| {
+                    c.is_ascii_alphabetic()
+                        && letters.iter().flatten().filter(|d| d == c).count() == 1
+                })
                 .copied()
                 .collect();
             once.sort_unstable();
@@ -1016,7 +1291,10 @@ fn einsum(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
             bail!(Invalid, "Einsum output letter '{l}' appears in no input");
         }
     }
-    let out_shape: Vec<usize> = out.iter().map(|l| size[all.iter().position(|c| c == l).unwrap_or(0)]).collect();
+    let out_shape: Vec<usize> = out
+        .iter()
+        .map(|l| size[all.iter().position(|c| c == l).unwrap_or(0)])
+        .collect();
     let sz = |l: &char| size[all.iter().position(|c| c == l).unwrap_or(0)];
 
     // Two operands with distinct letters and no letter summed inside one operand: a batched
@@ -1027,16 +1305,37 @@ fn einsum(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         && !unequal
         && letters.iter().all(|v| distinct(v))
         && distinct(&out)
-        && letters.iter().flatten().all(|l| out.contains(l) || (letters[0].contains(l) && letters[1].contains(l)))
+        && letters
+            .iter()
+            .flatten()
+            .all(|l| out.contains(l) || (letters[0].contains(l) && letters[1].contains(l)))
     {
         let (la, lb) = (&letters[0], &letters[1]);
-        let batch: Vec<char> = la.iter().filter(|l| lb.contains(l) && out.contains(l)).copied().collect();
-        let contr: Vec<char> = la.iter().filter(|l| lb.contains(l) && !out.contains(l)).copied().collect();
+        let batch: Vec<char> = la
+            .iter()
+            .filter(|l| lb.contains(l) && out.contains(l))
+            .copied()
+            .collect();
+        let contr: Vec<char> = la
+            .iter()
+            .filter(|l| lb.contains(l) && !out.contains(l))
+            .copied()
+            .collect();
         let fa: Vec<char> = la.iter().filter(|l| !lb.contains(l)).copied().collect();
         let fb: Vec<char> = lb.iter().filter(|l| !la.contains(l)).copied().collect();
         let pos = |v: &[char], l: &char| v.iter().position(|c| c == l).unwrap_or(0);
-        let pa: Vec<usize> = batch.iter().chain(&fa).chain(&contr).map(|l| pos(la, l)).collect();
-        let pb: Vec<usize> = batch.iter().chain(&contr).chain(&fb).map(|l| pos(lb, l)).collect();
+        let pa: Vec<usize> = batch
+            .iter()
+            .chain(&fa)
+            .chain(&contr)
+            .map(|l| pos(la, l))
+            .collect();
+        let pb: Vec<usize> = batch
+            .iter()
+            .chain(&contr)
+            .chain(&fb)
+            .map(|l| pos(lb, l))
+            .collect();
         let a = permute_f32(ops[0].as_slice()?, ops[0].shape(), &pa);
         let b = permute_f32(ops[1].as_slice()?, ops[1].shape(), &pb);
         let nb: usize = batch.iter().map(sz).product();
@@ -1059,10 +1358,21 @@ fn einsum(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let stride_of = |ls: &[char], shape: &[usize]| -> Vec<usize> {
         let st = strides_of(shape);
         all.iter()
-            .map(|l| ls.iter().zip(shape).zip(&st).filter(|((c, &d), _)| *c == l && d != 1).map(|(_, s)| s).sum())
+            .map(|l| {
+                ls.iter()
+                    .zip(shape)
+                    .zip(&st)
+                    .filter(|((c, &d), _)| *c == l && d != 1)
+                    .map(|(_, s)| s)
+                    .sum()
+            })
             .collect()
     };
-    let op_strides: Vec<Vec<usize>> = letters.iter().zip(&ops).map(|(l, o)| stride_of(l, o.shape())).collect();
+    let op_strides: Vec<Vec<usize>> = letters
+        .iter()
+        .zip(&ops)
+        .map(|(l, o)| stride_of(l, o.shape()))
+        .collect();
     let out_strides = stride_of(&out, &out_shape);
     let total: usize = size.iter().product();
     let mut res = vec![0.0f64; out_shape.iter().product()];
@@ -1090,7 +1400,11 @@ fn einsum(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         }
     }
     let t = Tensor::from_vec(out_shape, res)?;
-    Ok(vec![if dtype == DType::F64 { t } else { t.cast(dtype)? }])
+    Ok(vec![if dtype == DType::F64 {
+        t
+    } else {
+        t.cast(dtype)?
+    }])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1212,21 +1526,25 @@ fn axis_taps(
                     }
                     let s = if antialias { ax.scale.min(1.0) } else { 1.0 };
                     let a = cubic_a;
-                    let (start, kernel): (isize, Box<dyn Fn(f32) -> f32>) = if interp == Interp::Linear {
-                        ((-1.0 / s).floor() as isize + 1, Box::new(|d: f32| (1.0 - d.abs()).max(0.0)))
-                    } else {
-                        let w = move |d: f32| {
-                            let d = d.abs();
-                            if d <= 1.0 {
-                                ((a + 2.0) * d - (a + 3.0)) * d * d + 1.0
-                            } else if d < 2.0 {
-                                ((a * d - 5.0 * a) * d + 8.0 * a) * d - 4.0 * a
-                            } else {
-                                0.0
-                            }
+                    let (start, kernel): (isize, Box<dyn Fn(f32) -> f32>) =
+                        if interp == Interp::Linear {
+                            (
+                                (-1.0 / s).floor() as isize + 1,
+                                Box::new(|d: f32| (1.0 - d.abs()).max(0.0)),
+                            )
+                        } else {
+                            let w = move |d: f32| {
+                                let d = d.abs();
+                                if d <= 1.0 {
+                                    ((a + 2.0) * d - (a + 3.0)) * d * d + 1.0
+                                } else if d < 2.0 {
+                                    ((a * d - 5.0 * a) * d + 8.0 * a) * d - 4.0 * a
+                                } else {
+                                    0.0
+                                }
+                            };
+                            ((-2.0 / s).floor() as isize + 1, Box::new(w))
                         };
-                        ((-2.0 / s).floor() as isize + 1, Box::new(w))
-                    };
                     let n = 2 - 2 * start;
                     let mut taps: Vec<(isize, f32)> = (0..n)
                         .map(|j| {
@@ -1251,7 +1569,13 @@ fn axis_taps(
 }
 
 /// Resamples `v` (shape `shape`) along `axis` to `taps.len()` positions.
-fn resize_axis(v: &[f32], shape: &[usize], axis: usize, taps: &[Option<Vec<(usize, f32)>>], extrap: f32) -> Vec<f32> {
+fn resize_axis(
+    v: &[f32],
+    shape: &[usize],
+    axis: usize,
+    taps: &[Option<Vec<(usize, f32)>>],
+    extrap: f32,
+) -> Vec<f32> {
     let outer: usize = shape[..axis].iter().product();
     let inner: usize = shape[axis + 1..].iter().product();
     let (lin, lout) = (shape[axis], taps.len());
@@ -1300,9 +1624,15 @@ fn run_resize(x: &Tensor, spec: &ResizeSpec) -> Result<Tensor> {
             coord: spec.coord,
         })
         .collect();
-    let changed = |a: &AxisResize| a.len_in != a.len_out || spec.coord == "tf_crop_and_resize" || a.scale != 1.0;
+    let changed = |a: &AxisResize| {
+        a.len_in != a.len_out || spec.coord == "tf_crop_and_resize" || a.scale != 1.0
+    };
     if spec.out_shape.iter().product::<usize>() > 0 && x.numel() == 0 {
-        bail!(Shape, "cannot resize an empty tensor to {:?}", spec.out_shape);
+        bail!(
+            Shape,
+            "cannot resize an empty tensor to {:?}",
+            spec.out_shape
+        );
     }
     if spec.interp == Interp::Nearest {
         // Pure index selection: works for every dtype.
@@ -1349,7 +1679,14 @@ fn run_resize(x: &Tensor, spec: &ResizeSpec) -> Result<Tensor> {
         if !changed(a) {
             continue;
         }
-        let taps = axis_taps(a, spec.interp, spec.nearest_mode, spec.cubic_a, spec.exclude_outside, spec.antialias);
+        let taps = axis_taps(
+            a,
+            spec.interp,
+            spec.nearest_mode,
+            spec.cubic_a,
+            spec.exclude_outside,
+            spec.antialias,
+        );
         v = resize_axis(&v, &shape, d, &taps, spec.extrapolation);
         shape[d] = a.len_out;
     }
@@ -1387,7 +1724,10 @@ fn resize(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         ctx.string("nearest_mode", "round_prefer_floor")?
     };
     let axes: Vec<usize> = match ctx.ints("axes")? {
-        Some(a) if !a.is_empty() => a.iter().map(|&v| norm_axis(v, rank)).collect::<Result<_>>()?,
+        Some(a) if !a.is_empty() => a
+            .iter()
+            .map(|&v| norm_axis(v, rank))
+            .collect::<Result<_>>()?,
         _ => (0..rank).collect(),
     };
     let na = axes.len();
@@ -1397,10 +1737,18 @@ fn resize(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         (_, Some(sz)) => {
             let sz = sz.to_i64_vec()?;
             if sz.len() != na {
-                bail!(Shape, "Resize 'sizes' has {} values for {na} axes", sz.len());
+                bail!(
+                    Shape,
+                    "Resize 'sizes' has {} values for {na} axes",
+                    sz.len()
+                );
             }
             let policy = ctx.string("keep_aspect_ratio_policy", "stretch")?;
-            let ratios: Vec<f32> = axes.iter().zip(&sz).map(|(&a, &s)| s as f32 / x.shape()[a] as f32).collect();
+            let ratios: Vec<f32> = axes
+                .iter()
+                .zip(&sz)
+                .map(|(&a, &s)| s as f32 / x.shape()[a] as f32)
+                .collect();
             let common = match policy.as_str() {
                 "stretch" => None,
                 "not_larger" => Some(ratios.iter().copied().fold(f32::INFINITY, f32::min)),
@@ -1423,7 +1771,11 @@ fn resize(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         (Some(s), None) => {
             let s = s.to_f32_vec()?;
             if s.len() != na {
-                bail!(Shape, "Resize 'scales' has {} values for {na} axes", s.len());
+                bail!(
+                    Shape,
+                    "Resize 'scales' has {} values for {na} axes",
+                    s.len()
+                );
             }
             for (i, &a) in axes.iter().enumerate() {
                 if !(s[i] > 0.0) {
@@ -1441,7 +1793,11 @@ fn resize(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
             bail!(Invalid, "tf_crop_and_resize needs an roi input");
         };
         let r = r.to_f32_vec()?;
-        let list: Vec<usize> = if r.len() == 2 * na { axes.clone() } else if r.len() == 2 * rank { (0..rank).collect() } else {
+        let list: Vec<usize> = if r.len() == 2 * na {
+            axes.clone()
+        } else if r.len() == 2 * rank {
+            (0..rank).collect()
+        } else {
             bail!(Shape, "Resize roi has {} values", r.len());
         };
         let k = list.len();
@@ -1474,9 +1830,19 @@ fn upsample(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         },
     };
     if scales.len() != x.rank() || scales.iter().any(|&s| !(s > 0.0)) {
-        bail!(Shape, "Upsample scales {:?} do not fit input shape {:?}", scales, x.shape());
+        bail!(
+            Shape,
+            "Upsample scales {:?} do not fit input shape {:?}",
+            scales,
+            x.shape()
+        );
     }
-    let out_shape: Vec<usize> = x.shape().iter().zip(&scales).map(|(&d, &s)| (d as f32 * s).floor() as usize).collect();
+    let out_shape: Vec<usize> = x
+        .shape()
+        .iter()
+        .zip(&scales)
+        .map(|(&d, &s)| (d as f32 * s).floor() as usize)
+        .collect();
     let spec = ResizeSpec {
         out_shape,
         scales,
@@ -1507,9 +1873,17 @@ mod tests {
         n
     }
 
-    fn run(op: &str, n_out: usize, attrs: &[(&str, Attr)], ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    fn run(
+        op: &str,
+        n_out: usize,
+        attrs: &[(&str, Attr)],
+        ins: &[Option<&Tensor>],
+    ) -> Result<Vec<Tensor>> {
         let n = node(op, n_out, attrs);
-        let ctx = OpCtx { node: &n, opset: 17 };
+        let ctx = OpCtx {
+            node: &n,
+            opset: 17,
+        };
         let f = match op {
             "Conv" => conv_op as super::super::OpFn,
             "Gemm" => gemm_op,
@@ -1551,8 +1925,16 @@ mod tests {
         let out = run(
             "Conv",
             1,
-            &[("group", Attr::Int(2)), ("strides", ints(&[2, 2])), ("auto_pad", Attr::String(b"SAME_UPPER".to_vec()))],
-            &[Some(&t(&[1, 4, 5, 5], xv.clone())), Some(&t(&[4, 2, 3, 3], wv.clone())), Some(&t(&[4], bv.clone()))],
+            &[
+                ("group", Attr::Int(2)),
+                ("strides", ints(&[2, 2])),
+                ("auto_pad", Attr::String(b"SAME_UPPER".to_vec())),
+            ],
+            &[
+                Some(&t(&[1, 4, 5, 5], xv.clone())),
+                Some(&t(&[4, 2, 3, 3], wv.clone())),
+                Some(&t(&[4], bv.clone())),
+            ],
         )
         .unwrap();
         assert_eq!(out[0].shape(), &[1, 4, 3, 3]);
@@ -1590,7 +1972,10 @@ mod tests {
             "ConvTranspose",
             1,
             &[("output_shape", ints(&[3]))],
-            &[Some(&t(&[1, 1, 3], vec![1.0, 2.0, 3.0])), Some(&t(&[1, 1, 2], vec![1.0, 1.0]))],
+            &[
+                Some(&t(&[1, 1, 3], vec![1.0, 2.0, 3.0])),
+                Some(&t(&[1, 1, 2], vec![1.0, 1.0])),
+            ],
         )
         .unwrap();
         close(&out[0], &[3.0, 5.0, 3.0]);
@@ -1634,7 +2019,11 @@ mod tests {
             for j in 0..3 {
                 for r in 0..3 {
                     for c in 0..2 {
-                        want.push((0..4).map(|p| av[(i * 3 + r) * 4 + p] * bv[(j * 4 + p) * 2 + c]).sum());
+                        want.push(
+                            (0..4)
+                                .map(|p| av[(i * 3 + r) * 4 + p] * bv[(j * 4 + p) * 2 + c])
+                                .sum(),
+                        );
                     }
                 }
             }
@@ -1655,7 +2044,11 @@ mod tests {
     fn max_pool_ceil_mode_with_indices() {
         // 4x4 input 0..16, kernel 3 stride 2, ceil mode -> 2x2 (last windows clipped).
         let x = t(&[1, 1, 4, 4], (0..16).map(|v| v as f32).collect());
-        let attrs = [("kernel_shape", ints(&[3, 3])), ("strides", ints(&[2, 2])), ("ceil_mode", Attr::Int(1))];
+        let attrs = [
+            ("kernel_shape", ints(&[3, 3])),
+            ("strides", ints(&[2, 2])),
+            ("ceil_mode", Attr::Int(1)),
+        ];
         let out = run("MaxPool", 2, &attrs, &[Some(&x)]).unwrap();
         assert_eq!(out[0].shape(), &[1, 1, 2, 2]);
         close(&out[0], &[10.0, 11.0, 14.0, 15.0]);
@@ -1695,7 +2088,11 @@ mod tests {
             "LayerNormalization",
             3,
             &[("epsilon", Attr::Float(0.0))],
-            &[Some(&x), Some(&t(&[2], vec![1.0, 2.0])), Some(&t(&[2], vec![0.5, 0.0]))],
+            &[
+                Some(&x),
+                Some(&t(&[2], vec![1.0, 2.0])),
+                Some(&t(&[2], vec![0.5, 0.0])),
+            ],
         )
         .unwrap();
         close(&out[0], &[-0.5, 2.0, -0.5, 2.0]);
@@ -1731,7 +2128,13 @@ mod tests {
         let out = run("Resize", 1, &attrs, &[Some(&x), None, Some(&scales)]).unwrap();
         close(&out[0], &[1.0, 1.25, 1.75, 2.0]);
         let sizes = Tensor::from_vec(vec![2], vec![1i64, 3]).unwrap();
-        let attrs = [("coordinate_transformation_mode", Attr::String(b"align_corners".to_vec())), ("mode", Attr::String(b"linear".to_vec()))];
+        let attrs = [
+            (
+                "coordinate_transformation_mode",
+                Attr::String(b"align_corners".to_vec()),
+            ),
+            ("mode", Attr::String(b"linear".to_vec())),
+        ];
         let out = run("Resize", 1, &attrs, &[Some(&x), None, None, Some(&sizes)]).unwrap();
         close(&out[0], &[1.0, 1.5, 2.0]);
         let out = run("Resize", 1, &[], &[Some(&x), None, Some(&scales)]).unwrap();

@@ -129,7 +129,11 @@ impl DataArgs {
         if sentences.is_empty() {
             bail!(Input, "no text found in {}", path.display());
         }
-        let names: Vec<String> = model.graph.runtime_inputs().map(|v| v.name.clone()).collect();
+        let names: Vec<String> = model
+            .graph
+            .runtime_inputs()
+            .map(|v| v.name.clone())
+            .collect();
         let mut feeds = Vec::new();
         for chunk in sentences.chunks(batch) {
             let b = smelt_data::tokenize(tok, chunk, self.max_len, self.pad_to)?;
@@ -162,7 +166,11 @@ fn is_brown_dir(p: &Path) -> bool {
 }
 
 fn single_input(model: &Model) -> Result<String> {
-    let ins: Vec<&str> = model.graph.runtime_inputs().map(|v| v.name.as_str()).collect();
+    let ins: Vec<&str> = model
+        .graph
+        .runtime_inputs()
+        .map(|v| v.name.as_str())
+        .collect();
     match ins.as_slice() {
         [one] => Ok(one.to_string()),
         _ => bail!(

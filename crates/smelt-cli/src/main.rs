@@ -43,7 +43,10 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(t) = cli.threads {
-        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(t.max(1)).build_global() {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(t.max(1))
+            .build_global()
+        {
             eprintln!("error: cannot start {t} threads: {e}");
             return ExitCode::FAILURE;
         }

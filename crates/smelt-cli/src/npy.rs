@@ -7,9 +7,14 @@ use std::path::Path;
 pub fn read(path: &Path) -> Result<Tensor> {
     let io = |e: std::io::Error| Error::io(format!("reading {}", path.display()), e);
     let bytes = std::fs::read(path).map_err(io)?;
-    let npy = npyz::NpyFile::new(&bytes[..]).map_err(|e| Error::Input(format!("{}: not a .npy file: {e}", path.display())))?;
+    let npy = npyz::NpyFile::new(&bytes[..])
+        .map_err(|e| Error::Input(format!("{}: not a .npy file: {e}", path.display())))?;
     if npy.order() != npyz::Order::C {
-        bail!(Input, "{}: Fortran-ordered arrays are not supported", path.display());
+        bail!(
+            Input,
+            "{}: Fortran-ordered arrays are not supported",
+            path.display()
+        );
     }
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     smelt_tensor::checked_numel(&shape, smelt_tensor::DEFAULT_MAX_ELEMENTS)?;
@@ -25,7 +30,13 @@ pub fn read(path: &Path) -> Result<Tensor> {
         "u4" => Data::U32(npy.into_vec().map_err(io)?),
         "u2" => Data::U16(npy.into_vec().map_err(io)?),
         "u1" => Data::U8(npy.into_vec().map_err(io)?),
-        "b1" => Data::Bool(npy.into_vec::<u8>().map_err(io)?.into_iter().map(|b| b != 0).collect()),
+        "b1" => Data::Bool(
+            npy.into_vec::<u8>()
+                .map_err(io)?
+                .into_iter()
+                .map(|b| b != 0)
+                .collect(),
+        ),
         other => bail!(Unsupported, "{}: numpy dtype {other:?}", path.display()),
     };
     Tensor::new(shape, data)
@@ -40,7 +51,12 @@ pub fn write(path: &Path, t: &Tensor) -> Result<()> {
         let shape: Vec<u64> = t.shape().iter().map(|&d| d as u64).collect();
         macro_rules! put {
             ($v:expr) => {{
-                let mut w = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(&mut f).begin_nd().map_err(io)?;
+                let mut w = npyz::WriteOptions::new()
+                    .default_dtype()
+                    .shape(&shape)
+                    .writer(&mut f)
+                    .begin_nd()
+                    .map_err(io)?;
                 w.extend($v.iter().copied()).map_err(io)?;
                 w.finish().map_err(io)?;
             }};

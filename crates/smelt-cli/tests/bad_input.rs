@@ -13,15 +13,26 @@ use std::path::Path;
 fn tiny() -> Model {
     let mut g = Graph {
         name: "tiny".into(),
-        inputs: vec![ValueInfo::new("x", DType::F32, vec![Dim::Fixed(1), Dim::Fixed(4)])],
-        outputs: vec![ValueInfo::new("y", DType::F32, vec![Dim::Fixed(1), Dim::Fixed(4)])],
+        inputs: vec![ValueInfo::new(
+            "x",
+            DType::F32,
+            vec![Dim::Fixed(1), Dim::Fixed(4)],
+        )],
+        outputs: vec![ValueInfo::new(
+            "y",
+            DType::F32,
+            vec![Dim::Fixed(1), Dim::Fixed(4)],
+        )],
         ..Default::default()
     };
     g.nodes.push(Node::new("Relu", "relu", &["x"], &["h"]));
     g.nodes.push(Node::new("Neg", "neg", &["h"], &["y"]));
     Model {
         ir_version: 8,
-        opsets: vec![OpsetImport { domain: String::new(), version: 17 }],
+        opsets: vec![OpsetImport {
+            domain: String::new(),
+            version: 17,
+        }],
         graph: g,
         ..Default::default()
     }
@@ -37,13 +48,22 @@ fn write_model(dir: &Path, name: &str, m: &Model) -> std::path::PathBuf {
 fn assert_fails(args: &[&std::ffi::OsStr], want: &str) {
     let out = smelt().args(args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure for {args:?}, stderr: {err}");
+    assert!(
+        !out.status.success(),
+        "expected failure for {args:?}, stderr: {err}"
+    );
     assert_eq!(out.status.code(), Some(1), "exit code for {args:?}: {err}");
-    assert!(!err.contains("panicked") && !err.contains("internal error"), "panic for {args:?}: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("internal error"),
+        "panic for {args:?}: {err}"
+    );
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 1, "one error line expected, got: {err}");
     assert!(lines[0].starts_with("error: "), "{err}");
-    assert!(err.contains(want), "error for {args:?} should mention {want:?}, got: {err}");
+    assert!(
+        err.contains(want),
+        "error for {args:?} should mention {want:?}, got: {err}"
+    );
 }
 
 fn inspect(p: &Path, want: &str) {
@@ -76,7 +96,10 @@ fn random_bytes() {
 
 #[test]
 fn missing_file() {
-    inspect(Path::new("/nonexistent/model.onnx"), "/nonexistent/model.onnx");
+    inspect(
+        Path::new("/nonexistent/model.onnx"),
+        "/nonexistent/model.onnx",
+    );
 }
 
 #[test]
@@ -100,7 +123,10 @@ fn unknown_op() {
     let dir = tempfile::tempdir().unwrap();
     let mut m = tiny();
     m.graph.nodes[1].op_type = "FrobnicateV9".into();
-    inspect(&write_model(dir.path(), "unknown.onnx", &m), "op 'FrobnicateV9' is not implemented");
+    inspect(
+        &write_model(dir.path(), "unknown.onnx", &m),
+        "op 'FrobnicateV9' is not implemented",
+    );
 }
 
 /// Builds the protobuf directly, for cases the IR cannot even represent.
@@ -155,7 +181,12 @@ fn shape_mismatch_at_run_time() {
     let x = dir.path().join("x.npy");
     write_npy(&x, &Tensor::from_vec(vec![2, 3], vec![0f32; 6]).unwrap());
     assert_fails(
-        &["run".as_ref(), p.as_os_str(), "--input".as_ref(), format!("x={}", x.display()).as_ref()],
+        &[
+            "run".as_ref(),
+            p.as_os_str(),
+            "--input".as_ref(),
+            format!("x={}", x.display()).as_ref(),
+        ],
         "input 'x' must have shape [1, 4], got [2, 3]",
     );
 }
@@ -164,7 +195,10 @@ fn shape_mismatch_at_run_time() {
 fn shape_mismatch_inside_the_graph() {
     let dir = tempfile::tempdir().unwrap();
     let mut m = tiny();
-    m.graph.initializers.insert("b".into(), Tensor::from_vec(vec![3], vec![1f32; 3]).unwrap());
+    m.graph.initializers.insert(
+        "b".into(),
+        Tensor::from_vec(vec![3], vec![1f32; 3]).unwrap(),
+    );
     m.graph.nodes[1] = Node::new("Add", "add_bias", &["h", "b"], &["y"]);
     let p = write_model(dir.path(), "badadd.onnx", &m);
     assert_fails(&["run".as_ref(), p.as_os_str()], "add_bias");
@@ -175,7 +209,15 @@ fn refuses_to_overwrite_its_input() {
     let dir = tempfile::tempdir().unwrap();
     let p = write_model(dir.path(), "tiny.onnx", &tiny());
     let before = std::fs::read(&p).unwrap();
-    assert_fails(&["convert".as_ref(), p.as_os_str(), "-o".as_ref(), p.as_os_str()], "refusing to overwrite");
+    assert_fails(
+        &[
+            "convert".as_ref(),
+            p.as_os_str(),
+            "-o".as_ref(),
+            p.as_os_str(),
+        ],
+        "refusing to overwrite",
+    );
     assert_eq!(std::fs::read(&p).unwrap(), before);
 }
 
@@ -185,7 +227,14 @@ fn data_that_does_not_fit_the_model() {
     let p = write_model(dir.path(), "tiny.onnx", &tiny());
     // MNIST images are [1, 28, 28] per sample; the model wants [4].
     assert_fails(
-        &["eval".as_ref(), p.as_os_str(), "--data".as_ref(), assets().join("mnist").as_os_str(), "--limit".as_ref(), "2".as_ref()],
+        &[
+            "eval".as_ref(),
+            p.as_os_str(),
+            "--data".as_ref(),
+            assets().join("mnist").as_os_str(),
+            "--limit".as_ref(),
+            "2".as_ref(),
+        ],
         "input 'x' must have shape",
     );
 }

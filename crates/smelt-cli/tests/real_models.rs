@@ -19,14 +19,19 @@ fn mnist8_accuracy_and_logits_match_onnxruntime() {
         .arg(a.join("mnist"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["samples"], 10000);
     let acc = v["accuracy"].as_f64().unwrap();
     assert!((acc - 0.9891).abs() < 1e-9, "accuracy {acc}");
 
     // Logits of every test image against onnxruntime's.
-    let ds = smelt_data::load_idx_dir(&a.join("mnist"), Split::Test, None, &Preprocess::default()).unwrap();
+    let ds = smelt_data::load_idx_dir(&a.join("mnist"), Split::Test, None, &Preprocess::default())
+        .unwrap();
     let s = Session::new(smelt_onnx::load(&model_path).unwrap()).unwrap();
     let mut ours = Vec::with_capacity(ds.len() * 10);
     for i in 0..ds.len() {
@@ -37,11 +42,17 @@ fn mnist8_accuracy_and_logits_match_onnxruntime() {
     let theirs = ort_run(&model_path, &[("Input3", &ds.x)], dir.path());
     let theirs = theirs[0].1.as_slice::<f32>().unwrap();
     let d = max_rel_diff(&ours, theirs, 10);
-    eprintln!("mnist-8: accuracy {acc}, max normwise relative logit difference vs onnxruntime {d:e}");
+    eprintln!(
+        "mnist-8: accuracy {acc}, max normwise relative logit difference vs onnxruntime {d:e}"
+    );
     assert!(d <= 1e-5, "max relative logit difference {d}");
-    let ort_pred = smelt_data::top1(&Tensor::from_vec(vec![ds.len(), 10], theirs.to_vec()).unwrap()).unwrap();
+    let ort_pred =
+        smelt_data::top1(&Tensor::from_vec(vec![ds.len(), 10], theirs.to_vec()).unwrap()).unwrap();
     let ort_acc = smelt_data::accuracy(&ort_pred, ds.y.as_ref().unwrap());
-    assert_eq!(ort_acc, acc, "onnxruntime accuracy {ort_acc} vs smelt {acc}");
+    assert_eq!(
+        ort_acc, acc,
+        "onnxruntime accuracy {ort_acc} vs smelt {acc}"
+    );
 }
 
 fn brown_batch(n: usize) -> smelt_data::TextBatch {
@@ -70,12 +81,20 @@ fn minilm_hidden_states_match_onnxruntime() {
     let dir = tempfile::tempdir().unwrap();
     let theirs = ort_run(
         &model_path,
-        &[("input_ids", &b.input_ids), ("attention_mask", &b.attention_mask), ("token_type_ids", &b.token_type_ids)],
+        &[
+            ("input_ids", &b.input_ids),
+            ("attention_mask", &b.attention_mask),
+            ("token_type_ids", &b.token_type_ids),
+        ],
         dir.path(),
     );
     let o = ours.as_slice::<f32>().unwrap();
     let t = theirs[0].1.as_slice::<f32>().unwrap();
-    let d = o.iter().zip(t).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let d = o
+        .iter()
+        .zip(t)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
     eprintln!("minilm: max |difference| of last_hidden_state vs onnxruntime {d:e}");
     assert!(d <= 1e-4, "max |difference| of last_hidden_state: {d}");
 }
@@ -84,8 +103,18 @@ fn minilm_hidden_states_match_onnxruntime() {
 fn assert_round_trip_bit_identical(model_path: &std::path::Path, feed: &[(&str, &Tensor)]) {
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("copy.onnx");
-    let out = smelt().arg("convert").arg(model_path).arg("-o").arg(&copy).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = smelt()
+        .arg("convert")
+        .arg(model_path)
+        .arg("-o")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let d1 = dir.path().join("a");
     let d2 = dir.path().join("b");
     std::fs::create_dir_all(&d1).unwrap();
@@ -95,8 +124,18 @@ fn assert_round_trip_bit_identical(model_path: &std::path::Path, feed: &[(&str, 
     assert_eq!(orig.len(), ours.len());
     for ((n1, t1), (n2, t2)) in orig.iter().zip(&ours) {
         assert_eq!(n1, n2);
-        let a: Vec<u32> = t1.as_slice::<f32>().unwrap().iter().map(|x| x.to_bits()).collect();
-        let b: Vec<u32> = t2.as_slice::<f32>().unwrap().iter().map(|x| x.to_bits()).collect();
+        let a: Vec<u32> = t1
+            .as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        let b: Vec<u32> = t2
+            .as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
         assert!(a == b, "output {n1} differs after load -> save");
     }
     // And the IR survives a second round trip unchanged.
@@ -108,7 +147,13 @@ fn assert_round_trip_bit_identical(model_path: &std::path::Path, feed: &[(&str, 
 #[test]
 fn round_trip_mnist8_is_bit_identical_in_onnxruntime() {
     let a = assets();
-    let ds = smelt_data::load_idx_dir(&a.join("mnist"), Split::Test, Some(16), &Preprocess::default()).unwrap();
+    let ds = smelt_data::load_idx_dir(
+        &a.join("mnist"),
+        Split::Test,
+        Some(16),
+        &Preprocess::default(),
+    )
+    .unwrap();
     assert_round_trip_bit_identical(&a.join("mnist-8/model.onnx"), &[("Input3", &ds.x)]);
 }
 
@@ -117,6 +162,10 @@ fn round_trip_minilm_is_bit_identical_in_onnxruntime() {
     let b = brown_batch(8);
     assert_round_trip_bit_identical(
         &assets().join("minilm-int8/model.onnx"),
-        &[("input_ids", &b.input_ids), ("attention_mask", &b.attention_mask), ("token_type_ids", &b.token_type_ids)],
+        &[
+            ("input_ids", &b.input_ids),
+            ("attention_mask", &b.attention_mask),
+            ("token_type_ids", &b.token_type_ids),
+        ],
     );
 }

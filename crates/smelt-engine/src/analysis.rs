@@ -47,7 +47,10 @@ pub fn concrete_shape(v: &ValueInfo, spec: &InputSpec) -> Vec<usize> {
 /// like a mask are all ones, like token types (segment ids) all zeros, other integers small ids
 /// in [0, 100), bools true. scripts/ort_bench.py follows the same rule.
 pub fn synth_inputs(g: &Graph, spec: &InputSpec) -> Vec<(String, Tensor)> {
-    let mut state = spec.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = spec
+        .seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut next = move || {
         state = state
             .wrapping_mul(6364136223846793005)
@@ -88,7 +91,10 @@ pub fn synth_inputs(g: &Graph, spec: &InputSpec) -> Vec<(String, Tensor)> {
                 )
                 .and_then(|t| t.cast(dt)),
             };
-            (v.name.clone(), t.unwrap_or_else(|_| Tensor::zeros(dtype, shape)))
+            (
+                v.name.clone(),
+                t.unwrap_or_else(|_| Tensor::zeros(dtype, shape)),
+            )
         })
         .collect()
 }
@@ -99,7 +105,10 @@ pub fn infer_shapes(
     spec: &InputSpec,
 ) -> Result<HashMap<String, (DType, Vec<usize>)>> {
     let inputs = synth_inputs(session.graph(), spec);
-    let refs: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let refs: Vec<(&str, Tensor)> = inputs
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.clone()))
+        .collect();
     let (outs, captured) = session.run_with(
         &refs,
         &RunOptions {
@@ -237,11 +246,19 @@ fn node_macs(n: &Node, shapes: &HashMap<String, (DType, Vec<usize>)>) -> u64 {
     let shape = |i: usize| -> Option<&Vec<usize>> {
         n.inputs.get(i).and_then(|x| shapes.get(x)).map(|(_, s)| s)
     };
-    let out = n.outputs.first().and_then(|x| shapes.get(x)).map(|(_, s)| s);
+    let out = n
+        .outputs
+        .first()
+        .and_then(|x| shapes.get(x))
+        .map(|(_, s)| s);
     let prod = |s: &[usize]| s.iter().map(|&d| d as u64).product::<u64>();
     match n.op_type.as_str() {
         "Conv" | "ConvInteger" | "QLinearConv" => {
-            let w = if n.op_type == "QLinearConv" { shape(3) } else { shape(1) };
+            let w = if n.op_type == "QLinearConv" {
+                shape(3)
+            } else {
+                shape(1)
+            };
             match (w, out) {
                 // Each output element needs (C_in/groups) * kernel MACs = w[1] * prod(w[2..]).
                 (Some(w), Some(o)) if w.len() >= 2 => prod(o) * prod(&w[1..]),
@@ -256,7 +273,8 @@ fn node_macs(n: &Node, shapes: &HashMap<String, (DType, Vec<usize>)>) -> u64 {
             let a = shape(0);
             match (a, out) {
                 (Some(a), Some(o)) if !a.is_empty() => {
-                    let k = if n.op_type == "Gemm" && n.attr_int("transA").ok().flatten() == Some(1) {
+                    let k = if n.op_type == "Gemm" && n.attr_int("transA").ok().flatten() == Some(1)
+                    {
                         a[0]
                     } else {
                         a[a.len() - 1]

@@ -11,4 +11,4 @@ pub mod ops;
 pub mod passes;
 mod session;
 
-pub use session::{RunOptions, Session};
+pub use session::{Captured, Outputs, RunOptions, Session};

@@ -46,15 +46,28 @@ impl Pass for FoldConstants {
         while i < g.nodes.len() {
             let n = &g.nodes[i];
             let foldable = !NONDETERMINISTIC.contains(&n.op_type.as_str())
-                && !n.attrs.values().any(|a| matches!(a, smelt_ir::Attr::Graph(_) | smelt_ir::Attr::Graphs(_)))
-                && n.inputs.iter().all(|x| x.is_empty() || g.initializers.contains_key(x))
+                && !n
+                    .attrs
+                    .values()
+                    .any(|a| matches!(a, smelt_ir::Attr::Graph(_) | smelt_ir::Attr::Graphs(_)))
+                && n.inputs
+                    .iter()
+                    .all(|x| x.is_empty() || g.initializers.contains_key(x))
                 && !n.outputs.iter().any(|o| graph_outputs.contains(o))
-                && n.inputs.iter().all(|x| !g.inputs.iter().any(|v| &v.name == x));
+                && n.inputs
+                    .iter()
+                    .all(|x| !g.inputs.iter().any(|v| &v.name == x));
             if foldable {
                 let ins: Vec<Option<&Tensor>> = n
                     .inputs
                     .iter()
-                    .map(|x| if x.is_empty() { None } else { g.initializers.get(x) })
+                    .map(|x| {
+                        if x.is_empty() {
+                            None
+                        } else {
+                            g.initializers.get(x)
+                        }
+                    })
                     .collect();
                 if let Ok(outs) = run_node(n, opset, &ins) {
                     if outs.iter().all(|t| t.numel() <= self.max_elements) {
@@ -73,7 +86,9 @@ impl Pass for FoldConstants {
         }
         let (nodes, inits) = g.remove_dead();
         if nodes + inits > 0 {
-            rec.note(format!("removed {nodes} dead nodes and {inits} unused initializers"));
+            rec.note(format!(
+                "removed {nodes} dead nodes and {inits} unused initializers"
+            ));
         }
         Ok((model, rec))
     }

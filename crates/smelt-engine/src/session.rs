@@ -5,6 +5,11 @@ use smelt_ir::{Dim, Graph, Model, Node};
 use smelt_tensor::{bail, Error, Result, Tensor};
 use std::collections::{HashMap, HashSet};
 
+/// Graph outputs by name, in declaration order.
+pub type Outputs = Vec<(String, Tensor)>;
+/// Intermediate values handed back on request, by name.
+pub type Captured = HashMap<String, Tensor>;
+
 /// What to return besides the graph outputs.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
@@ -92,7 +97,7 @@ impl Session {
         &self,
         inputs: &[(&str, Tensor)],
         opts: &RunOptions,
-    ) -> Result<(Vec<(String, Tensor)>, HashMap<String, Tensor>)> {
+    ) -> Result<(Outputs, Captured)> {
         let g = &self.model.graph;
         let mut fed: HashMap<String, Tensor> = HashMap::new();
         for (name, t) in inputs {
@@ -238,7 +243,13 @@ fn run_subgraph(g: &Graph, opset: i64, args: Vec<Tensor>, outer: &Scope) -> Resu
         let node = &g.nodes[i];
         let f = ops::lookup(&node.domain, &node.op_type)
             .or_else(|| is_control_flow(node).then_some(placeholder as OpFn))
-            .ok_or_else(|| Error::Unsupported(format!("{}: op '{}' is not implemented", node.label(), node.op_type)))?;
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{}: op '{}' is not implemented",
+                    node.label(),
+                    node.op_type
+                ))
+            })?;
         let outs = {
             let scope = Scope {
                 values: &values,
@@ -261,7 +272,9 @@ fn run_subgraph(g: &Graph, opset: i64, args: Vec<Tensor>, outer: &Scope) -> Resu
                 .or_else(|| g.initializers.get(&o.name))
                 .or_else(|| outer.get(&o.name))
                 .cloned()
-                .ok_or_else(|| Error::Invalid(format!("subgraph output '{}' was not computed", o.name)))
+                .ok_or_else(|| {
+                    Error::Invalid(format!("subgraph output '{}' was not computed", o.name))
+                })
         })
         .collect()
 }
@@ -278,11 +291,20 @@ fn scalar_bool(t: &Tensor) -> Result<bool> {
     let v = t.cast(smelt_tensor::DType::Bool)?;
     match v.as_slice::<bool>()?.first() {
         Some(b) if v.numel() == 1 => Ok(*b),
-        _ => bail!(Shape, "expected a single boolean, got shape {:?}", t.shape()),
+        _ => bail!(
+            Shape,
+            "expected a single boolean, got shape {:?}",
+            t.shape()
+        ),
     }
 }
 
-fn control_flow(node: &Node, opset: i64, ins: &[Option<&Tensor>], scope: &Scope) -> Result<Vec<Tensor>> {
+fn control_flow(
+    node: &Node,
+    opset: i64,
+    ins: &[Option<&Tensor>],
+    scope: &Scope,
+) -> Result<Vec<Tensor>> {
     let graph = |key: &str| {
         node.attr_graph(key)?
             .ok_or_else(|| Error::Invalid(format!("attribute '{key}' (a graph) is missing")))
@@ -300,7 +322,13 @@ fn control_flow(node: &Node, opset: i64, ins: &[Option<&Tensor>], scope: &Scope)
 }
 
 /// ONNX Loop: body(iter, cond, carried...) -> (cond, carried..., scan outputs...).
-fn run_loop(_node: &Node, opset: i64, ins: &[Option<&Tensor>], scope: &Scope, body: &Graph) -> Result<Vec<Tensor>> {
+fn run_loop(
+    _node: &Node,
+    opset: i64,
+    ins: &[Option<&Tensor>],
+    scope: &Scope,
+    body: &Graph,
+) -> Result<Vec<Tensor>> {
     let max_trip = match ops::opt_input(ins, 0) {
         Some(t) => Some(t.to_i64_vec()?.first().copied().unwrap_or(0)),
         None => None,
@@ -309,7 +337,14 @@ fn run_loop(_node: &Node, opset: i64, ins: &[Option<&Tensor>], scope: &Scope, bo
         Some(t) => scalar_bool(t)?,
         None => true,
     };
-    let mut carried: Vec<Tensor> = ins.iter().skip(2).map(|t| t.cloned().ok_or_else(|| Error::Invalid("Loop carried value missing".into()))).collect::<Result<_>>()?;
+    let mut carried: Vec<Tensor> = ins
+        .iter()
+        .skip(2)
+        .map(|t| {
+            t.cloned()
+                .ok_or_else(|| Error::Invalid("Loop carried value missing".into()))
+        })
+        .collect::<Result<_>>()?;
     let n_carried = carried.len();
     let n_scan = body.outputs.len().saturating_sub(1 + n_carried);
     let mut scans: Vec<Vec<Tensor>> = vec![Vec::new(); n_scan];
@@ -323,7 +358,12 @@ fn run_loop(_node: &Node, opset: i64, ins: &[Option<&Tensor>], scope: &Scope, bo
         args.extend(carried.iter().cloned());
         let outs = run_subgraph(body, opset, args, scope)?;
         if outs.len() != 1 + n_carried + n_scan {
-            bail!(Invalid, "Loop body returned {} values, expected {}", outs.len(), 1 + n_carried + n_scan);
+            bail!(
+                Invalid,
+                "Loop body returned {} values, expected {}",
+                outs.len(),
+                1 + n_carried + n_scan
+            );
         }
         let mut it = outs.into_iter();
         cond = scalar_bool(&it.next().unwrap())?;
@@ -343,7 +383,9 @@ fn run_loop(_node: &Node, opset: i64, ins: &[Option<&Tensor>], scope: &Scope, bo
 /// Stacks equally shaped tensors along a new leading axis.
 fn stack(parts: Vec<Tensor>, decl: Option<&smelt_ir::ValueInfo>) -> Result<Tensor> {
     let Some(first) = parts.first() else {
-        let dt = decl.and_then(|d| d.dtype).unwrap_or(smelt_tensor::DType::F32);
+        let dt = decl
+            .and_then(|d| d.dtype)
+            .unwrap_or(smelt_tensor::DType::F32);
         return Ok(Tensor::zeros(dt, vec![0]));
     };
     let mut shape = vec![parts.len()];
@@ -351,7 +393,12 @@ fn stack(parts: Vec<Tensor>, decl: Option<&smelt_ir::ValueInfo>) -> Result<Tenso
     let dt = first.dtype();
     for p in &parts {
         if p.shape() != first.shape() || p.dtype() != dt {
-            bail!(Shape, "scan outputs differ in shape across iterations: {:?} vs {:?}", p.shape(), first.shape());
+            bail!(
+                Shape,
+                "scan outputs differ in shape across iterations: {:?} vs {:?}",
+                p.shape(),
+                first.shape()
+            );
         }
     }
     Tensor::new(shape, concat_data(&parts))
@@ -397,27 +444,56 @@ fn move_leading_axis(t: Tensor, axis: usize) -> Result<Tensor> {
     let inner: usize = shape[axis + 1..].iter().product();
     let mid: usize = shape[1..axis + 1].iter().product();
     // out[m, s, k] = in[s, m, k] for m over mid, s over n, k over inner.
-    let idx = (0..mid).flat_map(move |m| (0..n).flat_map(move |s| (0..inner).map(move |k| (s * mid + m) * inner + k)));
+    let idx = (0..mid).flat_map(move |m| {
+        (0..n).flat_map(move |s| (0..inner).map(move |k| (s * mid + m) * inner + k))
+    });
     let data = t.data().gather(idx);
     Tensor::new(out_shape, data)
 }
 
 /// ONNX Scan (opset 9+): state variables carried, scan inputs sliced along their axes.
-fn run_scan(node: &Node, opset: i64, ins: &[Option<&Tensor>], scope: &Scope, body: &Graph) -> Result<Vec<Tensor>> {
-    let n_scan_in = node.attr_int("num_scan_inputs")?.ok_or_else(|| Error::Invalid("Scan needs num_scan_inputs".into()))? as usize;
+fn run_scan(
+    node: &Node,
+    opset: i64,
+    ins: &[Option<&Tensor>],
+    scope: &Scope,
+    body: &Graph,
+) -> Result<Vec<Tensor>> {
+    let n_scan_in =
+        node.attr_int("num_scan_inputs")?
+            .ok_or_else(|| Error::Invalid("Scan needs num_scan_inputs".into()))? as usize;
     if opset < 9 {
         bail!(Unsupported, "Scan before opset 9 (with a batch axis)");
     }
-    let all: Vec<&Tensor> = ins.iter().map(|t| t.ok_or_else(|| Error::Invalid("Scan input missing".into()))).collect::<Result<_>>()?;
+    let all: Vec<&Tensor> = ins
+        .iter()
+        .map(|t| t.ok_or_else(|| Error::Invalid("Scan input missing".into())))
+        .collect::<Result<_>>()?;
     if n_scan_in > all.len() {
-        bail!(Invalid, "Scan has {} inputs but num_scan_inputs = {n_scan_in}", all.len());
+        bail!(
+            Invalid,
+            "Scan has {} inputs but num_scan_inputs = {n_scan_in}",
+            all.len()
+        );
     }
     let n_state = all.len() - n_scan_in;
-    let in_axes = node.attr_ints("scan_input_axes")?.map(|v| v.to_vec()).unwrap_or_else(|| vec![0; n_scan_in]);
-    let in_dirs = node.attr_ints("scan_input_directions")?.map(|v| v.to_vec()).unwrap_or_else(|| vec![0; n_scan_in]);
+    let in_axes = node
+        .attr_ints("scan_input_axes")?
+        .map(|v| v.to_vec())
+        .unwrap_or_else(|| vec![0; n_scan_in]);
+    let in_dirs = node
+        .attr_ints("scan_input_directions")?
+        .map(|v| v.to_vec())
+        .unwrap_or_else(|| vec![0; n_scan_in]);
     let n_scan_out = body.outputs.len().saturating_sub(n_state);
-    let out_axes = node.attr_ints("scan_output_axes")?.map(|v| v.to_vec()).unwrap_or_else(|| vec![0; n_scan_out]);
-    let out_dirs = node.attr_ints("scan_output_directions")?.map(|v| v.to_vec()).unwrap_or_else(|| vec![0; n_scan_out]);
+    let out_axes = node
+        .attr_ints("scan_output_axes")?
+        .map(|v| v.to_vec())
+        .unwrap_or_else(|| vec![0; n_scan_out]);
+    let out_dirs = node
+        .attr_ints("scan_output_directions")?
+        .map(|v| v.to_vec())
+        .unwrap_or_else(|| vec![0; n_scan_out]);
     let mut state: Vec<Tensor> = all[..n_state].iter().map(|t| (*t).clone()).collect();
     let scan_in = &all[n_state..];
     let axes: Vec<usize> = scan_in
@@ -434,9 +510,16 @@ fn run_scan(node: &Node, opset: i64, ins: &[Option<&Tensor>], scope: &Scope, bod
         let mut args = state.clone();
         for (k, t) in scan_in.iter().enumerate() {
             if t.shape()[axes[k]] != len {
-                bail!(Shape, "Scan inputs have different lengths along their scan axes");
+                bail!(
+                    Shape,
+                    "Scan inputs have different lengths along their scan axes"
+                );
             }
-            let i = if in_dirs.get(k) == Some(&1) { len - 1 - step } else { step };
+            let i = if in_dirs.get(k) == Some(&1) {
+                len - 1 - step
+            } else {
+                step
+            };
             args.push(take_along(t, axes[k], i)?);
         }
         let res = run_subgraph(body, opset, args, scope)?;

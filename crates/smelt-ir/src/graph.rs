@@ -230,7 +230,10 @@ impl Graph {
                     bail!(Invalid, "value '{o}' is produced by more than one node");
                 }
                 if self.initializers.contains_key(o) {
-                    bail!(Invalid, "value '{o}' is both an initializer and a node output");
+                    bail!(
+                        Invalid,
+                        "value '{o}' is both an initializer and a node output"
+                    );
                 }
             }
         }
@@ -304,7 +307,10 @@ impl Graph {
     /// Reorders `nodes` topologically (a no-op for an already sorted graph).
     pub fn sort(&mut self) -> Result<()> {
         let order = self.topo_order()?;
-        let mut old: Vec<Option<Node>> = std::mem::take(&mut self.nodes).into_iter().map(Some).collect();
+        let mut old: Vec<Option<Node>> = std::mem::take(&mut self.nodes)
+            .into_iter()
+            .map(Some)
+            .collect();
         self.nodes = order.into_iter().map(|i| old[i].take().unwrap()).collect();
         Ok(())
     }
@@ -328,7 +334,11 @@ impl Graph {
                 }
             }
             for g in subgraphs(n) {
-                free.extend(g.free_values().into_iter().filter(|v| !defined.contains(v.as_str())));
+                free.extend(
+                    g.free_values()
+                        .into_iter()
+                        .filter(|v| !defined.contains(v.as_str())),
+                );
             }
         }
         for o in &self.outputs {

@@ -40,13 +40,25 @@ macro_rules! element_int {
         impl Element for $t {
             const DTYPE: DType = DType::$var;
             fn slice(d: &Data) -> Option<&[Self]> {
-                if let Data::$var(v) = d { Some(v) } else { None }
+                if let Data::$var(v) = d {
+                    Some(v)
+                } else {
+                    None
+                }
             }
             fn slice_mut(d: &mut Data) -> Option<&mut [Self]> {
-                if let Data::$var(v) = d { Some(v) } else { None }
+                if let Data::$var(v) = d {
+                    Some(v)
+                } else {
+                    None
+                }
             }
             fn into_vec(d: Data) -> Option<Vec<Self>> {
-                if let Data::$var(v) = d { Some(v) } else { None }
+                if let Data::$var(v) = d {
+                    Some(v)
+                } else {
+                    None
+                }
             }
             fn wrap(v: Vec<Self>) -> Data {
                 Data::$var(v)
@@ -80,13 +92,25 @@ macro_rules! element_float {
         impl Element for $t {
             const DTYPE: DType = DType::$var;
             fn slice(d: &Data) -> Option<&[Self]> {
-                if let Data::$var(v) = d { Some(v) } else { None }
+                if let Data::$var(v) = d {
+                    Some(v)
+                } else {
+                    None
+                }
             }
             fn slice_mut(d: &mut Data) -> Option<&mut [Self]> {
-                if let Data::$var(v) = d { Some(v) } else { None }
+                if let Data::$var(v) = d {
+                    Some(v)
+                } else {
+                    None
+                }
             }
             fn into_vec(d: Data) -> Option<Vec<Self>> {
-                if let Data::$var(v) = d { Some(v) } else { None }
+                if let Data::$var(v) = d {
+                    Some(v)
+                } else {
+                    None
+                }
             }
             fn wrap(v: Vec<Self>) -> Data {
                 Data::$var(v)
@@ -307,7 +331,11 @@ impl Tensor {
 
     pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
         T::slice(&self.data).ok_or_else(|| {
-            Error::Shape(format!("expected {} tensor, got {}", T::DTYPE, self.dtype()))
+            Error::Shape(format!(
+                "expected {} tensor, got {}",
+                T::DTYPE,
+                self.dtype()
+            ))
         })
     }
 
@@ -357,7 +385,11 @@ impl Tensor {
                 DType::U32 => conv::<S, u32>(v, src_float),
                 DType::U64 => conv::<S, u64>(v, src_float),
                 DType::Bool => conv::<S, bool>(v, src_float),
-                DType::Str => Data::Str(v.iter().map(|x| format_number(x.to_f64(), S::DTYPE)).collect()),
+                DType::Str => Data::Str(
+                    v.iter()
+                        .map(|x| format_number(x.to_f64(), S::DTYPE))
+                        .collect(),
+                ),
             })
         }
         let data = dispatch!(&self.data, T, v => to_dst::<T>(v, to, src_float)?, str => {
@@ -394,7 +426,11 @@ fn format_number(v: f64, dtype: DType) -> String {
         if v.is_nan() {
             "NaN".into()
         } else if v.is_infinite() {
-            if v > 0.0 { "INF".into() } else { "-INF".into() }
+            if v > 0.0 {
+                "INF".into()
+            } else {
+                "-INF".into()
+            }
         } else {
             format!("{v}")
         }
@@ -422,10 +458,19 @@ mod tests {
     #[test]
     fn cast_float_to_int_truncates_and_int_wraps() {
         let t = Tensor::from_vec(vec![3], vec![1.7f32, -1.7, 300.0]).unwrap();
-        assert_eq!(t.cast(DType::I32).unwrap().as_slice::<i32>().unwrap(), &[1, -1, 300]);
-        assert_eq!(t.cast(DType::U8).unwrap().as_slice::<u8>().unwrap(), &[1, 0, 255]);
+        assert_eq!(
+            t.cast(DType::I32).unwrap().as_slice::<i32>().unwrap(),
+            &[1, -1, 300]
+        );
+        assert_eq!(
+            t.cast(DType::U8).unwrap().as_slice::<u8>().unwrap(),
+            &[1, 0, 255]
+        );
         let i = Tensor::from_vec(vec![2], vec![257i64, -1]).unwrap();
-        assert_eq!(i.cast(DType::U8).unwrap().as_slice::<u8>().unwrap(), &[1, 255]);
+        assert_eq!(
+            i.cast(DType::U8).unwrap().as_slice::<u8>().unwrap(),
+            &[1, 255]
+        );
     }
 
     #[test]

@@ -45,9 +45,15 @@ fn main() {
     }
     let suite = suite.unwrap_or_else(|| assets_dir().join("onnx-node-tests"));
     let mut tests: Vec<PathBuf> = match std::fs::read_dir(&suite) {
-        Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("model.onnx").is_file()).collect(),
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("model.onnx").is_file())
+            .collect(),
         Err(e) => {
-            eprintln!("smelt-conformance: cannot read the suite at {}: {e}; run scripts/fetch-assets.sh", suite.display());
+            eprintln!(
+                "smelt-conformance: cannot read the suite at {}: {e}; run scripts/fetch-assets.sh",
+                suite.display()
+            );
             std::process::exit(2);
         }
     };
@@ -97,14 +103,23 @@ fn main() {
         });
         let mut it = text.lines();
         let floor: usize = it.next().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
-        let lost: Vec<&str> = it.filter(|l| !l.is_empty() && !passing.iter().any(|p| p == l)).collect();
+        let lost: Vec<&str> = it
+            .filter(|l| !l.is_empty() && !passing.iter().any(|p| p == l))
+            .collect();
         let mut ok = true;
         if counts[0] < floor {
-            eprintln!("conformance: pass count {} is below the floor {floor}", counts[0]);
+            eprintln!(
+                "conformance: pass count {} is below the floor {floor}",
+                counts[0]
+            );
             ok = false;
         }
         if !lost.is_empty() && filter.is_empty() {
-            eprintln!("conformance: {} tests that passed before now fail: {}", lost.len(), lost.join(", "));
+            eprintln!(
+                "conformance: {} tests that passed before now fail: {}",
+                lost.len(),
+                lost.join(", ")
+            );
             ok = false;
         }
         if counts[4] > 0 {
@@ -124,7 +139,9 @@ fn assets_dir() -> PathBuf {
     }
     let cache = std::env::var("XDG_CACHE_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache")
+        });
     cache.join("smelt/assets")
 }
 
@@ -140,14 +157,22 @@ fn run_test(dir: &Path) -> (Status, String) {
         Ok(m) => m,
         Err(e) => return (classify(&e), format!("load: {e}")),
     };
-    let inputs: Vec<String> = model.graph.runtime_inputs().map(|v| v.name.clone()).collect();
+    let inputs: Vec<String> = model
+        .graph
+        .runtime_inputs()
+        .map(|v| v.name.clone())
+        .collect();
     let outputs: Vec<String> = model.graph.outputs.iter().map(|v| v.name.clone()).collect();
     let session = match Session::new(model) {
         Ok(s) => s,
         Err(e) => return (classify(&e), e.to_string()),
     };
     let mut sets: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_dir())
+                .collect()
+        })
         .unwrap_or_default();
     sets.sort();
     if sets.is_empty() {
@@ -184,13 +209,21 @@ fn run_test(dir: &Path) -> (Status, String) {
 /// The ONNX backend tests' tolerance: |got - want| <= atol + rtol * |want|, NaN equals NaN.
 fn compare(want: &Tensor, got: &Tensor) -> Result<(), String> {
     if want.shape() != got.shape() {
-        return Err(format!("shape {:?}, expected {:?}", got.shape(), want.shape()));
+        return Err(format!(
+            "shape {:?}, expected {:?}",
+            got.shape(),
+            want.shape()
+        ));
     }
     if want.dtype() != got.dtype() {
         return Err(format!("dtype {}, expected {}", got.dtype(), want.dtype()));
     }
     if let (Data::Str(a), Data::Str(b)) = (want.data(), got.data()) {
-        return if a == b { Ok(()) } else { Err("strings differ".into()) };
+        return if a == b {
+            Ok(())
+        } else {
+            Err("strings differ".into())
+        };
     }
     let (rtol, atol) = match want.dtype() {
         smelt_tensor::DType::F16 | smelt_tensor::DType::BF16 => (1e-2, 1e-3),

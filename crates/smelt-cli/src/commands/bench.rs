@@ -34,7 +34,10 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         seed: 0,
     };
     let inputs = synth_inputs(s.graph(), &spec);
-    let feed: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let feed: Vec<(&str, Tensor)> = inputs
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.clone()))
+        .collect();
     for _ in 0..a.warmup {
         s.run(&feed)?;
     }
@@ -46,7 +49,10 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     }
     ms.sort_by(|x, y| x.total_cmp(y));
     let profile = if a.profile {
-        let opts = smelt_engine::RunOptions { profile: true, ..Default::default() };
+        let opts = smelt_engine::RunOptions {
+            profile: true,
+            ..Default::default()
+        };
         for _ in 0..a.runs.max(1) {
             s.run_with(&feed, &opts)?;
         }
@@ -69,12 +75,21 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     } else {
         println!("model      {}", a.model.display());
         println!("batch {}  threads {}  runs {}", a.batch, threads, ms.len());
-        println!("median     {:.3} ms   (p10 {:.3}, p90 {:.3})", pct(0.5), pct(0.1), pct(0.9));
+        println!(
+            "median     {:.3} ms   (p10 {:.3}, p90 {:.3})",
+            pct(0.5),
+            pct(0.1),
+            pct(0.9)
+        );
         if let Some(r) = rss {
             println!("peak RSS   {:.1} MiB", r as f64 / (1024.0 * 1024.0));
         }
         for (op, t, n) in &profile {
-            println!("  {op:<24} {:>9.3} ms/run  ({} calls/run)", t * 1e3 / per_run, *n as f64 / per_run);
+            println!(
+                "  {op:<24} {:>9.3} ms/run  ({} calls/run)",
+                t * 1e3 / per_run,
+                *n as f64 / per_run
+            );
         }
     }
     Ok(())

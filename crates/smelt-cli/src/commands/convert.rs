@@ -27,7 +27,11 @@ pub struct Args {
 
 pub fn run(a: Args, json: bool) -> Result<()> {
     if !a.force && same_file(&a.model, &a.output) {
-        bail!(Input, "refusing to overwrite the input {} (pass --force)", a.model.display());
+        bail!(
+            Input,
+            "refusing to overwrite the input {} (pass --force)",
+            a.model.display()
+        );
     }
     let mut model = load_model(&a.model)?;
     if a.dynamic_batch {
@@ -48,10 +52,17 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     smelt_onnx::save_with(&model, &a.output, &opts)?;
     let bytes = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
     if json {
-        print_json(&json!({"output": a.output.display().to_string(), "file_bytes": bytes,
-                           "nodes": model.graph.nodes.len()}));
+        print_json(
+            &json!({"output": a.output.display().to_string(), "file_bytes": bytes,
+                           "nodes": model.graph.nodes.len()}),
+        );
     } else {
-        println!("wrote {} ({} bytes, {} nodes)", a.output.display(), bytes, model.graph.nodes.len());
+        println!(
+            "wrote {} ({} bytes, {} nodes)",
+            a.output.display(),
+            bytes,
+            model.graph.nodes.len()
+        );
     }
     Ok(())
 }

@@ -27,7 +27,10 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         None => None,
     };
     if batches.labels.is_none() && reference.is_none() {
-        bail!(Input, "the data has no labels: give --reference ORIGINAL.onnx to measure fidelity instead");
+        bail!(
+            Input,
+            "the data has no labels: give --reference ORIGINAL.onnx to measure fidelity instead"
+        );
     }
     let started = std::time::Instant::now();
     let mut correct = 0usize;
@@ -41,7 +44,11 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         if let Some(labels) = &batches.labels {
             let pred = smelt_data::top1(out)?;
             let y = &labels[i];
-            correct += pred.iter().zip(y).filter(|(p, l)| **p as i64 == **l).count();
+            correct += pred
+                .iter()
+                .zip(y)
+                .filter(|(p, l)| **p as i64 == **l)
+                .count();
             labelled += y.len();
         }
         if let Some(r) = &reference {

@@ -76,24 +76,48 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     println!("model      {}", a.model.display());
     println!("opset      {opset}");
     println!("file       {} bytes", file_bytes);
-    println!("params     {} ({} bytes of weights)", st.params, st.weight_bytes);
-    println!("flops      {} per sample ({:.3} MFLOPs)", st.flops, st.flops as f64 / 1e6);
+    println!(
+        "params     {} ({} bytes of weights)",
+        st.params, st.weight_bytes
+    );
+    println!(
+        "flops      {} per sample ({:.3} MFLOPs)",
+        st.flops,
+        st.flops as f64 / 1e6
+    );
     println!("sparsity   {:.2}%", 100.0 * st.sparsity());
     println!("nodes      {}", g.nodes.len());
     let ops: Vec<String> = st.ops.iter().map(|(k, v)| format!("{k} x{v}")).collect();
     println!("ops        {}", ops.join(", "));
     for v in &inputs {
-        println!("input      {} {:?} {:?}", v.name, v.dtype.map(|d| d.name()), v.shape);
+        println!(
+            "input      {} {:?} {:?}",
+            v.name,
+            v.dtype.map(|d| d.name()),
+            v.shape
+        );
     }
     for v in &g.outputs {
-        println!("output     {} {:?} {:?}", v.name, v.dtype.map(|d| d.name()), v.shape);
+        println!(
+            "output     {} {:?} {:?}",
+            v.name,
+            v.dtype.map(|d| d.name()),
+            v.shape
+        );
     }
     if a.layers {
-        println!("\n{:<40} {:<14} {:>14} {:>10} {:>9}", "node", "op", "MACs", "params", "sparsity");
+        println!(
+            "\n{:<40} {:<14} {:>14} {:>10} {:>9}",
+            "node", "op", "MACs", "params", "sparsity"
+        );
         for n in st.nodes.iter().filter(|n| n.macs > 0 || n.params > 0) {
             println!(
                 "{:<40} {:<14} {:>14} {:>10} {:>8.2}%",
-                n.name, n.op_type, n.macs, n.params, 100.0 * n.sparsity
+                n.name,
+                n.op_type,
+                n.macs,
+                n.params,
+                100.0 * n.sparsity
             );
         }
     }

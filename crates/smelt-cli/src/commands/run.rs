@@ -57,7 +57,8 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         }
     }
     if let Some(dir) = &a.output_dir {
-        std::fs::create_dir_all(dir).map_err(|e| smelt_tensor::Error::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| smelt_tensor::Error::io(format!("creating {}", dir.display()), e))?;
         for (n, t) in &all {
             npy::write(&dir.join(format!("{}.npy", sanitize(n))), t)?;
         }
@@ -77,7 +78,12 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             let vals = t.to_f64_vec().unwrap_or_default();
             let head: Vec<String> = vals.iter().take(10).map(|v| format!("{v:.6}")).collect();
             let more = if vals.len() > 10 { ", ..." } else { "" };
-            println!("{n} {} {:?}: [{}{more}]", t.dtype(), t.shape(), head.join(", "));
+            println!(
+                "{n} {} {:?}: [{}{more}]",
+                t.dtype(),
+                t.shape(),
+                head.join(", ")
+            );
         }
     }
     Ok(())
@@ -85,5 +91,13 @@ pub fn run(a: Args, json: bool) -> Result<()> {
 
 /// Value names may contain '/' or ':'; file names may not.
 fn sanitize(n: &str) -> String {
-    n.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' { c } else { '_' }).collect()
+    n.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }

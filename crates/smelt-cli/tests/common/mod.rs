@@ -9,7 +9,10 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn script_output(script: &str, env_var: &str) -> PathBuf {
@@ -56,15 +59,33 @@ pub fn ort_run(model: &Path, inputs: &[(&str, &Tensor)], dir: &Path) -> Vec<(Str
     }
     let out_dir = dir.join("ort_out");
     let _ = std::fs::remove_dir_all(&out_dir);
-    let out = cmd.arg("--output-dir").arg(&out_dir).output().expect("run python");
-    assert!(out.status.success(), "onnxruntime failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .arg("--output-dir")
+        .arg(&out_dir)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "onnxruntime failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let model = smelt_onnx::load(model).unwrap();
     model
         .graph
         .outputs
         .iter()
         .map(|o| {
-            let f: String = o.name.chars().map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '_' }).collect();
+            let f: String = o
+                .name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
             (o.name.clone(), read_npy(&out_dir.join(format!("{f}.npy"))))
         })
         .collect()
@@ -75,7 +96,12 @@ pub fn write_npy(path: &Path, t: &Tensor) {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     macro_rules! put {
         ($v:expr) => {{
-            let mut w = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(&mut f).begin_nd().unwrap();
+            let mut w = npyz::WriteOptions::new()
+                .default_dtype()
+                .shape(&shape)
+                .writer(&mut f)
+                .begin_nd()
+                .unwrap();
             w.extend($v.iter().copied()).unwrap();
             w.finish().unwrap();
         }};
@@ -112,8 +138,15 @@ pub fn max_rel_diff(a: &[f32], b: &[f32], row: usize) -> f32 {
     a.chunks(row)
         .zip(b.chunks(row))
         .map(|(x, y)| {
-            let scale = y.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
-            x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max) / scale
+            let scale = y
+                .iter()
+                .fold(0.0f32, |m, v| m.max(v.abs()))
+                .max(f32::MIN_POSITIVE);
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0f32, f32::max)
+                / scale
         })
         .fold(0.0, f32::max)
 }

@@ -1320,7 +1320,11 @@ fn op_where(_: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     // an odometer per input, the inner loop is a plain stride (0 or 1) walk.
     let rank = shape.len();
     let last = if rank == 0 { 1 } else { shape[rank - 1] };
-    let outer = if rank == 0 { &[][..] } else { &shape[..rank - 1] };
+    let outer = if rank == 0 {
+        &[][..]
+    } else {
+        &shape[..rank - 1]
+    };
     let strides = |s: &[usize]| smelt_tensor::broadcast_strides(s, &shape);
     let (cs, xs, ys) = (strides(c.shape()), strides(x.shape()), strides(y.shape()));
     let inner = |st: &[usize]| if rank == 0 { 0 } else { st[rank - 1] };

@@ -68,7 +68,9 @@ fn registry() -> &'static Registry {
 pub fn lookup(domain: &str, op_type: &str) -> Option<OpFn> {
     match domain {
         "" | "ai.onnx" => registry().get(op_type).copied(),
-        "com.microsoft" => registry().get(format!("com.microsoft.{op_type}").as_str()).copied(),
+        "com.microsoft" => registry()
+            .get(format!("com.microsoft.{op_type}").as_str())
+            .copied(),
         _ => None,
     }
 }

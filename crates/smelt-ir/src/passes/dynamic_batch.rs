@@ -43,7 +43,11 @@ impl Pass for DynamicBatch {
                 continue;
             }
             let Some(shape_name) = n.inputs.get(1) else {
-                bail!(Unsupported, "{}: Reshape with a shape attribute (opset < 5)", n.label());
+                bail!(
+                    Unsupported,
+                    "{}: Reshape with a shape attribute (opset < 5)",
+                    n.label()
+                );
             };
             let Some(shape) = g.initializers.get(shape_name) else {
                 // A computed shape follows the batch already (Shape -> Gather -> Concat chains).
@@ -61,7 +65,10 @@ impl Pass for DynamicBatch {
             g.initializers
                 .insert(new_name.clone(), Tensor::from_vec(vec![dims.len()], dims)?);
             g.nodes[i].inputs[1] = new_name;
-            rec.note(format!("{} now copies the batch dimension", g.nodes[i].label()));
+            rec.note(format!(
+                "{} now copies the batch dimension",
+                g.nodes[i].label()
+            ));
         }
         let sym = Dim::Sym(self.dim_name.clone());
         for v in g.inputs.iter_mut().filter(|v| runtime.contains(&v.name)) {
@@ -96,23 +103,49 @@ mod tests {
     #[test]
     fn rewrites_activation_reshapes_only() {
         let mut g = Graph {
-            inputs: vec![ValueInfo::new("x", DType::F32, vec![Dim::Fixed(1), Dim::Fixed(4)])],
-            outputs: vec![ValueInfo::new("y", DType::F32, vec![Dim::Fixed(1), Dim::Fixed(2)])],
+            inputs: vec![ValueInfo::new(
+                "x",
+                DType::F32,
+                vec![Dim::Fixed(1), Dim::Fixed(4)],
+            )],
+            outputs: vec![ValueInfo::new(
+                "y",
+                DType::F32,
+                vec![Dim::Fixed(1), Dim::Fixed(2)],
+            )],
             ..Default::default()
         };
         let shape = Tensor::from_vec(vec![2], vec![1i64, 4]).unwrap();
         g.initializers.insert("s".into(), shape);
-        g.initializers.insert("w".into(), Tensor::from_vec(vec![4, 2], vec![0f32; 8]).unwrap());
-        g.initializers.insert("ws".into(), Tensor::from_vec(vec![2], vec![4i64, 2]).unwrap());
-        g.nodes.push(Node::new("Reshape", "r", &["x", "s"], &["xr"]));
-        g.nodes.push(Node::new("Reshape", "rw", &["w", "ws"], &["wr"]));
-        g.nodes.push(Node::new("MatMul", "m", &["xr", "wr"], &["y"]));
-        let m = Model { graph: g, ..Default::default() };
+        g.initializers.insert(
+            "w".into(),
+            Tensor::from_vec(vec![4, 2], vec![0f32; 8]).unwrap(),
+        );
+        g.initializers.insert(
+            "ws".into(),
+            Tensor::from_vec(vec![2], vec![4i64, 2]).unwrap(),
+        );
+        g.nodes
+            .push(Node::new("Reshape", "r", &["x", "s"], &["xr"]));
+        g.nodes
+            .push(Node::new("Reshape", "rw", &["w", "ws"], &["wr"]));
+        g.nodes
+            .push(Node::new("MatMul", "m", &["xr", "wr"], &["y"]));
+        let m = Model {
+            graph: g,
+            ..Default::default()
+        };
         let (m, rec) = DynamicBatch::default().run(m).unwrap();
         let g = &m.graph;
-        assert_eq!(g.inputs[0].shape.as_ref().unwrap()[0], Dim::Sym("batch".into()));
+        assert_eq!(
+            g.inputs[0].shape.as_ref().unwrap()[0],
+            Dim::Sym("batch".into())
+        );
         let r = &g.nodes[0];
-        assert_eq!(g.initializers[&r.inputs[1]].to_i64_vec().unwrap(), vec![0, 4]);
+        assert_eq!(
+            g.initializers[&r.inputs[1]].to_i64_vec().unwrap(),
+            vec![0, 4]
+        );
         assert_eq!(g.nodes[1].inputs[1], "ws");
         assert_eq!(rec.changes.len(), 2);
     }

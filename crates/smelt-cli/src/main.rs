@@ -3,7 +3,6 @@
 
 mod args;
 mod commands;
-mod npy;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

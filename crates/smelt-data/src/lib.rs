@@ -6,6 +6,7 @@
 
 mod idx;
 mod metrics;
+pub mod npy;
 mod npz;
 mod text;
 

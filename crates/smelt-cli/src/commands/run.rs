@@ -1,6 +1,6 @@
 use crate::args::{load_model, print_json, session};
-use crate::npy;
 use serde_json::json;
+use smelt_data::npy;
 use smelt_engine::analysis::{synth_inputs, InputSpec};
 use smelt_engine::RunOptions;
 use smelt_tensor::{bail, Result, Tensor};

@@ -2,8 +2,7 @@
 //! reference, and .npy files for exchanging tensors with it.
 #![allow(dead_code)]
 
-use npyz::WriterBuilder;
-use smelt_tensor::{Data, Tensor};
+use smelt_tensor::Tensor;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -92,42 +91,11 @@ pub fn ort_run(model: &Path, inputs: &[(&str, &Tensor)], dir: &Path) -> Vec<(Str
 }
 
 pub fn write_npy(path: &Path, t: &Tensor) {
-    let shape: Vec<u64> = t.shape().iter().map(|&d| d as u64).collect();
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    macro_rules! put {
-        ($v:expr) => {{
-            let mut w = npyz::WriteOptions::new()
-                .default_dtype()
-                .shape(&shape)
-                .writer(&mut f)
-                .begin_nd()
-                .unwrap();
-            w.extend($v.iter().copied()).unwrap();
-            w.finish().unwrap();
-        }};
-    }
-    match t.data() {
-        Data::F32(v) => put!(v),
-        Data::I64(v) => put!(v),
-        Data::I32(v) => put!(v),
-        Data::U8(v) => put!(v),
-        Data::I8(v) => put!(v),
-        d => panic!("write_npy: unsupported {:?}", d.dtype()),
-    }
+    smelt_data::npy::write(path, t).unwrap_or_else(|e| panic!("{e}"));
 }
 
 pub fn read_npy(path: &Path) -> Tensor {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
-    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
-    let descr = npy.dtype().descr();
-    let data = match descr.trim_matches('\'').trim_start_matches(['<', '|']) {
-        "f4" => Data::F32(npy.into_vec().unwrap()),
-        "i8" => Data::I64(npy.into_vec().unwrap()),
-        "i4" => Data::I32(npy.into_vec().unwrap()),
-        other => panic!("read_npy: dtype {other}"),
-    };
-    Tensor::new(shape, data).unwrap()
+    smelt_data::npy::read(path).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Largest row-wise normwise relative difference: max |a - b| over a row divided by max |b|

@@ -90,20 +90,10 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     let ops: Vec<String> = st.ops.iter().map(|(k, v)| format!("{k} x{v}")).collect();
     println!("ops        {}", ops.join(", "));
     for v in &inputs {
-        println!(
-            "input      {} {:?} {:?}",
-            v.name,
-            v.dtype.map(|d| d.name()),
-            v.shape
-        );
+        println!("input      {} {}", v.name, describe(v));
     }
     for v in &g.outputs {
-        println!(
-            "output     {} {:?} {:?}",
-            v.name,
-            v.dtype.map(|d| d.name()),
-            v.shape
-        );
+        println!("output     {} {}", v.name, describe(v));
     }
     if a.layers {
         println!(
@@ -122,4 +112,21 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// "float32 [batch, 1, 28, 28]" for a declared value.
+fn describe(v: &smelt_ir::ValueInfo) -> String {
+    let dt = v.dtype.map_or("?", |d| d.name());
+    let Some(shape) = &v.shape else {
+        return format!("{dt} (rank unknown)");
+    };
+    let dims: Vec<String> = shape
+        .iter()
+        .map(|d| match d {
+            smelt_ir::Dim::Fixed(n) => n.to_string(),
+            smelt_ir::Dim::Sym(s) => s.clone(),
+            smelt_ir::Dim::Unknown => "?".into(),
+        })
+        .collect();
+    format!("{dt} [{}]", dims.join(", "))
 }

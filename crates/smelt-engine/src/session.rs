@@ -230,8 +230,7 @@ fn run_subgraph(g: &Graph, opset: i64, args: Vec<Tensor>, outer: &Scope) -> Resu
     for (v, t) in g.inputs.iter().zip(args) {
         values.insert(v.name.clone(), t);
     }
-    let outer_names: HashSet<String> = HashSet::new();
-    let mut visible = outer_names;
+    let mut visible: HashSet<String> = HashSet::new();
     let mut sc = Some(outer);
     while let Some(s) = sc {
         visible.extend(s.values.keys().cloned());

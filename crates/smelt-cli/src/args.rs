@@ -3,7 +3,7 @@
 use smelt_data::{Dataset, Layout, Preprocess, Split};
 use smelt_engine::Session;
 use smelt_ir::Model;
-use smelt_tensor::{bail, Error, Result, Tensor};
+use smelt_tensor::{bail, DType, Error, Result, Tensor};
 use std::path::{Path, PathBuf};
 
 /// Where evaluation data comes from and how it is preprocessed.
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 pub struct DataArgs {
     /// A folder of MNIST-style idx files, an .npz holding `x` (and `y`), or, with --tokenizer,
     /// a text file or folder of text files (Brown-corpus `word/TAG` files are detected).
-    #[arg(long)]
+    #[arg(long, visible_alias = "calib")]
     pub data: Option<PathBuf>,
     /// Which split of an idx folder to read.
     #[arg(long, default_value = "test", value_parser = ["train", "test"])]
@@ -64,10 +64,15 @@ impl DataArgs {
         if let Some(tok) = &self.tokenizer {
             return self.load_text(model, path, tok, batch);
         }
+        let input = single_input(model)?;
+        let in_type = model.graph.value_info(&input).and_then(|v| v.dtype);
+        // A model that takes raw bytes (see `quantize --quantize-inputs`) does its own
+        // preprocessing: feed it the stored values unscaled.
+        let raw = matches!(in_type, Some(DType::U8) | Some(DType::I8));
         let pre = Preprocess {
-            scale: self.scale,
-            mean: self.mean.clone(),
-            std: self.std.clone(),
+            scale: if raw { 1.0 } else { self.scale },
+            mean: if raw { vec![] } else { self.mean.clone() },
+            std: if raw { vec![] } else { self.std.clone() },
             layout: if self.layout == "nhwc" {
                 Layout::Nhwc
             } else {
@@ -83,7 +88,6 @@ impl DataArgs {
         if pre.layout == Layout::Nhwc {
             ds = Dataset::new(smelt_data::nhwc_to_nchw(ds.x)?, ds.y)?;
         }
-        let input = single_input(model)?;
         // A model exported with a fixed batch of 1 (like MNIST-8) is fed one sample at a time.
         let fixed_one = model
             .graph
@@ -96,7 +100,12 @@ impl DataArgs {
         let mut feeds = Vec::new();
         let mut labels = ds.y.as_ref().map(|_| Vec::new());
         for (s, e) in ds.batch_ranges(batch) {
-            feeds.push(vec![(input.clone(), ds.batch(s, e))]);
+            let x = ds.batch(s, e);
+            let x = match in_type {
+                Some(t) if raw => x.cast(t)?,
+                _ => x,
+            };
+            feeds.push(vec![(input.clone(), x)]);
             if let (Some(l), Some(y)) = (labels.as_mut(), ds.labels(s, e)) {
                 l.push(y.to_vec());
             }

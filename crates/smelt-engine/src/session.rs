@@ -415,7 +415,7 @@ fn concat_data(parts: &[Tensor]) -> smelt_tensor::Data {
             }
         };
     }
-    ext!(F32, F64, F16, BF16, I8, U8, I16, U16, I32, I64, U32, U64, Bool);
+    ext!(F32, F64, F16, BF16, I8, U8, I16, U16, I32, I64, U32, U64, Bool, I4, U4, I2, U2);
     out
 }
 

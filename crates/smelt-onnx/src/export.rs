@@ -107,7 +107,7 @@ fn initializer_to_proto(
     ext: &mut Option<ExtWriter>,
 ) -> Result<crate::proto::TensorProto> {
     if let Some(w) = ext.as_mut() {
-        let bytes = t.numel() * t.dtype().size();
+        let bytes = t.dtype().packed_bytes(t.numel()).unwrap_or(usize::MAX);
         if t.dtype() != DType::Str && bytes > 0 && bytes >= w.threshold {
             let mut p = header(t, name);
             p.external_data = w.append(&raw_bytes(t.data()))?;

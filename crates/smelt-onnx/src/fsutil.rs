@@ -151,7 +151,7 @@ impl Drop for TempFile {
 }
 
 /// Writes `bytes` to `dest` atomically.
-pub(crate) fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
     let mut t = TempFile::create(dest)?;
     t.write_all(bytes)?;
     t.commit()

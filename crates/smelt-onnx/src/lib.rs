@@ -21,6 +21,7 @@ use smelt_tensor::{bail, Error, Result, Tensor, DEFAULT_MAX_ELEMENTS};
 use std::path::Path;
 
 pub use tensor::{tensor_from_proto, tensor_to_proto};
+pub use fsutil::write_atomic;
 
 /// Limits applied while reading, so a malformed or hostile file fails cleanly instead of
 /// exhausting memory.

@@ -4,7 +4,10 @@
 use crate::fsutil::resolve_inside;
 use crate::proto::{tensor_proto, StringStringEntryProto, TensorProto};
 use crate::LoadOptions;
-use smelt_tensor::{bail, bf16, checked_numel, f16, DType, Data, Error, Result, Tensor};
+use smelt_tensor::{
+    bail, bf16, checked_numel, f16, pack_sub_byte, unpack_sub_byte, DType, Data, Error, Result,
+    Tensor,
+};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
@@ -116,8 +119,10 @@ fn dims_to_shape(dims: &[i64]) -> Result<Vec<usize>> {
         .collect()
 }
 
+/// Bytes `n` elements of `dtype` take in raw or external data (sub-byte types packed).
 fn byte_len(n: usize, dtype: DType) -> Result<usize> {
-    n.checked_mul(dtype.size())
+    dtype
+        .packed_bytes(n)
         .ok_or_else(|| Error::Limit(format!("{n} elements of {dtype} overflow the byte count")))
 }
 
@@ -165,6 +170,7 @@ fn from_raw(dtype: DType, b: &[u8], n: usize) -> Result<Data> {
         DType::U32 => Data::U32(le(b, u32::from_le_bytes)),
         DType::U64 => Data::U64(le(b, u64::from_le_bytes)),
         DType::Bool => Data::Bool(b.iter().map(|&x| x != 0).collect()),
+        DType::I4 | DType::U4 | DType::I2 | DType::U2 => unpack_sub_byte(dtype, b, n)?,
         DType::Str => bail!(Invalid, "string tensors cannot use raw data"),
     })
 }
@@ -178,7 +184,19 @@ fn from_typed(p: &TensorProto, dtype: DType, n: usize) -> Result<Data> {
         DType::Str => ("string_data", p.string_data.len()),
         _ => ("int32_data", p.int32_data.len()),
     };
-    if len != n {
+    // Sub-byte types keep one packed byte per int32 entry (two int4 or four int2 elements).
+    let want = if dtype.is_sub_byte() {
+        byte_len(n, dtype)?
+    } else {
+        n
+    };
+    if len != want {
+        if dtype.is_sub_byte() {
+            bail!(
+                Invalid,
+                "{field} has {len} values, but {n} elements of {dtype} need {want} packed bytes"
+            );
+        }
         bail!(Invalid, "{field} has {len} values, but the shape needs {n}");
     }
     let i32s = &p.int32_data;
@@ -198,6 +216,10 @@ fn from_typed(p: &TensorProto, dtype: DType, n: usize) -> Result<Data> {
         DType::Bool => Data::Bool(i32s.iter().map(|&x| x != 0).collect()),
         DType::F16 => Data::F16(i32s.iter().map(|&x| f16::from_bits(x as u16)).collect()),
         DType::BF16 => Data::BF16(i32s.iter().map(|&x| bf16::from_bits(x as u16)).collect()),
+        DType::I4 | DType::U4 | DType::I2 | DType::U2 => {
+            let bytes: Vec<u8> = i32s.iter().map(|&x| x as u8).collect();
+            unpack_sub_byte(dtype, &bytes, n)?
+        }
         DType::Str => Data::Str(
             p.string_data
                 .iter()
@@ -233,6 +255,9 @@ pub(crate) fn raw_bytes(d: &Data) -> Vec<u8> {
         Data::U32(v) => flat(v, u32::to_le_bytes),
         Data::U64(v) => flat(v, u64::to_le_bytes),
         Data::Bool(v) => v.iter().map(|&x| x as u8).collect(),
+        Data::I4(_) | Data::U4(_) | Data::I2(_) | Data::U2(_) => {
+            pack_sub_byte(d).unwrap_or_default()
+        }
         Data::Str(_) => Vec::new(),
     }
 }
@@ -406,6 +431,106 @@ mod tests {
         p.raw_data = Some(vec![]);
         let e = tensor_from_proto(&p).unwrap_err().to_string();
         assert!(e.contains("negative dimension -1"), "{e}");
+    }
+
+    fn ints(dt: DType, v: &[i64]) -> Tensor {
+        Tensor::new(vec![v.len()], Data::from_ints(dt, v).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn sub_byte_raw_data_is_packed_low_bits_first() {
+        let cases: [(DType, &[i64], &[u8]); 5] = [
+            (DType::I4, &[0, 1, 7, -4, -8], &[0x10, 0xc7, 0x08]),
+            (DType::U4, &[15, 0, 9, 3], &[0x0f, 0x39]),
+            (DType::I2, &[-2, 1, -1, 0, 1], &[0b0011_0110, 0b01]),
+            (DType::U2, &[0, 1, 2, 3], &[0b1110_0100]),
+            (DType::I4, &[], &[]),
+        ];
+        for (dt, vals, bytes) in cases {
+            let t = ints(dt, vals);
+            let p = tensor_to_proto(&t, "w");
+            assert_eq!(p.data_type, Some(dt.onnx_code()));
+            assert_eq!(p.raw_data.as_deref(), Some(bytes), "{dt}");
+            let back = tensor_from_proto(&p).unwrap();
+            assert_eq!(back, t);
+            assert_eq!(back.to_i64_vec().unwrap(), vals);
+        }
+    }
+
+    #[test]
+    fn sub_byte_int32_data_holds_one_packed_byte_per_entry() {
+        // The ONNX suite's DequantizeLinear int4 input: [0, 1, 7, -4, -8] as 16, 199, 8.
+        let mut p = proto(DType::I4, vec![5]);
+        p.int32_data = vec![16, 199, 8];
+        let t = tensor_from_proto(&p).unwrap();
+        assert_eq!(t.dtype(), DType::I4);
+        assert_eq!(t.to_i64_vec().unwrap(), vec![0, 1, 7, -4, -8]);
+        let mut p = proto(DType::U4, vec![5]);
+        p.int32_data = vec![16, 167, 15];
+        assert_eq!(tensor_from_proto(&p).unwrap().to_i64_vec().unwrap(), vec![0, 1, 7, 10, 15]);
+        let mut p = proto(DType::U2, vec![4]);
+        p.int32_data = vec![228];
+        assert_eq!(tensor_from_proto(&p).unwrap().to_i64_vec().unwrap(), vec![0, 1, 2, 3]);
+        // One value per entry is not the packed layout: refused, not misread.
+        let mut p = proto(DType::I4, vec![3]);
+        p.int32_data = vec![1, 2, 3];
+        let e = tensor_from_proto(&p).unwrap_err().to_string();
+        assert!(e.contains("int32_data has 3 values") && e.contains("need 2 packed"), "{e}");
+    }
+
+    #[test]
+    fn sub_byte_sizes_are_checked() {
+        let mut p = proto(DType::I4, vec![5]);
+        p.raw_data = Some(vec![0; 5]);
+        let e = tensor_from_proto(&p).unwrap_err().to_string();
+        assert!(e.contains("5 bytes") && e.contains("need 3"), "{e}");
+        let mut p = proto(DType::U2, vec![1 << 40]);
+        p.raw_data = Some(vec![0; 4]);
+        assert!(matches!(tensor_from_proto(&p).unwrap_err(), Error::Limit(_)));
+    }
+
+    #[test]
+    fn int4_initializers_survive_encode_decode_and_external_data() {
+        use smelt_ir::{Graph, Model, OpsetImport};
+        let vals: Vec<i64> = (0..3001).map(|i| (i * 7 % 16) - 8).collect();
+        let w = Tensor::new(vec![3001], Data::from_ints(DType::I4, &vals).unwrap()).unwrap();
+        let small = ints(DType::U4, &[3, 15, 0]);
+        let mut m = Model {
+            ir_version: 10,
+            opsets: vec![OpsetImport {
+                domain: String::new(),
+                version: 21,
+            }],
+            producer_name: String::new(),
+            producer_version: String::new(),
+            domain: String::new(),
+            model_version: 0,
+            doc_string: String::new(),
+            metadata: vec![],
+            graph: Graph::default(),
+        };
+        m.graph.initializers.insert("w".into(), w.clone());
+        m.graph.initializers.insert("zp".into(), small.clone());
+        let bytes = crate::encode(&m).unwrap();
+        let back = crate::decode(&bytes, None, &LoadOptions::default()).unwrap();
+        assert_eq!(back.graph.initializers["w"], w);
+        assert_eq!(back.graph.initializers["zp"], small);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        let opts = crate::SaveOptions {
+            external_data: Some(crate::ExternalData {
+                file_name: "m.bin".into(),
+                size_threshold: 1000,
+            }),
+        };
+        crate::save_with(&m, &path, &opts).unwrap();
+        // 3001 int4 values pack into 1501 bytes; the 3-element zero point stays inline.
+        let len = std::fs::metadata(dir.path().join("m.bin")).unwrap().len();
+        assert_eq!(len, 1501);
+        let back = crate::load(&path).unwrap();
+        assert_eq!(back.graph.initializers["w"], w);
+        assert_eq!(back.graph.initializers["zp"], small);
     }
 
     #[test]

@@ -18,6 +18,14 @@ pub enum DType {
     U32,
     U64,
     BF16,
+    /// 4-bit signed integer in [-8, 7]; held one per byte in memory, packed two per byte in files.
+    I4,
+    /// 4-bit unsigned integer in [0, 15].
+    U4,
+    /// 2-bit signed integer in [-2, 1]; packed four per byte in files.
+    I2,
+    /// 2-bit unsigned integer in [0, 3].
+    U2,
 }
 
 impl DType {
@@ -37,6 +45,10 @@ impl DType {
             12 => DType::U32,
             13 => DType::U64,
             16 => DType::BF16,
+            21 => DType::U4,
+            22 => DType::I4,
+            25 => DType::U2,
+            26 => DType::I2,
             _ => return None,
         })
     }
@@ -57,17 +69,48 @@ impl DType {
             DType::U32 => 12,
             DType::U64 => 13,
             DType::BF16 => 16,
+            DType::U4 => 21,
+            DType::I4 => 22,
+            DType::U2 => 25,
+            DType::I2 => 26,
         }
     }
 
-    /// Bytes per element as stored in ONNX raw_data (strings have no fixed size: 0).
+    /// Bytes per element in memory, which is also the raw_data size for byte-aligned types
+    /// (strings have no fixed size: 0). Sub-byte types report 1 (they are held unpacked); use
+    /// [`DType::packed_bytes`] for the size of their data in a file.
     pub fn size(self) -> usize {
         match self {
             DType::U8 | DType::I8 | DType::Bool => 1,
+            DType::I4 | DType::U4 | DType::I2 | DType::U2 => 1,
             DType::U16 | DType::I16 | DType::F16 | DType::BF16 => 2,
             DType::F32 | DType::I32 | DType::U32 => 4,
             DType::F64 | DType::I64 | DType::U64 => 8,
             DType::Str => 0,
+        }
+    }
+
+    /// Bits per element as stored in a file (0 for strings).
+    pub fn bits(self) -> usize {
+        match self {
+            DType::I4 | DType::U4 => 4,
+            DType::I2 | DType::U2 => 2,
+            d => d.size() * 8,
+        }
+    }
+
+    /// Whether elements are narrower than a byte (packed in files, unpacked in memory).
+    pub fn is_sub_byte(self) -> bool {
+        matches!(self, DType::I4 | DType::U4 | DType::I2 | DType::U2)
+    }
+
+    /// Bytes that `n` elements occupy in ONNX raw_data or external data: sub-byte types are
+    /// packed with the last byte padded. `None` on overflow. Strings have no fixed size (0).
+    pub fn packed_bytes(self, n: usize) -> Option<usize> {
+        if self.is_sub_byte() {
+            Some(n.div_ceil(8 / self.bits()))
+        } else {
+            n.checked_mul(self.size())
         }
     }
 
@@ -86,6 +129,10 @@ impl DType {
                 | DType::I64
                 | DType::U32
                 | DType::U64
+                | DType::I4
+                | DType::U4
+                | DType::I2
+                | DType::U2
         )
     }
 
@@ -105,6 +152,10 @@ impl DType {
             DType::U32 => "uint32",
             DType::U64 => "uint64",
             DType::BF16 => "bfloat16",
+            DType::I4 => "int4",
+            DType::U4 => "uint4",
+            DType::I2 => "int2",
+            DType::U2 => "uint2",
         }
     }
 
@@ -124,6 +175,10 @@ impl DType {
             DType::U32,
             DType::U64,
             DType::BF16,
+            DType::I4,
+            DType::U4,
+            DType::I2,
+            DType::U2,
         ]
         .into_iter()
         .find(|d| d.name() == s)
@@ -133,5 +188,37 @@ impl DType {
 impl fmt::Display for DType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sub_byte_codes_names_and_packed_sizes() {
+        for (code, dt, name) in [
+            (21, DType::U4, "uint4"),
+            (22, DType::I4, "int4"),
+            (25, DType::U2, "uint2"),
+            (26, DType::I2, "int2"),
+        ] {
+            assert_eq!(DType::from_onnx(code), Some(dt));
+            assert_eq!(dt.onnx_code(), code);
+            assert_eq!(DType::parse(name), Some(dt));
+            assert!(dt.is_int() && dt.is_sub_byte() && !dt.is_float());
+        }
+        assert_eq!(DType::I4.packed_bytes(5), Some(3));
+        assert_eq!(DType::U4.packed_bytes(4), Some(2));
+        assert_eq!(DType::I2.packed_bytes(5), Some(2));
+        assert_eq!(DType::U2.packed_bytes(0), Some(0));
+        assert_eq!(DType::F32.packed_bytes(3), Some(12));
+        assert_eq!(DType::F64.packed_bytes(usize::MAX), None);
+        assert_eq!(DType::I4.bits(), 4);
+        assert_eq!(DType::I16.bits(), 16);
+        assert!(!DType::I8.is_sub_byte());
+        for code in [17, 23, 24] {
+            assert_eq!(DType::from_onnx(code), None);
+        }
     }
 }

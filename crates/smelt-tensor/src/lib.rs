@@ -7,12 +7,14 @@
 mod broadcast;
 mod dtype;
 mod error;
+mod subbyte;
 mod tensor;
 
 pub use broadcast::{broadcast_shapes, broadcast_strides, strides_of, BroadcastIter};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+pub use subbyte::{pack_sub_byte, unpack_sub_byte, Int2, Int4, SubByte, Uint2, Uint4};
 pub use tensor::{Data, Element, Tensor};
 
 /// The largest element count smelt will allocate for a single tensor unless told otherwise.

@@ -1,3 +1,4 @@
+use crate::subbyte::{Int2, Int4, Uint2, Uint4};
 use crate::{bail, DType, Error, Result};
 use half::{bf16, f16};
 use std::fmt::Debug;
@@ -19,6 +20,10 @@ pub enum Data {
     U64(Vec<u64>),
     Bool(Vec<bool>),
     Str(Vec<String>),
+    I4(Vec<Int4>),
+    U4(Vec<Uint4>),
+    I2(Vec<Int2>),
+    U2(Vec<Uint2>),
 }
 
 /// A numeric (or bool) element type stored in `Data`. Conversions go through f64 for floats and
@@ -176,7 +181,13 @@ impl Element for bool {
 }
 
 /// Runs `$body` with `$v` bound to the typed `Vec` inside `$data` and `$T` naming its element
-/// type. Strings run `$str` instead. Lets one generic kernel serve every numeric dtype.
+/// type, so one generic kernel serves every dtype.
+///
+/// The short form is for arithmetic: it covers the byte-aligned numeric types and bool, and
+/// returns `Unsupported` for strings and sub-byte integers (which have no arithmetic here).
+/// The `str => $str` form is for code that only moves elements: it also runs `$body` for the
+/// sub-byte types (their `Element` impls keep every value in range and `T::wrap` keeps the
+/// dtype), and runs `$str` for strings.
 #[macro_export]
 macro_rules! dispatch {
     ($data:expr, $T:ident, $v:ident => $body:expr, str => $str:expr) => {
@@ -194,13 +205,38 @@ macro_rules! dispatch {
             $crate::Data::U32($v) => { #[allow(dead_code)] type $T = u32; $body }
             $crate::Data::U64($v) => { #[allow(dead_code)] type $T = u64; $body }
             $crate::Data::Bool($v) => { #[allow(dead_code)] type $T = bool; $body }
+            $crate::Data::I4($v) => { #[allow(dead_code)] type $T = $crate::Int4; $body }
+            $crate::Data::U4($v) => { #[allow(dead_code)] type $T = $crate::Uint4; $body }
+            $crate::Data::I2($v) => { #[allow(dead_code)] type $T = $crate::Int2; $body }
+            $crate::Data::U2($v) => { #[allow(dead_code)] type $T = $crate::Uint2; $body }
             $crate::Data::Str(_) => $str,
         }
     };
     ($data:expr, $T:ident, $v:ident => $body:expr) => {
-        $crate::dispatch!($data, $T, $v => $body, str => {
-            return Err($crate::Error::Unsupported("string tensors are not supported here".into()))
-        })
+        match $data {
+            $crate::Data::F32($v) => { #[allow(dead_code)] type $T = f32; $body }
+            $crate::Data::F64($v) => { #[allow(dead_code)] type $T = f64; $body }
+            $crate::Data::F16($v) => { #[allow(dead_code)] type $T = $crate::f16; $body }
+            $crate::Data::BF16($v) => { #[allow(dead_code)] type $T = $crate::bf16; $body }
+            $crate::Data::I8($v) => { #[allow(dead_code)] type $T = i8; $body }
+            $crate::Data::U8($v) => { #[allow(dead_code)] type $T = u8; $body }
+            $crate::Data::I16($v) => { #[allow(dead_code)] type $T = i16; $body }
+            $crate::Data::U16($v) => { #[allow(dead_code)] type $T = u16; $body }
+            $crate::Data::I32($v) => { #[allow(dead_code)] type $T = i32; $body }
+            $crate::Data::I64($v) => { #[allow(dead_code)] type $T = i64; $body }
+            $crate::Data::U32($v) => { #[allow(dead_code)] type $T = u32; $body }
+            $crate::Data::U64($v) => { #[allow(dead_code)] type $T = u64; $body }
+            $crate::Data::Bool($v) => { #[allow(dead_code)] type $T = bool; $body }
+            d @ ($crate::Data::I4(_) | $crate::Data::U4(_) | $crate::Data::I2(_) | $crate::Data::U2(_)) => {
+                return Err($crate::Error::Unsupported(format!(
+                    "{} tensors are not supported here",
+                    d.dtype()
+                )))
+            }
+            $crate::Data::Str(_) => {
+                return Err($crate::Error::Unsupported("string tensors are not supported here".into()))
+            }
+        }
     };
 }
 
@@ -221,6 +257,10 @@ impl Data {
             Data::U64(_) => DType::U64,
             Data::Bool(_) => DType::Bool,
             Data::Str(_) => DType::Str,
+            Data::I4(_) => DType::I4,
+            Data::U4(_) => DType::U4,
+            Data::I2(_) => DType::I2,
+            Data::U2(_) => DType::U2,
         }
     }
 
@@ -252,6 +292,42 @@ impl Data {
             DType::U64 => z::<u64>(n),
             DType::Bool => z::<bool>(n),
             DType::Str => Data::Str(vec![String::new(); n]),
+            DType::I4 => z::<Int4>(n),
+            DType::U4 => z::<Uint4>(n),
+            DType::I2 => z::<Int2>(n),
+            DType::U2 => z::<Uint2>(n),
+        }
+    }
+
+    /// Integer values as data of integer (or bool) `dtype`, failing on the first value outside
+    /// its range: the checked way to build quantized tensors, sub-byte ones included.
+    pub fn from_ints(dtype: DType, v: &[i64]) -> Result<Data> {
+        fn go<T: Element>(v: &[i64]) -> Result<Data> {
+            let mut out = Vec::with_capacity(v.len());
+            for &x in v {
+                let e = T::from_i128(x as i128);
+                if e.to_i128() != x as i128 {
+                    bail!(Input, "{x} is outside the range of {}", T::DTYPE);
+                }
+                out.push(e);
+            }
+            Ok(T::wrap(out))
+        }
+        match dtype {
+            DType::I8 => go::<i8>(v),
+            DType::U8 => go::<u8>(v),
+            DType::I16 => go::<i16>(v),
+            DType::U16 => go::<u16>(v),
+            DType::I32 => go::<i32>(v),
+            DType::I64 => go::<i64>(v),
+            DType::U32 => go::<u32>(v),
+            DType::U64 => go::<u64>(v),
+            DType::Bool => go::<bool>(v),
+            DType::I4 => go::<Int4>(v),
+            DType::U4 => go::<Uint4>(v),
+            DType::I2 => go::<Int2>(v),
+            DType::U2 => go::<Uint2>(v),
+            _ => bail!(Unsupported, "{dtype} is not an integer type"),
         }
     }
 
@@ -385,6 +461,10 @@ impl Tensor {
                 DType::U32 => conv::<S, u32>(v, src_float),
                 DType::U64 => conv::<S, u64>(v, src_float),
                 DType::Bool => conv::<S, bool>(v, src_float),
+                DType::I4 => conv::<S, Int4>(v, src_float),
+                DType::U4 => conv::<S, Uint4>(v, src_float),
+                DType::I2 => conv::<S, Int2>(v, src_float),
+                DType::U2 => conv::<S, Uint2>(v, src_float),
                 DType::Str => Data::Str(
                     v.iter()
                         .map(|x| format_number(x.to_f64(), S::DTYPE))
@@ -405,11 +485,13 @@ impl Tensor {
         if let Data::F32(v) = &self.data {
             return Ok(v.clone());
         }
-        Ok(dispatch!(&self.data, T, v => v.iter().map(|x| x.to_f64() as f32).collect()))
+        Ok(dispatch!(&self.data, T, v => v.iter().map(|x| x.to_f64() as f32).collect(),
+            str => bail!(Unsupported, "string tensors are not supported here")))
     }
 
     pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
-        Ok(dispatch!(&self.data, T, v => v.iter().map(|x| x.to_f64()).collect()))
+        Ok(dispatch!(&self.data, T, v => v.iter().map(|x| x.to_f64()).collect(),
+            str => bail!(Unsupported, "string tensors are not supported here")))
     }
 
     /// All elements as i64: for shape, axes and index inputs. Floats are rejected.
@@ -417,7 +499,8 @@ impl Tensor {
         if self.dtype().is_float() {
             bail!(Shape, "expected an integer tensor, got {}", self.dtype());
         }
-        Ok(dispatch!(&self.data, T, v => v.iter().map(|x| x.to_i128() as i64).collect()))
+        Ok(dispatch!(&self.data, T, v => v.iter().map(|x| x.to_i128() as i64).collect(),
+            str => bail!(Unsupported, "string tensors are not supported here")))
     }
 }
 
@@ -471,6 +554,59 @@ mod tests {
             i.cast(DType::U8).unwrap().as_slice::<u8>().unwrap(),
             &[1, 255]
         );
+    }
+
+    #[test]
+    fn sub_byte_casts_wrap_like_onnx() {
+        // The ONNX suite's Cast FLOAT -> INT4 / UINT4 data: values wrap modulo 16.
+        let x = Tensor::from_vec(vec![5], vec![-9.0f32, -8.0, 7.9, 8.0, 15.0]).unwrap();
+        let i4 = x.cast(DType::I4).unwrap();
+        assert_eq!(i4.dtype(), DType::I4);
+        assert_eq!(i4.to_i64_vec().unwrap(), vec![7, -8, 7, -8, -1]);
+        let u4 = x.cast(DType::U4).unwrap();
+        assert_eq!(u4.to_i64_vec().unwrap(), vec![7, 8, 7, 8, 15]);
+        let i2 = Tensor::from_vec(vec![3], vec![-3i64, 2, 3]).unwrap().cast(DType::I2).unwrap();
+        assert_eq!(i2.to_i64_vec().unwrap(), vec![1, -2, -1]);
+        // Back out: int4 -> int8 / float / bool keep the value.
+        assert_eq!(i4.cast(DType::I8).unwrap().as_slice::<i8>().unwrap(), &[7, -8, 7, -8, -1]);
+        assert_eq!(u4.to_f32_vec().unwrap(), vec![7.0, 8.0, 7.0, 8.0, 15.0]);
+        assert_eq!(
+            i4.cast(DType::Bool).unwrap().as_slice::<bool>().unwrap(),
+            &[true; 5]
+        );
+        assert_eq!(i4.cast(DType::U4).unwrap().to_i64_vec().unwrap(), vec![7, 8, 7, 8, 15]);
+    }
+
+    #[test]
+    fn from_ints_checks_the_range() {
+        let d = Data::from_ints(DType::I4, &[-8, 0, 7]).unwrap();
+        let t = Tensor::new(vec![3], d).unwrap();
+        assert_eq!(t.dtype(), DType::I4);
+        assert_eq!(t.to_f32_vec().unwrap(), vec![-8.0, 0.0, 7.0]);
+        assert_eq!(t.to_f64_vec().unwrap(), vec![-8.0, 0.0, 7.0]);
+        let e = Data::from_ints(DType::I4, &[1, 8]).unwrap_err().to_string();
+        assert!(e.contains("8 is outside the range of int4"), "{e}");
+        assert!(Data::from_ints(DType::U4, &[-1]).is_err());
+        assert!(Data::from_ints(DType::U2, &[4]).is_err());
+        assert!(Data::from_ints(DType::I2, &[-2, 1]).is_ok());
+        assert!(Data::from_ints(DType::U8, &[256]).is_err());
+        assert!(Data::from_ints(DType::F32, &[1]).is_err());
+        assert_eq!(Data::zeros(DType::U2, 2), Data::from_ints(DType::U2, &[0, 0]).unwrap());
+    }
+
+    #[test]
+    fn short_dispatch_rejects_sub_byte_and_long_form_keeps_dtype() {
+        fn sum(d: &Data) -> Result<f64> {
+            Ok(dispatch!(d, T, v => v.iter().map(|x| x.to_f64()).sum::<f64>()))
+        }
+        let d = Data::from_ints(DType::U4, &[1, 15, 3]).unwrap();
+        let e = sum(&d).unwrap_err();
+        assert!(matches!(e, Error::Unsupported(_)) && e.to_string().contains("uint4"), "{e}");
+        assert_eq!(sum(&Data::U8(vec![1, 15, 3])).unwrap(), 19.0);
+        // Moving elements (gather) keeps the sub-byte dtype and values.
+        let g = d.gather([2, 0, 0].into_iter());
+        assert_eq!(g, Data::from_ints(DType::U4, &[3, 1, 1]).unwrap());
+        assert_eq!(g.len(), 3);
     }
 
     #[test]

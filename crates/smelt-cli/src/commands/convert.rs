@@ -20,6 +20,10 @@ pub struct Args {
     /// Let a model exported with batch 1 take any batch size (the dynamic-batch pass).
     #[arg(long)]
     dynamic_batch: bool,
+    /// Fold weight-only quantization (integer weights cast and scaled, DequantizeLinear of
+    /// constants) back into float weights: the fp32 baseline of a model shipped quantized.
+    #[arg(long)]
+    dequantize_weights: bool,
     /// Allow writing over the input file.
     #[arg(long)]
     force: bool,
@@ -34,6 +38,13 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         );
     }
     let mut model = load_model(&a.model)?;
+    if a.dequantize_weights {
+        let (m, rec) = smelt_quant::dequantize_weights(model)?;
+        model = m;
+        if !json {
+            println!("{}: {} constant nodes folded into float weights", rec.pass, rec.changes.len());
+        }
+    }
     if a.dynamic_batch {
         let (m, rec) = smelt_ir::passes::DynamicBatch::default().run(model)?;
         model = m;

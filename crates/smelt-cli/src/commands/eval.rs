@@ -16,6 +16,10 @@ pub struct Args {
     /// Samples per run.
     #[arg(long, default_value_t = 64)]
     batch: usize,
+    /// Compare sentence embeddings: average the first output over tokens (weighted by the
+    /// attention mask) before measuring fidelity.
+    #[arg(long, value_parser = ["none", "mean"], default_value = "none")]
+    pool: String,
 }
 
 pub fn run(a: Args, json: bool) -> Result<()> {
@@ -53,7 +57,12 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         }
         if let Some(r) = &reference {
             let routs = run_feed(r, feed)?;
-            fid.add(&routs[0].1, out)?;
+            if a.pool == "mean" {
+                let mask = feed.iter().find(|(n, _)| n == "attention_mask").map(|(_, t)| t);
+                fid.add(&mean_pool(&routs[0].1, mask)?, &mean_pool(out, mask)?)?;
+            } else {
+                fid.add(&routs[0].1, out)?;
+            }
         }
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -94,4 +103,32 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     }
     println!("time       {seconds:.2} s");
     Ok(())
+}
+
+/// [batch, tokens, width] -> [batch, width], averaging the tokens the mask keeps (all when
+/// there is no mask): how sentence-embedding models like MiniLM are read.
+fn mean_pool(x: &smelt_tensor::Tensor, mask: Option<&smelt_tensor::Tensor>) -> Result<smelt_tensor::Tensor> {
+    let &[b, s, h] = x.shape() else {
+        bail!(Shape, "--pool mean needs a [batch, tokens, width] output, got {:?}", x.shape());
+    };
+    let v = x.to_f32_vec()?;
+    let m = match mask {
+        Some(m) if m.shape() == [b, s] => m.to_f64_vec()?,
+        Some(m) => bail!(Shape, "attention mask {:?} does not fit output {:?}", m.shape(), x.shape()),
+        None => vec![1.0; b * s],
+    };
+    let mut out = vec![0.0f32; b * h];
+    for i in 0..b {
+        let w: f64 = m[i * s..(i + 1) * s].iter().sum();
+        for t in 0..s {
+            let k = m[i * s + t];
+            if k == 0.0 {
+                continue;
+            }
+            for j in 0..h {
+                out[i * h + j] += (k * v[(i * s + t) * h + j] as f64 / w.max(1e-12)) as f32;
+            }
+        }
+    }
+    smelt_tensor::Tensor::from_vec(vec![b, h], out)
 }

@@ -4,4 +4,5 @@ pub mod bench;
 pub mod convert;
 pub mod eval;
 pub mod inspect;
+pub mod quantize;
 pub mod run;

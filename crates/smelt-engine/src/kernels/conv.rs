@@ -26,7 +26,10 @@ pub struct ConvGeom {
 
 impl ConvGeom {
     fn check(&self) -> Result<()> {
-        if self.groups == 0 || self.in_ch % self.groups != 0 || self.out_ch % self.groups != 0 {
+        if self.groups == 0
+            || !self.in_ch.is_multiple_of(self.groups)
+            || !self.out_ch.is_multiple_of(self.groups)
+        {
             bail!(
                 Shape,
                 "channels ({} in, {} out) are not divisible by group {}",
@@ -176,7 +179,7 @@ pub fn conv(
     if out.is_empty() {
         return Ok(());
     }
-    if cg == 1 {
+    if cg == 1 && g.groups > 1 {
         // One input channel per group: every output plane is a direct stencil of one input plane.
         let plane = |(p, o): (usize, &mut [f32])| {
             let (b, oc) = (p / g.out_ch, p % g.out_ch);
@@ -364,6 +367,7 @@ mod tests {
             .collect()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn geom(
         batch: usize,
         ci: usize,

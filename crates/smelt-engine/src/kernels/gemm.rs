@@ -4,7 +4,7 @@
 //! is made. One executor is shared process-wide because choosing its kernel probes the CPU.
 
 use rayon::prelude::*;
-use rten_gemm::{BiasVector, GemmExecutor, GemmInputA, GemmInputB, GemmOptions};
+use rten_gemm::{BiasVector, GemmExecutor, GemmInputA, GemmInputB, GemmOptions, PackedBMatrix};
 use rten_tensor::Matrix;
 use smelt_tensor::{bail, Result};
 use std::sync::OnceLock;
@@ -139,6 +139,81 @@ pub fn gemm(
         opts,
     ) {
         bail!(Shape, "gemm {m}x{k} @ {k}x{n} failed: {e:?}");
+    }
+    Ok(())
+}
+
+/// A right-hand matrix packed once for many products (constant weights): packing B costs
+/// about as much as the product itself when A has few rows.
+pub struct PackedB {
+    inner: PackedBMatrix<f32>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedB {
+    /// Packs `b` (`k x n`, or `n x k` stored when `b_trans`).
+    pub fn new(k: usize, n: usize, b: &[f32], b_trans: bool) -> Result<PackedB> {
+        if b.len() < k * n || k == 0 || n == 0 {
+            bail!(
+                Shape,
+                "cannot pack {} elements as a {k}x{n} matrix",
+                b.len()
+            );
+        }
+        let bm = view(&b[..k * n], k, n, b_trans)?;
+        Ok(PackedB {
+            inner: executor().prepack_b(bm),
+            k,
+            n,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.k
+    }
+
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+}
+
+/// [`sgemm`] with a prepacked right-hand matrix.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_packed(
+    m: usize,
+    a: &[f32],
+    a_trans: bool,
+    b: &PackedB,
+    out: &mut [f32],
+    alpha: f32,
+    beta: f32,
+    bias: Option<&[f32]>,
+) -> Result<()> {
+    let (k, n) = (b.k, b.n);
+    if a.len() < m * k || out.len() != m * n || bias.is_some_and(|v| v.len() != n) {
+        bail!(
+            Shape,
+            "packed gemm {m}x{k} @ {k}x{n}: buffer sizes do not match"
+        );
+    }
+    if m == 0 {
+        return Ok(());
+    }
+    let am = view(&a[..m * k], m, k, a_trans)?;
+    let opts = GemmOptions {
+        alpha,
+        beta,
+        bias: bias.map(BiasVector::Row),
+        ..Default::default()
+    };
+    if let Err(e) = executor().gemm(
+        out,
+        GemmInputA::Unpacked(am),
+        GemmInputB::Packed(&b.inner),
+        opts,
+    ) {
+        bail!(Shape, "packed gemm {m}x{k} @ {k}x{n} failed: {e:?}");
     }
     Ok(())
 }
@@ -313,6 +388,78 @@ mod tests {
         batched_matmul(m, k, n, &a, &[0, m * k], &b, &[k * n, k * n], &mut out).unwrap();
         let w0 = naive(m, k, n, &a[..m * k], false, &b[k * n..], false);
         assert_eq!(&out[..m * n], &w0[..]);
+    }
+
+    #[test]
+    fn degenerate_shapes() {
+        // Single row / single depth with transposed storage, and an empty depth with bias.
+        let a = [1.0, 2.0, 3.0];
+        let b = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        for &(at, bt) in &[(true, true), (false, false), (true, false)] {
+            let mut out = vec![0.0; 2];
+            sgemm(1, 3, 2, &a, at, &b, bt, &mut out, 1.0, 0.0, None).unwrap();
+            assert_eq!(out, naive(1, 3, 2, &a, at, &b, bt));
+        }
+        let mut out = vec![0.0; 6];
+        sgemm(
+            3,
+            1,
+            2,
+            &a,
+            true,
+            &[1.0, 2.0],
+            true,
+            &mut out,
+            1.0,
+            0.0,
+            None,
+        )
+        .unwrap();
+        assert_eq!(out, vec![1.0, 2.0, 2.0, 4.0, 3.0, 6.0]);
+        let mut out = vec![5.0; 4];
+        sgemm(
+            2,
+            0,
+            2,
+            &[],
+            false,
+            &[],
+            false,
+            &mut out,
+            1.0,
+            0.0,
+            Some(&[1.0, 2.0]),
+        )
+        .unwrap();
+        assert_eq!(out, vec![1.0, 2.0, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn packed_rhs_matches_unpacked() {
+        let (m, k, n) = (7, 300, 20);
+        let a = seq(m * k, 0.1);
+        let b = seq(k * n, 0.2);
+        for &bt in &[false, true] {
+            let packed = PackedB::new(k, n, &b, bt).unwrap();
+            let mut out = vec![0.0; m * n];
+            sgemm_packed(
+                m,
+                &a,
+                false,
+                &packed,
+                &mut out,
+                1.0,
+                0.0,
+                Some(&vec![1.0; n]),
+            )
+            .unwrap();
+            let want = naive(m, k, n, &a, false, &b, bt);
+            for (o, w) in out.iter().zip(&want) {
+                assert!((o - (w + 1.0)).abs() < 1e-2, "{o} vs {w}");
+            }
+        }
+        fn is_send_sync<T: Send + Sync>() {}
+        is_send_sync::<PackedB>();
     }
 
     #[test]

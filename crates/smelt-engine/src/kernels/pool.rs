@@ -157,6 +157,7 @@ pub fn max_pool<T: Copy + PartialOrd + Default + Send + Sync>(
     let sp = [spans(g, 0), spans(g, 1), spans(g, 2)];
     let plane = |p: usize, o: &mut [T], idx: Option<&mut [i64]>| {
         let xp = &x[p * isz..(p + 1) * isz];
+        let track = idx.is_some();
         let mut idx = idx;
         let mut emit = |i: usize, best: Option<(T, usize)>| {
             let (v, off) = best.unwrap_or((T::default(), 0));
@@ -176,12 +177,59 @@ pub fn max_pool<T: Copy + PartialOrd + Default + Send + Sync>(
             Some((b, _)) => v > *b,
             None => true,
         };
-        if dense {
+        if dense && !track && id == 1 {
+            // 2-D values only: max down each window's rows (contiguous, vectorises), then
+            // across the columns of that row maximum.
+            let mut rowmax: Vec<T> = vec![T::default(); iw];
+            let mut i = 0;
+            for &(y0, y1, _) in &sp[1] {
+                if y1 > y0 {
+                    rowmax.copy_from_slice(&xp[y0 * iw..(y0 + 1) * iw]);
+                    for y in y0 + 1..y1 {
+                        for (m, &v) in rowmax.iter_mut().zip(&xp[y * iw..(y + 1) * iw]) {
+                            if v > *m {
+                                *m = v;
+                            }
+                        }
+                    }
+                }
+                for &(x0, x1, _) in &sp[2] {
+                    o[i] = match rowmax[x0..x1].split_first() {
+                        Some((&first, rest)) if y1 > y0 => {
+                            rest.iter().fold(first, |m, &v| if v > m { v } else { m })
+                        }
+                        _ => T::default(),
+                    };
+                    i += 1;
+                }
+            }
+        } else if dense {
             let mut i = 0;
             for &(z0, z1, _) in &sp[0] {
                 for &(y0, y1, _) in &sp[1] {
                     for &(x0, x1, _) in &sp[2] {
                         let mut best: Option<(T, usize)> = None;
+                        if !track {
+                            // Values only: a branch-free running max per row.
+                            for z in z0..z1 {
+                                for y in y0..y1 {
+                                    let row = (z * ih + y) * iw;
+                                    if let Some((&first, rest)) =
+                                        xp[row + x0..row + x1].split_first()
+                                    {
+                                        let m = rest
+                                            .iter()
+                                            .fold(first, |m, &v| if v > m { v } else { m });
+                                        if better(m, &best) {
+                                            best = Some((m, 0));
+                                        }
+                                    }
+                                }
+                            }
+                            emit(i, best);
+                            i += 1;
+                            continue;
+                        }
                         for z in z0..z1 {
                             for y in y0..y1 {
                                 let row = (z * ih + y) * iw;
@@ -296,6 +344,7 @@ pub fn pool(g: &PoolGeom, kind: PoolKind, x: &[f32], out: &mut [f32]) -> Result<
 mod tests {
     use super::*;
 
+    #[allow(clippy::too_many_arguments)]
     fn g2(
         h: usize,
         w: usize,
@@ -331,6 +380,14 @@ mod tests {
         max_pool(&g, &x, &mut out, Some(&mut idx), true).unwrap();
         // column-major: (y, x) -> x * 3 + y
         assert_eq!(idx, vec![4, 7, 5, 8]);
+        // The values-only path (rows first, then columns) agrees.
+        let mut plain = vec![0.0; 4];
+        max_pool(&g, &x, &mut plain, None, false).unwrap();
+        assert_eq!(plain, vec![5.0, 6.0, 8.0, 9.0]);
+        let g = g2(3, 3, 2, 1, 1, 0, 3, 3);
+        let mut padded = vec![0.0; 9];
+        max_pool(&g, &x, &mut padded, None, false).unwrap();
+        assert_eq!(padded, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
     }
 
     #[test]

@@ -283,6 +283,9 @@ fn conv_transpose_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tens
     let kernel = w.shape()[2..].to_vec();
     let strides = spatial_attr(ctx, "strides", sp, 1)?;
     let dilations = spatial_attr(ctx, "dilations", sp, 1)?;
+    if kernel.contains(&0) || strides.contains(&0) || dilations.contains(&0) {
+        bail!(Invalid, "kernel, strides and dilations must be positive");
+    }
     let out_pad = spatial_attr(ctx, "output_padding", sp, 0)?;
     let auto_pad = ctx.string("auto_pad", "NOTSET")?;
     let ins = &x.shape()[2..];
@@ -929,11 +932,12 @@ fn layer_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         .map(|b| trailing_params(b, &x.shape()[axis..], "B"))
         .transpose()?;
     let xv = floats(x)?;
-    let rows = if d == 0 { 0 } else { xv.len() / d };
+    let rows = xv.len().checked_div(d).unwrap_or(0);
     let mut out = vec![0.0f32; xv.len()];
     let mut stats = vec![(0.0f32, 0.0f32); rows];
     if d > 0 {
-        let row = |(o, (xi, st)): (&mut [f32], (&[f32], &mut (f32, f32)))| {
+        type Row<'r> = (&'r mut [f32], (&'r [f32], &'r mut (f32, f32)));
+        let row = |(o, (xi, st)): Row| {
             let (mean, inv) = moments(xi, eps);
             *st = (mean, inv);
             match &bias {
@@ -1627,12 +1631,16 @@ fn run_resize(x: &Tensor, spec: &ResizeSpec) -> Result<Tensor> {
     let changed = |a: &AxisResize| {
         a.len_in != a.len_out || spec.coord == "tf_crop_and_resize" || a.scale != 1.0
     };
-    if spec.out_shape.iter().product::<usize>() > 0 && x.numel() == 0 {
+    let n_out: usize = spec.out_shape.iter().product();
+    if n_out > 0 && x.numel() == 0 {
         bail!(
             Shape,
             "cannot resize an empty tensor to {:?}",
             spec.out_shape
         );
+    }
+    if n_out == 0 {
+        return Ok(Tensor::zeros(x.dtype(), spec.out_shape.clone()));
     }
     if spec.interp == Interp::Nearest {
         // Pure index selection: works for every dtype.
@@ -1778,7 +1786,7 @@ fn resize(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
                 );
             }
             for (i, &a) in axes.iter().enumerate() {
-                if !(s[i] > 0.0) {
+                if s[i].is_nan() || s[i] <= 0.0 {
                     bail!(Invalid, "Resize scales must be positive, got {}", s[i]);
                 }
                 out_shape[a] = (x.shape()[a] as f32 * s[i]).floor() as usize;
@@ -1829,7 +1837,7 @@ fn upsample(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
             None => bail!(Invalid, "Upsample needs scales"),
         },
     };
-    if scales.len() != x.rank() || scales.iter().any(|&s| !(s > 0.0)) {
+    if scales.len() != x.rank() || scales.iter().any(|&s| s.is_nan() || s <= 0.0) {
         bail!(
             Shape,
             "Upsample scales {:?} do not fit input shape {:?}",

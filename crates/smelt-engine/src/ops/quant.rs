@@ -42,6 +42,9 @@ fn onnx_type_name(code: i64) -> String {
         21 => "uint4",
         22 => "int4",
         23 => "float4e2m1",
+        24 => "float8e8m0",
+        25 => "uint2",
+        26 => "int2",
         _ => "",
     };
     if known.is_empty() {
@@ -58,6 +61,10 @@ fn int_range(dt: DType) -> Option<(i64, i64)> {
         DType::I8 => (-128, 127),
         DType::U16 => (0, 65535),
         DType::I16 => (-32768, 32767),
+        DType::U4 => (0, 15),
+        DType::I4 => (-8, 7),
+        DType::U2 => (0, 3),
+        DType::I2 => (-2, 1),
         _ => return None,
     })
 }
@@ -65,7 +72,7 @@ fn int_range(dt: DType) -> Option<(i64, i64)> {
 fn quant_range(dt: DType) -> Result<(i64, i64)> {
     int_range(dt).ok_or_else(|| {
         Error::Unsupported(format!(
-            "quantized type {dt} (supported: uint8, int8, uint16, int16)"
+            "quantized type {dt} (supported: uint8, int8, uint16, int16, uint4, int4, uint2, int2)"
         ))
     })
 }
@@ -78,6 +85,8 @@ fn int_data(dt: DType, v: Vec<i64>) -> Result<Data> {
         DType::U16 => Data::U16(v.into_iter().map(|x| x as u16).collect()),
         DType::I16 => Data::I16(v.into_iter().map(|x| x as i16).collect()),
         DType::I32 => Data::I32(v.into_iter().map(|x| x as i32).collect()),
+        // Checked: a value outside the 4/2-bit range is an error, never a wrapped element.
+        DType::U4 | DType::I4 | DType::U2 | DType::I2 => Data::from_ints(dt, &v)?,
         _ => bail!(Unsupported, "integer output type {dt}"),
     })
 }
@@ -115,7 +124,7 @@ fn promote_float(a: DType, b: DType) -> DType {
     }
 }
 
-/// Integer quantized values as i32 (8/16-bit and int32 inputs).
+/// Integer quantized values as i32 (2/4/8/16-bit and int32 inputs).
 fn int_values(t: &Tensor, what: &str) -> Result<Vec<i32>> {
     Ok(match t.data() {
         Data::I8(v) => v.iter().map(|&x| x as i32).collect(),
@@ -123,9 +132,13 @@ fn int_values(t: &Tensor, what: &str) -> Result<Vec<i32>> {
         Data::I16(v) => v.iter().map(|&x| x as i32).collect(),
         Data::U16(v) => v.iter().map(|&x| x as i32).collect(),
         Data::I32(v) => v.clone(),
+        Data::I4(v) => v.iter().map(|&x| i32::from(x)).collect(),
+        Data::U4(v) => v.iter().map(|&x| i32::from(x)).collect(),
+        Data::I2(v) => v.iter().map(|&x| i32::from(x)).collect(),
+        Data::U2(v) => v.iter().map(|&x| i32::from(x)).collect(),
         _ => bail!(
             Unsupported,
-            "{what} has type {}; expected int8, uint8, int16, uint16 or int32",
+            "{what} has type {}; expected a 2-, 4-, 8- or 16-bit integer or int32",
             t.dtype()
         ),
     })
@@ -1193,8 +1206,14 @@ mod tests {
         let y = run(quantize_linear, n, 21, &[Some(&x), Some(&s)]);
         assert_eq!(y[0].as_slice::<i16>().unwrap(), &[-32768, 150]);
 
-        // int4 is not representable yet.
+        // output_dtype int4 saturates to [-8, 7].
         let n = node("QuantizeLinear").with_attr("output_dtype", Attr::Int(22));
+        let y = run(quantize_linear, n, 21, &[Some(&x), Some(&s)]);
+        assert_eq!(y[0].dtype(), DType::I4);
+        assert_eq!(y[0].to_i64_vec().unwrap(), vec![-8, 7]);
+
+        // float8 is not representable yet.
+        let n = node("QuantizeLinear").with_attr("output_dtype", Attr::Int(17));
         let err = quantize_linear(
             &OpCtx {
                 node: &n,
@@ -1203,6 +1222,79 @@ mod tests {
             &[Some(&x), Some(&s)],
         );
         assert!(matches!(err, Err(Error::Unsupported(_))));
+    }
+
+    fn sub(dt: DType, shape: &[usize], v: &[i64]) -> Tensor {
+        Tensor::new(shape.to_vec(), Data::from_ints(dt, v).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn quantize_to_sub_byte_types_saturates() {
+        // The ONNX suite's int4 per-axis case (zero point 1 on each row).
+        let x = t(
+            &[3, 4],
+            vec![0f32, 2.5, 4.8, 8.6, -30., -20., 6., 9., 12., 15., 16., 40.],
+        );
+        let s = t(&[3], vec![2f32, 3., 4.]);
+        let n = node("QuantizeLinear").with_attr("axis", Attr::Int(0));
+        let z = sub(DType::I4, &[3], &[1, 1, 1]);
+        let y = run(quantize_linear, n.clone(), 21, &[Some(&x), Some(&s), Some(&z)]);
+        assert_eq!(y[0].dtype(), DType::I4);
+        assert_eq!(
+            y[0].to_i64_vec().unwrap(),
+            vec![1, 2, 3, 5, -8, -6, 3, 4, 4, 5, 5, 7]
+        );
+        let z = sub(DType::U4, &[3], &[1, 1, 1]);
+        let y = run(quantize_linear, n, 21, &[Some(&x), Some(&s), Some(&z)]);
+        assert_eq!(
+            y[0].to_i64_vec().unwrap(),
+            vec![1, 2, 3, 5, 0, 0, 3, 4, 4, 5, 5, 11]
+        );
+        // uint2 from output_dtype alone: x / 2 = [-0.5, 0.5, 2.5, 50] -> [0, 0, 2, 3].
+        let n = node("QuantizeLinear").with_attr("output_dtype", Attr::Int(25));
+        let x = t(&[4], vec![-1f32, 1., 5., 100.]);
+        let y = run(quantize_linear, n, 21, &[Some(&x), Some(&Tensor::scalar(2f32))]);
+        assert_eq!(y[0].dtype(), DType::U2);
+        assert_eq!(y[0].to_i64_vec().unwrap(), vec![0, 0, 2, 3]);
+    }
+
+    #[test]
+    fn dequantize_sub_byte_per_tensor_and_blocked() {
+        // The ONNX suite's int4 case: (x - 1) * 2.
+        let x = sub(DType::I4, &[5], &[0, 1, 7, -4, -8]);
+        let z = sub(DType::I4, &[1], &[1]);
+        let y = run(
+            dequantize_linear,
+            node("DequantizeLinear").with_attr("axis", Attr::Int(0)),
+            21,
+            &[Some(&x), Some(&Tensor::scalar(2f32)), Some(&z)],
+        );
+        assert_eq!(y[0].as_slice::<f32>().unwrap(), &[-2., 0., 12., -10., -18.]);
+
+        // Blocks of 2 along axis 1, a scale and zero point per block.
+        let x = sub(DType::I4, &[2, 4], &[-8, 7, 1, -1, 3, 0, -2, 5]);
+        let s = t(&[2, 2], vec![0.5f32, 2., 1., 0.25]);
+        let z = sub(DType::I4, &[2, 2], &[1, -1, 0, 2]);
+        let n = node("DequantizeLinear")
+            .with_attr("axis", Attr::Int(1))
+            .with_attr("block_size", Attr::Int(2));
+        let y = run(dequantize_linear, n, 21, &[Some(&x), Some(&s), Some(&z)]);
+        assert_eq!(
+            y[0].as_slice::<f32>().unwrap(),
+            &[-4.5, 3., 4., 0., 3., 0., -1., 0.75]
+        );
+
+        // A zero point of another type is refused.
+        let z8 = Tensor::scalar(1i8);
+        let n = node("DequantizeLinear");
+        let e = dequantize_linear(
+            &OpCtx {
+                node: &n,
+                opset: 21,
+            },
+            &[Some(&x), Some(&Tensor::scalar(1f32)), Some(&z8)],
+        );
+        assert!(matches!(e, Err(Error::Shape(_))));
     }
 
     #[test]

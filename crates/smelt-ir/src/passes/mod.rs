@@ -1,5 +1,7 @@
 //! Graph passes that need no evaluation. Each is a [`crate::Pass`] with a name and a test.
 
 mod dynamic_batch;
+mod upgrade_opset;
 
 pub use dynamic_batch::DynamicBatch;
+pub use upgrade_opset::{UpgradeOpset, MAX_KNOWN_OPSET};

@@ -1,0 +1,303 @@
+use crate::args::{load_model, print_json, DataArgs};
+use crate::commands::convert::same_file;
+use serde_json::json;
+use smelt_quant::inputs::{quantize_inputs, InputPreprocess};
+use smelt_quant::{Clip, Granularity, Mode, ObserverKind, Options, QType, WeightScheme};
+use smelt_tensor::{bail, Result};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The float ONNX model to quantize.
+    model: PathBuf,
+    /// Where to write the quantized model.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// static (weights + calibrated activations), dynamic (activation ranges at run time) or
+    /// weight-only.
+    #[arg(long, default_value = "static", value_parser = ["static", "dynamic", "weight-only"])]
+    mode: String,
+    /// Weight type: int8, uint8, int4, uint4, int2, uint2 (default int8; int4 for weight-only).
+    #[arg(long)]
+    weight_type: Option<String>,
+    /// tensor, channel or block (default channel; block for 4-bit and lower weights).
+    #[arg(long)]
+    granularity: Option<String>,
+    /// Elements per block for --granularity block (along the reduction axis).
+    #[arg(long, default_value_t = 128)]
+    block_size: usize,
+    /// Asymmetric weights (a zero point per group) instead of symmetric.
+    #[arg(long)]
+    weight_asym: bool,
+    /// Weight clipping: minmax, or mse (search the range that minimises reconstruction error).
+    #[arg(long, default_value = "minmax", value_parser = ["minmax", "mse"])]
+    weight_clip: String,
+    /// Activation type for static mode.
+    #[arg(long, default_value = "uint8", value_parser = ["uint8", "int8"])]
+    act_type: String,
+    /// Symmetric activation ranges.
+    #[arg(long)]
+    act_sym: bool,
+    /// How activation ranges are chosen from calibration data.
+    #[arg(long, default_value = "minmax", value_parser = ["minmax", "percentile", "entropy", "mse"])]
+    observer: String,
+    /// Percentile for --observer percentile.
+    #[arg(long, default_value_t = 99.999)]
+    percentile: f64,
+    /// Histogram bins for the entropy and mse observers.
+    #[arg(long, default_value_t = 2048)]
+    bins: usize,
+    /// Calibration data (same forms as `eval --data`; use --split train). Default: 500 samples.
+    #[command(flatten)]
+    data: DataArgs,
+    /// Samples per calibration run.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Op types to quantize.
+    #[arg(long, value_delimiter = ',', default_value = "Conv,Gemm,MatMul")]
+    ops: Vec<String>,
+    /// Keep in float: a node name, an op type or a name pattern with * and ? (repeatable).
+    #[arg(long)]
+    exclude: Vec<String>,
+    /// Quantize only the inputs of quantized nodes, not their outputs.
+    #[arg(long)]
+    no_output_quant: bool,
+    /// Make the model take uint8 inputs, folding --scale/--mean/--std into the graph.
+    #[arg(long)]
+    quantize_inputs: bool,
+    /// Cross-layer equalization before quantizing (data-free).
+    #[arg(long)]
+    equalize: bool,
+    /// Correct each channel's mean shift on the calibration data (static mode).
+    #[arg(long)]
+    bias_correction: bool,
+    /// Also quantize one layer at a time and report each layer's metric drop.
+    #[arg(long)]
+    sensitivity: bool,
+    /// Labelled data for --sensitivity (default: fidelity to the float model on the
+    /// calibration data).
+    #[arg(long)]
+    val: Option<PathBuf>,
+    /// Samples of --val used by --sensitivity.
+    #[arg(long, default_value_t = 2000)]
+    val_limit: usize,
+    /// Write the per-tensor manifest (JSON) here.
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    /// Allow writing over the input file.
+    #[arg(long)]
+    force: bool,
+}
+
+fn options(a: &Args) -> Result<Options> {
+    let mode = Mode::parse(&a.mode)?;
+    let wt = a
+        .weight_type
+        .clone()
+        .unwrap_or_else(|| if mode == Mode::WeightOnly { "int4" } else { "int8" }.into());
+    let qtype = QType::parse(&wt)?;
+    let gran = a
+        .granularity
+        .clone()
+        .unwrap_or_else(|| if qtype.bits() < 8 { "block" } else { "channel" }.into());
+    let observer = match a.observer.as_str() {
+        "minmax" => ObserverKind::MinMax,
+        "percentile" => {
+            if !(a.percentile > 50.0 && a.percentile <= 100.0) {
+                bail!(Input, "--percentile must be in (50, 100], got {}", a.percentile);
+            }
+            ObserverKind::Percentile(a.percentile)
+        }
+        "entropy" => ObserverKind::Entropy { bins: a.bins },
+        _ => ObserverKind::Mse { bins: a.bins },
+    };
+    if a.bins < 128 {
+        bail!(Input, "--bins must be at least 128, got {}", a.bins);
+    }
+    Ok(Options {
+        mode,
+        weights: WeightScheme {
+            qtype,
+            granularity: Granularity::parse(&gran, a.block_size)?,
+            symmetric: !a.weight_asym,
+            clip: if a.weight_clip == "mse" { Clip::Mse } else { Clip::MinMax },
+        },
+        act_qtype: QType::parse(&a.act_type)?,
+        act_symmetric: a.act_sym,
+        observer,
+        ops: a.ops.clone(),
+        exclude: a.exclude.clone(),
+        quantize_outputs: !a.no_output_quant,
+        equalize: a.equalize,
+        bias_correction: a.bias_correction,
+        only: None,
+        ranges: None,
+    })
+}
+
+pub fn run(a: Args, json: bool) -> Result<()> {
+    if !a.force && same_file(&a.model, &a.output) {
+        bail!(Input, "refusing to overwrite the input {} (pass --force)", a.model.display());
+    }
+    let started = Instant::now();
+    let opts = options(&a)?;
+    let model = load_model(&a.model)?;
+    let needs_data = opts.mode == Mode::Static || opts.bias_correction || a.sensitivity && a.val.is_none();
+    let mut data = a.data.clone();
+    data.limit = data.limit.or(Some(500));
+    let calib = if data.data.is_some() {
+        data.load(&model, a.batch)?.feeds
+    } else if needs_data {
+        bail!(Input, "static quantization needs calibration data: pass --calib DATA (e.g. --calib mnist/ --split train)");
+    } else {
+        Vec::new()
+    };
+    let calib_time = started.elapsed().as_secs_f64();
+    let mut last_shown = Instant::now();
+    let (mut qmodel, mut manifest) = smelt_quant::quantize(model.clone(), &opts, &calib, |stage, d, n| {
+        if !json && (d == n || last_shown.elapsed().as_secs_f64() > 1.0) {
+            eprint!("\r{stage}: {d}/{n} batches");
+            if d == n {
+                eprintln!();
+            }
+            last_shown = Instant::now();
+        }
+    })?;
+    if a.quantize_inputs {
+        let pre = InputPreprocess {
+            scale: a.data.scale,
+            mean: a.data.mean.clone(),
+            std: a.data.std.clone(),
+        };
+        let (m, rec) = quantize_inputs(qmodel, &pre)?;
+        qmodel = m;
+        manifest.notes.extend(rec.changes);
+    }
+    let sensitivity = if a.sensitivity {
+        Some(run_sensitivity(&a, &model, &opts, &calib)?)
+    } else {
+        None
+    };
+    smelt_onnx::save(&qmodel, &a.output)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let in_bytes = std::fs::metadata(&a.model).map(|m| m.len()).unwrap_or(0);
+    let out_bytes = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
+    let mut doc = serde_json::to_value(&manifest).map_err(|e| smelt_tensor::Error::Invalid(e.to_string()))?;
+    doc["input"] = json!(a.model.display().to_string());
+    doc["output"] = json!(a.output.display().to_string());
+    doc["input_bytes"] = json!(in_bytes);
+    doc["output_bytes"] = json!(out_bytes);
+    doc["seconds"] = json!(seconds);
+    doc["data_seconds"] = json!(calib_time);
+    if let Some(s) = &sensitivity {
+        doc["sensitivity"] = json!(s);
+    }
+    if let Some(p) = &a.manifest {
+        let text = serde_json::to_string_pretty(&doc).map_err(|e| smelt_tensor::Error::Invalid(e.to_string()))?;
+        smelt_onnx::write_atomic(p, text.as_bytes())?;
+    }
+    if json {
+        print_json(&doc);
+        return Ok(());
+    }
+    print_summary(&a, &manifest, in_bytes, out_bytes, seconds);
+    if let Some(s) = &sensitivity {
+        println!("\nsensitivity ({}): metric with only this layer quantized", s.metric);
+        println!("  float metric {:.4}", s.float_metric);
+        let mut rows = s.layers.clone();
+        rows.sort_by(|x, y| y.drop.total_cmp(&x.drop));
+        for l in rows {
+            println!("  {:<40} {:>9.4}  drop {:+.4}", l.node, l.metric, l.drop);
+        }
+    }
+    Ok(())
+}
+
+fn print_summary(a: &Args, m: &smelt_quant::Manifest, in_bytes: u64, out_bytes: u64, seconds: f64) {
+    println!("quantized  {} -> {}", a.model.display(), a.output.display());
+    println!("mode       {} (opset {})", m.mode, m.opset);
+    println!("nodes      {} quantized", m.nodes_quantized);
+    let w: Vec<_> = m.weights().collect();
+    if let Some(first) = w.first() {
+        let worst = w.iter().map(|t| t.sqnr_db.unwrap_or(f64::INFINITY)).fold(f64::INFINITY, f64::min);
+        println!(
+            "weights    {} tensors, {} {} ({}), worst SQNR {:.1} dB",
+            w.len(),
+            first.qtype,
+            first.granularity.split(' ').next().unwrap_or(""),
+            if first.symmetric { "symmetric" } else { "asymmetric" },
+            worst
+        );
+    }
+    let acts: Vec<_> = m.tensors.iter().filter(|t| t.kind == "activation").collect();
+    if !acts.is_empty() {
+        let worst = acts.iter().map(|t| t.sqnr_db.unwrap_or(f64::INFINITY)).fold(f64::INFINITY, f64::min);
+        println!(
+            "activations {} tensors, {} per-tensor, {}, worst SQNR {:.1} dB",
+            acts.len(),
+            acts[0].qtype,
+            acts[0].observer.clone().unwrap_or_default(),
+            worst
+        );
+    }
+    let ratio = if in_bytes > 0 { out_bytes as f64 / in_bytes as f64 } else { 0.0 };
+    println!("size       {in_bytes} -> {out_bytes} bytes ({:.1}% of the original)", 100.0 * ratio);
+    for f in &m.fallbacks {
+        println!("float      {} ({}): {}", f.node, f.op, f.reason);
+    }
+    for n in &m.notes {
+        println!("note       {n}");
+    }
+    if let Some(p) = &a.manifest {
+        println!("manifest   {}", p.display());
+    }
+    println!("time       {seconds:.2} s");
+}
+
+fn run_sensitivity(
+    a: &Args,
+    model: &smelt_ir::Model,
+    opts: &Options,
+    calib: &[smelt_quant::Feed],
+) -> Result<smelt_quant::sensitivity::Report> {
+    use crate::args::{run_feed, session};
+    match &a.val {
+        Some(val) => {
+            let mut d = a.data.clone();
+            d.data = Some(val.clone());
+            d.split = "test".into();
+            d.limit = Some(a.val_limit);
+            let b = d.load(model, 64)?;
+            let Some(labels) = b.labels.clone() else {
+                bail!(Input, "--val data has no labels");
+            };
+            let eval = |m: &smelt_ir::Model| -> Result<f64> {
+                let s = session(m.clone())?;
+                let (mut ok, mut n) = (0usize, 0usize);
+                for (feed, y) in b.feeds.iter().zip(&labels) {
+                    let out = run_feed(&s, feed)?;
+                    let pred = smelt_data::top1(&out[0].1)?;
+                    ok += pred.iter().zip(y).filter(|(p, l)| **p as i64 == **l).count();
+                    n += y.len();
+                }
+                Ok(ok as f64 / n.max(1) as f64)
+            };
+            smelt_quant::sensitivity::analyze(model, opts, calib, "accuracy", eval)
+        }
+        None => {
+            let reference = session(model.clone())?;
+            let refs: Vec<_> = calib.iter().map(|f| run_feed(&reference, f)).collect::<Result<_>>()?;
+            let eval = |m: &smelt_ir::Model| -> Result<f64> {
+                let s = session(m.clone())?;
+                let mut acc = smelt_data::FidelityAccumulator::new();
+                for (feed, r) in calib.iter().zip(&refs) {
+                    let out = run_feed(&s, feed)?;
+                    acc.add(&r[0].1, &out[0].1)?;
+                }
+                Ok(acc.finish()?.cosine)
+            };
+            smelt_quant::sensitivity::analyze(model, opts, calib, "cosine to float", eval)
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! Static calibration: run the float model on sample inputs and feed each activation that
+//! will be quantized to an observer.
+
+use crate::observer::{Observer, ObserverKind};
+use indexmap::IndexMap;
+use rayon::prelude::*;
+use smelt_engine::{RunOptions, Session};
+use smelt_ir::Model;
+use smelt_tensor::{bail, Result, Tensor};
+
+/// Named model inputs for one run.
+pub type Feed = Vec<(String, Tensor)>;
+
+/// Observes `values` over every feed. Fails on an empty calibration set, on inputs the model
+/// rejects (wrong shape or type: the engine names the input), and on NaN/Inf activations.
+pub fn calibrate(
+    model: &Model,
+    values: &[String],
+    feeds: &[Feed],
+    kind: ObserverKind,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<IndexMap<String, Observer>> {
+    if feeds.is_empty() {
+        bail!(Input, "the calibration set is empty: static quantization needs sample inputs");
+    }
+    let session = Session::new(model.clone())?;
+    let opts = RunOptions {
+        capture: values.to_vec(),
+        ..Default::default()
+    };
+    let mut observers: IndexMap<String, Observer> = values
+        .iter()
+        .map(|v| (v.clone(), Observer::new(kind)))
+        .collect();
+    for (b, feed) in feeds.iter().enumerate() {
+        let inputs: Vec<(&str, Tensor)> = feed.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let (_, captured) = session
+            .run_with(&inputs, &opts)
+            .map_err(|e| e.context(format!("calibration batch {}", b + 1)))?;
+        observers
+            .iter_mut()
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|(name, obs)| -> Result<()> {
+                let t = captured
+                    .get(name)
+                    .ok_or_else(|| smelt_tensor::Error::Invalid(format!("'{name}' was not captured")))?;
+                let v = t.to_f32_vec()?;
+                obs.observe(&v).map_err(|e| {
+                    e.context(format!("activation '{name}' in calibration batch {}", b + 1))
+                })
+            })
+            .collect::<Result<()>>()?;
+        progress(b + 1, feeds.len());
+    }
+    Ok(observers)
+}

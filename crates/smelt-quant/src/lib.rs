@@ -19,6 +19,7 @@ pub mod placement;
 pub mod qdq;
 pub mod scheme;
 pub mod sensitivity;
+pub mod smooth;
 pub mod weights;
 
 pub use calibrate::Feed;
@@ -75,6 +76,8 @@ pub struct Options {
     /// chains; costs a little accuracy).
     pub quantize_outputs: bool,
     pub equalize: bool,
+    /// SmoothQuant strength (alpha) for MatMul activations, from calibration data.
+    pub smooth: Option<f32>,
     pub bias_correction: bool,
     /// Quantize only these nodes (named by their first output); for sensitivity analysis.
     pub only: Option<Vec<String>>,
@@ -94,6 +97,7 @@ impl Default for Options {
             exclude: vec![],
             quantize_outputs: true,
             equalize: false,
+            smooth: None,
             bias_correction: false,
             only: None,
             ranges: None,
@@ -211,6 +215,11 @@ pub fn quantize(
     if opts.equalize {
         let (m, rec) = equalize::Equalize::default().run(model)?;
         man.notes.extend(rec.changes.iter().map(|c| format!("equalize: {c}")));
+        model = m;
+    }
+    if let Some(alpha) = opts.smooth {
+        let (m, rec) = smooth::smooth(model, alpha, calib)?;
+        man.notes.extend(rec.changes.iter().map(|c| format!("smooth: {c}")));
         model = m;
     }
     model = upgrade_opset(model, required_opset(opts), &mut man.notes)?;
@@ -343,7 +352,10 @@ fn activation_values(g: &smelt_ir::Graph, plan: &placement::Placement, outputs: 
     for t in &plan.targets {
         let n = &g.nodes[t.node];
         let mut vals: Vec<&String> = t.activations.iter().map(|&k| &n.inputs[k]).collect();
-        if outputs {
+        // Conv outputs feed the next Conv through cheap ops (bias, ReLU, pooling), and an
+        // integer Conv needs its output quantized to chain; MatMul/Gemm outputs in
+        // transformers feed float bias adds and LayerNorm, where an extra rounding only costs.
+        if outputs && t.op == "Conv" {
             vals.extend(n.outputs.first());
         }
         for v in vals {

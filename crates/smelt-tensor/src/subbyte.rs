@@ -220,7 +220,10 @@ mod tests {
     #[test]
     fn pack_is_low_nibble_first_and_pads_odd_counts() {
         // [0, 1, 7, -4, -8] is the ONNX test suite's int4 example: bytes 0x10, 0xc7, 0x08.
-        assert_eq!(pack_sub_byte(&i4(&[0, 1, 7, -4, -8])).unwrap(), vec![0x10, 0xc7, 0x08]);
+        assert_eq!(
+            pack_sub_byte(&i4(&[0, 1, 7, -4, -8])).unwrap(),
+            vec![0x10, 0xc7, 0x08]
+        );
         let u2 = Data::U2((0..4).map(|x| Uint2::new(x).unwrap()).collect());
         assert_eq!(pack_sub_byte(&u2).unwrap(), vec![0b1110_0100]);
         let i2 = Data::I2([-2, 1, -1].iter().map(|&x| Int2::new(x).unwrap()).collect());
@@ -232,13 +235,19 @@ mod tests {
     #[test]
     fn unpack_sign_extends_and_round_trips() {
         // 0xf8: low nibble 8 -> -8, high nibble 0xf -> -1.
-        assert_eq!(unpack_sub_byte(DType::I4, &[0xf8], 2).unwrap(), i4(&[-8, -1]));
+        assert_eq!(
+            unpack_sub_byte(DType::I4, &[0xf8], 2).unwrap(),
+            i4(&[-8, -1])
+        );
         assert_eq!(
             unpack_sub_byte(DType::U4, &[0xf8], 2).unwrap(),
             Data::U4(vec![Uint4::new(8).unwrap(), Uint4::new(15).unwrap()])
         );
         // The padding nibble of an odd count is ignored, even when non-zero.
-        assert_eq!(unpack_sub_byte(DType::I4, &[0x10, 0xc7, 0xf8], 5).unwrap(), i4(&[0, 1, 7, -4, -8]));
+        assert_eq!(
+            unpack_sub_byte(DType::I4, &[0x10, 0xc7, 0xf8], 5).unwrap(),
+            i4(&[0, 1, 7, -4, -8])
+        );
         for n in 0..9 {
             let vals: Vec<i64> = (0..n).map(|i| (i * 5 % 16) - 8).collect();
             let d = i4(&vals);
@@ -250,7 +259,9 @@ mod tests {
             assert_eq!(b2.len(), (n as usize).div_ceil(4));
             assert_eq!(unpack_sub_byte(DType::I2, &b2, n as usize).unwrap(), d2);
         }
-        let e = unpack_sub_byte(DType::U4, &[0, 0], 5).unwrap_err().to_string();
+        let e = unpack_sub_byte(DType::U4, &[0, 0], 5)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("2 bytes") && e.contains("need 3"), "{e}");
         assert!(unpack_sub_byte(DType::I8, &[0], 1).is_err());
     }

@@ -189,6 +189,7 @@ impl Element for bool {
 /// sub-byte types (their `Element` impls keep every value in range and `T::wrap` keeps the
 /// dtype), and runs `$str` for strings.
 #[macro_export]
+#[rustfmt::skip]
 macro_rules! dispatch {
     ($data:expr, $T:ident, $v:ident => $body:expr, str => $str:expr) => {
         match $data {
@@ -228,10 +229,7 @@ macro_rules! dispatch {
             $crate::Data::U64($v) => { #[allow(dead_code)] type $T = u64; $body }
             $crate::Data::Bool($v) => { #[allow(dead_code)] type $T = bool; $body }
             d @ ($crate::Data::I4(_) | $crate::Data::U4(_) | $crate::Data::I2(_) | $crate::Data::U2(_)) => {
-                return Err($crate::Error::Unsupported(format!(
-                    "{} tensors are not supported here",
-                    d.dtype()
-                )))
+                return Err($crate::Error::Unsupported(format!("{} tensors are not supported here", d.dtype())))
             }
             $crate::Data::Str(_) => {
                 return Err($crate::Error::Unsupported("string tensors are not supported here".into()))
@@ -485,13 +483,17 @@ impl Tensor {
         if let Data::F32(v) = &self.data {
             return Ok(v.clone());
         }
-        Ok(dispatch!(&self.data, T, v => v.iter().map(|x| x.to_f64() as f32).collect(),
-            str => bail!(Unsupported, "string tensors are not supported here")))
+        Ok(
+            dispatch!(&self.data, T, v => v.iter().map(|x| x.to_f64() as f32).collect(),
+            str => bail!(Unsupported, "string tensors are not supported here")),
+        )
     }
 
     pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
-        Ok(dispatch!(&self.data, T, v => v.iter().map(|x| x.to_f64()).collect(),
-            str => bail!(Unsupported, "string tensors are not supported here")))
+        Ok(
+            dispatch!(&self.data, T, v => v.iter().map(|x| x.to_f64()).collect(),
+            str => bail!(Unsupported, "string tensors are not supported here")),
+        )
     }
 
     /// All elements as i64: for shape, axes and index inputs. Floats are rejected.
@@ -499,8 +501,10 @@ impl Tensor {
         if self.dtype().is_float() {
             bail!(Shape, "expected an integer tensor, got {}", self.dtype());
         }
-        Ok(dispatch!(&self.data, T, v => v.iter().map(|x| x.to_i128() as i64).collect(),
-            str => bail!(Unsupported, "string tensors are not supported here")))
+        Ok(
+            dispatch!(&self.data, T, v => v.iter().map(|x| x.to_i128() as i64).collect(),
+            str => bail!(Unsupported, "string tensors are not supported here")),
+        )
     }
 }
 
@@ -565,16 +569,25 @@ mod tests {
         assert_eq!(i4.to_i64_vec().unwrap(), vec![7, -8, 7, -8, -1]);
         let u4 = x.cast(DType::U4).unwrap();
         assert_eq!(u4.to_i64_vec().unwrap(), vec![7, 8, 7, 8, 15]);
-        let i2 = Tensor::from_vec(vec![3], vec![-3i64, 2, 3]).unwrap().cast(DType::I2).unwrap();
+        let i2 = Tensor::from_vec(vec![3], vec![-3i64, 2, 3])
+            .unwrap()
+            .cast(DType::I2)
+            .unwrap();
         assert_eq!(i2.to_i64_vec().unwrap(), vec![1, -2, -1]);
         // Back out: int4 -> int8 / float / bool keep the value.
-        assert_eq!(i4.cast(DType::I8).unwrap().as_slice::<i8>().unwrap(), &[7, -8, 7, -8, -1]);
+        assert_eq!(
+            i4.cast(DType::I8).unwrap().as_slice::<i8>().unwrap(),
+            &[7, -8, 7, -8, -1]
+        );
         assert_eq!(u4.to_f32_vec().unwrap(), vec![7.0, 8.0, 7.0, 8.0, 15.0]);
         assert_eq!(
             i4.cast(DType::Bool).unwrap().as_slice::<bool>().unwrap(),
             &[true; 5]
         );
-        assert_eq!(i4.cast(DType::U4).unwrap().to_i64_vec().unwrap(), vec![7, 8, 7, 8, 15]);
+        assert_eq!(
+            i4.cast(DType::U4).unwrap().to_i64_vec().unwrap(),
+            vec![7, 8, 7, 8, 15]
+        );
     }
 
     #[test]
@@ -591,7 +604,10 @@ mod tests {
         assert!(Data::from_ints(DType::I2, &[-2, 1]).is_ok());
         assert!(Data::from_ints(DType::U8, &[256]).is_err());
         assert!(Data::from_ints(DType::F32, &[1]).is_err());
-        assert_eq!(Data::zeros(DType::U2, 2), Data::from_ints(DType::U2, &[0, 0]).unwrap());
+        assert_eq!(
+            Data::zeros(DType::U2, 2),
+            Data::from_ints(DType::U2, &[0, 0]).unwrap()
+        );
     }
 
     #[test]
@@ -601,7 +617,10 @@ mod tests {
         }
         let d = Data::from_ints(DType::U4, &[1, 15, 3]).unwrap();
         let e = sum(&d).unwrap_err();
-        assert!(matches!(e, Error::Unsupported(_)) && e.to_string().contains("uint4"), "{e}");
+        assert!(
+            matches!(e, Error::Unsupported(_)) && e.to_string().contains("uint4"),
+            "{e}"
+        );
         assert_eq!(sum(&Data::U8(vec![1, 15, 3])).unwrap(), 19.0);
         // Moving elements (gather) keeps the sub-byte dtype and values.
         let g = d.gather([2, 0, 0].into_iter());

@@ -69,6 +69,10 @@ pub struct Args {
     /// Cross-layer equalization before quantizing (data-free).
     #[arg(long)]
     equalize: bool,
+    /// SmoothQuant: move activation outliers into the weights of MatMuls (strength alpha in
+    /// [0, 1], typically 0.5; uses the calibration data).
+    #[arg(long)]
+    smooth: Option<f32>,
     /// Correct each channel's mean shift on the calibration data (static mode).
     #[arg(long)]
     bias_correction: bool,
@@ -130,6 +134,7 @@ fn options(a: &Args) -> Result<Options> {
         exclude: a.exclude.clone(),
         quantize_outputs: !a.no_output_quant,
         equalize: a.equalize,
+        smooth: a.smooth,
         bias_correction: a.bias_correction,
         only: None,
         ranges: None,
@@ -143,7 +148,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     let started = Instant::now();
     let opts = options(&a)?;
     let model = load_model(&a.model)?;
-    let needs_data = opts.mode == Mode::Static || opts.bias_correction || a.sensitivity && a.val.is_none();
+    let needs_data = opts.mode == Mode::Static || opts.bias_correction || opts.smooth.is_some() || a.sensitivity && a.val.is_none();
     let mut data = a.data.clone();
     data.limit = data.limit.or(Some(500));
     let calib = if data.data.is_some() {

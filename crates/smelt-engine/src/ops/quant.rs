@@ -1238,7 +1238,12 @@ mod tests {
         let s = t(&[3], vec![2f32, 3., 4.]);
         let n = node("QuantizeLinear").with_attr("axis", Attr::Int(0));
         let z = sub(DType::I4, &[3], &[1, 1, 1]);
-        let y = run(quantize_linear, n.clone(), 21, &[Some(&x), Some(&s), Some(&z)]);
+        let y = run(
+            quantize_linear,
+            n.clone(),
+            21,
+            &[Some(&x), Some(&s), Some(&z)],
+        );
         assert_eq!(y[0].dtype(), DType::I4);
         assert_eq!(
             y[0].to_i64_vec().unwrap(),
@@ -1253,7 +1258,12 @@ mod tests {
         // uint2 from output_dtype alone: x / 2 = [-0.5, 0.5, 2.5, 50] -> [0, 0, 2, 3].
         let n = node("QuantizeLinear").with_attr("output_dtype", Attr::Int(25));
         let x = t(&[4], vec![-1f32, 1., 5., 100.]);
-        let y = run(quantize_linear, n, 21, &[Some(&x), Some(&Tensor::scalar(2f32))]);
+        let y = run(
+            quantize_linear,
+            n,
+            21,
+            &[Some(&x), Some(&Tensor::scalar(2f32))],
+        );
         assert_eq!(y[0].dtype(), DType::U2);
         assert_eq!(y[0].to_i64_vec().unwrap(), vec![0, 0, 2, 3]);
     }
@@ -1295,6 +1305,49 @@ mod tests {
             &[Some(&x), Some(&Tensor::scalar(1f32)), Some(&z8)],
         );
         assert!(matches!(e, Err(Error::Shape(_))));
+    }
+
+    #[test]
+    fn int4_weights_move_through_layout_ops_but_not_arithmetic() {
+        let op = |name: &str| crate::ops::lookup("", name).unwrap();
+        let w = sub(DType::I4, &[2, 3], &[-8, 1, 2, 3, 4, 7]);
+        let n = node("Transpose").with_attr("perm", Attr::Ints(vec![1, 0]));
+        let tw = run(op("Transpose"), n, 21, &[Some(&w)]);
+        assert_eq!(tw[0].dtype(), DType::I4);
+        assert_eq!(tw[0].shape(), &[3, 2]);
+        assert_eq!(tw[0].to_i64_vec().unwrap(), vec![-8, 3, 1, 4, 2, 7]);
+        let shape = t(&[1], vec![6i64]);
+        let r = run(
+            op("Reshape"),
+            node("Reshape"),
+            21,
+            &[Some(&tw[0]), Some(&shape)],
+        );
+        assert_eq!(r[0].dtype(), DType::I4);
+        assert_eq!(r[0].shape(), &[6]);
+        let idx = t(&[2], vec![5i64, 0]);
+        let g = run(op("Gather"), node("Gather"), 21, &[Some(&r[0]), Some(&idx)]);
+        assert_eq!(g[0].dtype(), DType::I4);
+        assert_eq!(g[0].to_i64_vec().unwrap(), vec![7, -8]);
+        let c = run(
+            op("Concat"),
+            node("Concat").with_attr("axis", Attr::Int(0)),
+            21,
+            &[Some(&g[0]), Some(&g[0])],
+        );
+        assert_eq!(c[0].to_i64_vec().unwrap(), vec![7, -8, 7, -8]);
+        let id = run(op("Identity"), node("Identity"), 21, &[Some(&c[0])]);
+        assert_eq!(id[0], c[0]);
+        // Arithmetic on int4 is refused rather than silently computed in another dtype.
+        let n = node("Add");
+        let e = op("Add")(
+            &OpCtx {
+                node: &n,
+                opset: 21,
+            },
+            &[Some(&w), Some(&w)],
+        );
+        assert!(e.is_err());
     }
 
     #[test]

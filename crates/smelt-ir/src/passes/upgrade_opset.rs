@@ -950,24 +950,16 @@ fn dropout(
         notes.push("dropped is_test (inference semantics)".into());
     }
     if cx.crosses(10) && n.outputs.len() > 1 && !n.outputs[1].is_empty() {
+        // Before 10 the mask had the data's type and no defined inference value (runtimes
+        // return ones or zeros); from 10 it is bool and all true.
         if output_used(n, 1, sc) {
-            // The mask became bool in opset 10; cast it back to the data type readers expect.
-            let Some(dt) = sc.dtype(&n.inputs[0]) else {
-                return Err(cx.refuse(n, "its mask output is used and the data type is unknown"));
-            };
-            let old = n.outputs[1].clone();
-            let fresh = cx.fresh(&format!("{old}_bool"));
-            let cname = cx.fresh(&format!("{}_mask_cast", base(n)));
-            ed.post.push(
-                Node::new("Cast", &cname, &[&fresh], &[&old])
-                    .with_attr("to", Attr::Int(dt.onnx_code() as i64)),
-            );
-            n.outputs[1] = fresh;
-            notes.push(format!("bool mask cast back to {dt}"));
-        } else {
-            n.outputs.truncate(1);
-            notes.push("dropped the unused mask output".into());
+            return Err(cx.refuse(
+                n,
+                "its mask output is read, and the mask's value and type changed in opset 10",
+            ));
         }
+        n.outputs.truncate(1);
+        notes.push("dropped the unused mask output".into());
     }
     if cx.crosses(12) {
         if let Some(r) = take_float(n, "ratio")? {
@@ -1198,17 +1190,43 @@ fn split(
     notes: &mut Vec<String>,
 ) -> Result<()> {
     let has_input = |n: &Node| n.inputs.get(1).is_some_and(|s| !s.is_empty());
-    // Split-1 could take the lengths as a second input; opsets 2-12 only as an attribute.
-    if cx.crosses(2) && has_input(n) && cx.to < 13 {
-        let Some(v) = sc.constant(&n.inputs[1]).and_then(|t| t.to_i64_vec().ok()) else {
-            return Err(cx.refuse(
-                n,
-                "computed split lengths cannot become an attribute before opset 13",
-            ));
-        };
-        n.attrs.insert("split".into(), Attr::Ints(v));
-        n.inputs.truncate(1);
-        notes.push("split input -> attribute".into());
+    // Split-1 could take the lengths as a second input of the data's (float) type; opsets
+    // 2-12 take them only as an attribute, 13 on as an int64 input.
+    if cx.crosses(2) && has_input(n) {
+        let lens = n.inputs[1].clone();
+        let known = sc.constant(&lens).and_then(|t| {
+            let f = t.to_f64_vec().ok()?;
+            f.iter()
+                .all(|v| v.fract() == 0.0 && *v >= 0.0)
+                .then(|| f.iter().map(|&v| v as i64).collect::<Vec<i64>>())
+        });
+        match (known, cx.to >= 13) {
+            (Some(v), false) => {
+                n.attrs.insert("split".into(), Attr::Ints(v));
+                n.inputs.truncate(1);
+                notes.push("split input -> attribute".into());
+            }
+            (Some(v), true) => {
+                let name = add_const(cx, ed, n, "split", i64s(v)?);
+                n.inputs[1] = name;
+                notes.push("split lengths -> int64".into());
+            }
+            (None, true) => {
+                let out = cx.fresh(&format!("{lens}_int64"));
+                let cast = cx.fresh(&format!("{}_split_cast", base(n)));
+                ed.pre.push(
+                    Node::new("Cast", &cast, &[&lens], &[&out]).with_attr("to", Attr::Int(7)),
+                );
+                n.inputs[1] = out;
+                notes.push("split lengths cast to int64".into());
+            }
+            (None, false) => {
+                return Err(cx.refuse(
+                    n,
+                    "computed split lengths cannot become an attribute before opset 13",
+                ))
+            }
+        }
     }
     if cx.crosses(13) {
         ints_attr_to_input(cx, ed, n, "split", 1, notes)?;

@@ -71,6 +71,10 @@ impl ObserverKind {
 pub struct Observer {
     kind: ObserverKind,
     count: u64,
+    /// Exact zeros seen (ReLU outputs, padding). Zero is always exactly representable, so the
+    /// entropy search leaves them out: a spike at 0 would otherwise dominate the distribution
+    /// and make clipping the informative tail look cheap.
+    zeros: u64,
     min: f32,
     max: f32,
     /// None for `MinMax` and for an invalid kind (which every call then reports).
@@ -86,6 +90,7 @@ impl Observer {
         Observer {
             kind,
             count: 0,
+            zeros: 0,
             min: f32::INFINITY,
             max: f32::NEG_INFINITY,
             hist,
@@ -111,6 +116,7 @@ impl Observer {
         self.min = self.min.min(lo);
         self.max = self.max.max(hi);
         self.count += values.len() as u64;
+        self.zeros += values.iter().filter(|&&v| v == 0.0).count() as u64;
         if let Some(h) = &mut self.hist {
             h.add(values, f64::from(lo.abs().max(hi.abs())));
         }
@@ -150,7 +156,7 @@ impl Observer {
         let hist = self.hist.as_ref().filter(|h| h.width > 0.0);
         let (lo, hi) = match (self.kind, hist) {
             (ObserverKind::Percentile(p), Some(h)) => h.percentile(p / 100.0, symmetric),
-            (ObserverKind::Entropy { .. }, Some(h)) => h.entropy(levels, symmetric),
+            (ObserverKind::Entropy { .. }, Some(h)) => h.entropy(levels, symmetric, self.zeros),
             (ObserverKind::Mse { .. }, Some(h)) => h.mse(levels, symmetric),
             _ => (min, max),
         };
@@ -290,17 +296,23 @@ impl Histogram {
         (lo, hi)
     }
 
-    fn entropy(&self, levels: u32, symmetric: bool) -> (f64, f64) {
+    fn entropy(&self, levels: u32, symmetric: bool, zeros: u64) -> (f64, f64) {
         let w = self.width;
+        let drop_zeros = |mut v: Vec<u64>| {
+            if let Some(b) = v.first_mut() {
+                *b = b.saturating_sub(zeros);
+            }
+            v
+        };
         if !symmetric && !self.has_negatives() {
             // Non-negative data with a zero point at the bottom: the whole grid covers [0, T].
-            let pos = trim(self.pos.clone());
+            let pos = trim(drop_zeros(self.pos.clone()));
             let i = kl_threshold(&pos, levels as usize);
             return (0.0, i as f64 * w);
         }
         // One side of a signed grid gets half the levels. Asymmetric signed data gets the same
         // threshold on both sides, each clamped to the observed extreme by the caller.
-        let mags = self.magnitudes();
+        let mags = drop_zeros(self.magnitudes());
         let t = kl_threshold(&mags, (levels as usize / 2).max(1)) as f64 * w;
         (-t, t)
     }

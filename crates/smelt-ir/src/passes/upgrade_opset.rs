@@ -407,7 +407,9 @@ const SAME_RANK: &[&str] = &[
 ];
 
 #[rustfmt::skip]
-const ARITH: &[&str] = &["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Mod"];
+const ARITH: &[&str] = &[
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Mod",
+];
 #[rustfmt::skip]
 const COMPARE: &[&str] = &[
     "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor",
@@ -906,7 +908,10 @@ fn legacy_prelu(cx: &Cx, n: &Node, sc: &Scope) -> Result<()> {
     if single || ranks_match {
         Ok(())
     } else {
-        Err(cx.refuse(n, format!("the slope '{slope}' has no shape that broadcasts the same before and after opset 7")))
+        Err(cx.refuse(
+            n,
+            format!("slope '{slope}' may broadcast differently before and after opset 7"),
+        ))
     }
 }
 
@@ -1147,7 +1152,10 @@ fn resize(
         if mode == "nearest" {
             // Resize-10 rounds down when enlarging and up when shrinking, per axis.
             let Some(s) = sc.constant(&scales).and_then(|t| t.to_f32_vec().ok()) else {
-                return Err(cx.refuse(n, "nearest rounding in Resize-10 depends on scale values that are only known at run time"));
+                return Err(cx.refuse(
+                    n,
+                    "Resize-10 nearest rounding depends on scales only known at run time",
+                ));
             };
             let rounding = if s.iter().all(|&v| v >= 1.0) {
                 "floor"
@@ -1340,4 +1348,358 @@ fn group_norm(
         "scale/bias repeated from {g} groups to {c} channels"
     ));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ValueInfo;
+
+    fn model(opset: i64, nodes: Vec<Node>, inputs: Vec<ValueInfo>) -> Model {
+        let outputs = nodes
+            .last()
+            .map(|n| {
+                n.outputs
+                    .iter()
+                    .map(|o| ValueInfo {
+                        name: o.clone(),
+                        ..Default::default()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Model {
+            ir_version: 3,
+            opsets: vec![OpsetImport {
+                domain: String::new(),
+                version: opset,
+            }],
+            graph: Graph {
+                inputs,
+                outputs,
+                nodes,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn f32_input(name: &str, dims: &[usize]) -> ValueInfo {
+        ValueInfo::new(
+            name,
+            DType::F32,
+            dims.iter().map(|&d| Dim::Fixed(d)).collect(),
+        )
+    }
+
+    fn up(m: Model, to: i64) -> Result<(Model, PassRecord)> {
+        UpgradeOpset { to }.run(m)
+    }
+
+    fn init_i64(m: &Model, name: &str) -> Vec<i64> {
+        m.graph.initializers[name].to_i64_vec().unwrap()
+    }
+
+    #[test]
+    fn moves_axes_to_a_uniquely_named_input_and_sets_versions() {
+        let sq = Node::new("Squeeze", "n", &["x"], &["y"]).with_attr("axes", Attr::Ints(vec![1]));
+        let mut m = model(11, vec![sq], vec![f32_input("x", &[2, 1])]);
+        // "n_axes" is taken, in a nested scope even: the new name must avoid it.
+        m.graph.value_info.push(ValueInfo {
+            name: "n_axes".into(),
+            ..Default::default()
+        });
+        m.opsets = vec![];
+        let (m, rec) = up(m, 21).unwrap();
+        assert_eq!(m.onnx_opset(), 21);
+        assert_eq!(m.ir_version, 10);
+        let n = &m.graph.nodes[0];
+        assert!(n.attrs.is_empty());
+        assert_eq!(n.inputs, ["x", "n_axes_1"]);
+        assert_eq!(init_i64(&m, "n_axes_1"), [1]);
+        assert_eq!(m.graph.initializers["n_axes_1"].shape(), [1]);
+        assert!(rec.changes[0].contains("Squeeze node 'n'"), "{rec:?}");
+        // Already at the target: nothing changes.
+        let (same, rec) = up(m.clone(), 13).unwrap();
+        assert_eq!(same, m);
+        assert!(rec.changes.is_empty());
+    }
+
+    #[test]
+    fn softmax_last_axis_keeps_the_node_other_axes_get_flatten_and_reshape() {
+        let sm = |axis: i64| {
+            Node::new("Softmax", "s", &["x"], &["y"]).with_attr("axis", Attr::Int(axis))
+        };
+        let (m, _) = up(model(11, vec![sm(2)], vec![f32_input("x", &[2, 3, 4])]), 13).unwrap();
+        assert_eq!(m.graph.nodes.len(), 1);
+        assert_eq!(m.graph.nodes[0].attr_int("axis").unwrap(), Some(-1));
+
+        for (to, allowzero) in [(13, None), (14, Some(1))] {
+            let (m, _) = up(model(11, vec![sm(1)], vec![f32_input("x", &[2, 3, 4])]), to).unwrap();
+            let ops: Vec<&str> = m.graph.nodes.iter().map(|n| n.op_type.as_str()).collect();
+            assert_eq!(ops, ["Shape", "Flatten", "Softmax", "Reshape"]);
+            let [shape, flat, soft, reshape] = &m.graph.nodes[..] else {
+                unreachable!()
+            };
+            assert_eq!(flat.attr_int("axis").unwrap(), Some(1));
+            assert_eq!(soft.inputs, flat.outputs);
+            assert_eq!(soft.attr_int("axis").unwrap(), Some(1));
+            assert_eq!(
+                reshape.inputs,
+                [soft.outputs[0].clone(), shape.outputs[0].clone()]
+            );
+            assert_eq!(reshape.outputs, ["y"]);
+            assert_eq!(reshape.attr_int("allowzero").unwrap(), allowzero);
+            m.graph.topo_order().unwrap();
+        }
+    }
+
+    #[test]
+    fn legacy_broadcast_needs_ranks() {
+        let add = Node::new("Add", "a", &["x", "b"], &["y"])
+            .with_attr("broadcast", Attr::Int(1))
+            .with_attr("axis", Attr::Int(1));
+        let e = up(model(6, vec![add.clone()], vec![]), 21).unwrap_err();
+        assert!(matches!(e, Error::Unsupported(_)));
+        assert!(
+            e.to_string()
+                .starts_with("cannot upgrade Add node 'a' from opset 6 to 21"),
+            "{e}"
+        );
+        let ins = vec![f32_input("x", &[2, 3, 4, 5]), f32_input("b", &[3])];
+        let (m, _) = up(model(6, vec![add], ins), 21).unwrap();
+        let [u, a] = &m.graph.nodes[..] else {
+            panic!("{:?}", m.graph.nodes)
+        };
+        assert_eq!(u.op_type, "Unsqueeze");
+        assert_eq!(init_i64(&m, &u.inputs[1]), [1, 2]);
+        assert_eq!(a.inputs, ["x".to_string(), u.outputs[0].clone()]);
+        assert!(a.attrs.is_empty());
+        // Before 13 the Unsqueeze takes its axes as an attribute.
+        let ins = vec![f32_input("x", &[2, 3, 4, 5]), f32_input("b", &[3])];
+        let add = Node::new("Mul", "a", &["x", "b"], &["y"])
+            .with_attr("broadcast", Attr::Int(1))
+            .with_attr("axis", Attr::Int(-3));
+        let (m, _) = up(model(6, vec![add], ins), 11).unwrap();
+        assert_eq!(
+            m.graph.nodes[0].attr_ints("axes").unwrap(),
+            Some(&[1i64, 2][..])
+        );
+    }
+
+    #[test]
+    fn clip_bounds_take_the_data_type_and_old_defaults() {
+        let clip = Node::new("Clip", "c", &["x"], &["y"]).with_attr("min", Attr::Float(-1.5));
+        let e = up(model(10, vec![clip.clone()], vec![]), 21)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("element type of 'x' is unknown"), "{e}");
+        let x = ValueInfo::new("x", DType::F16, vec![Dim::Fixed(2)]);
+        let (m, _) = up(model(10, vec![clip.clone()], vec![x.clone()]), 21).unwrap();
+        let n = &m.graph.nodes[0];
+        let lo = &m.graph.initializers[&n.inputs[1]];
+        let hi = &m.graph.initializers[&n.inputs[2]];
+        assert_eq!((lo.dtype(), lo.shape()), (DType::F16, &[][..]));
+        assert_eq!(lo.to_f64_vec().unwrap(), [-1.5]);
+        // Opset 6-10 default max is FLT_MAX, which overflows to +inf in f16.
+        assert_eq!(hi.to_f64_vec().unwrap(), [f64::INFINITY]);
+        // Opset 1 had no default bound.
+        let (m, _) = up(model(1, vec![clip], vec![x]), 21).unwrap();
+        assert_eq!(m.graph.nodes[0].inputs.len(), 2);
+    }
+
+    #[test]
+    fn small_legacy_fixes() {
+        let selu = Node::new("Selu", "s", &["x"], &["y"])
+            .with_attr("consumed_inputs", Attr::Ints(vec![0]));
+        let (m, _) = up(model(1, vec![selu], vec![]), 21).unwrap();
+        let n = &m.graph.nodes[0];
+        assert_eq!(n.attr_float("alpha").unwrap(), Some(1.6732));
+        assert_eq!(n.attr_float("gamma").unwrap(), Some(1.0507));
+        assert!(!n.attrs.contains_key("consumed_inputs"));
+
+        let cast =
+            Node::new("Cast", "c", &["x"], &["y"]).with_attr("to", Attr::String(b"INT64".to_vec()));
+        let (m, _) = up(model(5, vec![cast], vec![]), 21).unwrap();
+        assert_eq!(m.graph.nodes[0].attr_int("to").unwrap(), Some(7));
+
+        let split = || Node::new("Split", "p", &["x"], &["a", "b"]);
+        let (m, _) = up(model(11, vec![split()], vec![]), 17).unwrap();
+        assert!(!m.graph.nodes[0].attrs.contains_key("num_outputs"));
+        let (m, _) = up(model(11, vec![split()], vec![]), 18).unwrap();
+        assert_eq!(m.graph.nodes[0].attr_int("num_outputs").unwrap(), Some(2));
+
+        let roi = Node::new("RoiAlign", "r", &["x", "b", "i"], &["y"]);
+        let (m, _) = up(model(10, vec![roi], vec![]), 21).unwrap();
+        let ctm = m.graph.nodes[0]
+            .attr_string("coordinate_transformation_mode")
+            .unwrap();
+        assert_eq!(ctm.as_deref(), Some("output_half_pixel"));
+    }
+
+    #[test]
+    fn batch_norm_training_outputs() {
+        let bn =
+            |outs: &[&str]| Node::new("BatchNormalization", "bn", &["x", "s", "b", "m", "v"], outs);
+        let mut m = model(8, vec![bn(&["y", "mean", "var"])], vec![]);
+        m.graph.outputs.truncate(1);
+        let (m, rec) = up(m, 21).unwrap();
+        assert_eq!(m.graph.nodes[0].outputs, ["y"]);
+        assert!(rec.changes[0].contains("unused training-mode outputs"));
+        let e = up(model(8, vec![bn(&["y", "mean"])], vec![]), 21)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("BatchNormalization node 'bn'") && e.contains("training"),
+            "{e}"
+        );
+        let spatial = bn(&["y"]).with_attr("spatial", Attr::Int(0));
+        assert!(up(model(8, vec![spatial], vec![]), 21).is_err());
+        // Opset 9 already dropped spatial: a later upgrade does not look at it.
+        let spatial = bn(&["y"]).with_attr("spatial", Attr::Int(0));
+        assert!(up(model(9, vec![spatial], vec![]), 21).is_ok());
+    }
+
+    #[test]
+    fn resize10_rounding_and_refusals() {
+        let scales = |v: Vec<f32>| {
+            let mut c = Node::new("Constant", "k", &[], &["s"]);
+            c.attrs.insert(
+                "value".into(),
+                Attr::Tensor(Tensor::from_vec(vec![4], v).unwrap()),
+            );
+            c
+        };
+        let rs = Node::new("Resize", "r", &["x", "s"], &["y"]);
+        for (v, want) in [
+            (vec![1.0, 1.0, 2.0, 3.0], "floor"),
+            (vec![1.0, 1.0, 0.5, 0.7], "ceil"),
+        ] {
+            let (m, _) = up(model(10, vec![scales(v), rs.clone()], vec![]), 21).unwrap();
+            let n = &m.graph.nodes[1];
+            assert_eq!(n.inputs, ["x", "", "s"]);
+            assert_eq!(
+                n.attr_string("nearest_mode").unwrap().as_deref(),
+                Some(want)
+            );
+            assert_eq!(
+                n.attr_string("coordinate_transformation_mode")
+                    .unwrap()
+                    .as_deref(),
+                Some("asymmetric")
+            );
+        }
+        // Resize-11/12 need an roi input; an empty one is given.
+        let (m, _) = up(
+            model(10, vec![scales(vec![1.0; 4]), rs.clone()], vec![]),
+            12,
+        )
+        .unwrap();
+        let roi = &m.graph.initializers[&m.graph.nodes[1].inputs[1]];
+        assert_eq!(roi.shape(), [0]);
+        let e = up(
+            model(
+                10,
+                vec![scales(vec![1.0, 1.0, 2.0, 0.5]), rs.clone()],
+                vec![],
+            ),
+            21,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("both enlarge and shrink"), "{e}");
+        let tf = Node::new("Resize", "r", &["x", "roi", "s"], &["y"]).with_attr(
+            "coordinate_transformation_mode",
+            Attr::String(b"tf_half_pixel_for_nn".to_vec()),
+        );
+        assert!(up(model(11, vec![tf.clone()], vec![]), 21).is_err());
+        assert!(up(model(11, vec![tf], vec![]), 12).is_ok());
+    }
+
+    #[test]
+    fn loop_bodies_get_their_own_constants() {
+        let body = Graph {
+            inputs: vec![
+                f32_input("i", &[]),
+                f32_input("c", &[]),
+                f32_input("acc", &[2, 3]),
+            ],
+            outputs: ["c", "r"]
+                .iter()
+                .map(|o| ValueInfo {
+                    name: o.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            nodes: vec![Node::new("ReduceSum", "rs", &["acc"], &["r"])
+                .with_attr("axes", Attr::Ints(vec![0]))
+                .with_attr("keepdims", Attr::Int(0))],
+            ..Default::default()
+        };
+        let lp = Node::new("Loop", "loop", &["n", "", "x"], &["out"])
+            .with_attr("body", Attr::Graph(Box::new(body)));
+        let (m, rec) = up(model(11, vec![lp], vec![]), 13).unwrap();
+        let Some(Attr::Graph(g)) = m.graph.nodes[0].attrs.get("body") else {
+            panic!("body lost")
+        };
+        assert_eq!(g.nodes[0].inputs, ["acc", "rs_axes"]);
+        assert_eq!(g.initializers["rs_axes"].to_i64_vec().unwrap(), [0]);
+        assert!(m.graph.initializers.is_empty());
+        assert!(rec
+            .changes
+            .iter()
+            .any(|c| c.contains("ReduceSum node 'rs'")));
+    }
+
+    #[test]
+    fn group_norm_needs_channels_and_constants() {
+        let gn = Node::new("GroupNormalization", "g", &["x", "s", "b"], &["y"])
+            .with_attr("num_groups", Attr::Int(2));
+        let mut m = model(18, vec![gn.clone()], vec![f32_input("x", &[1, 4, 3])]);
+        m.graph.initializers.insert(
+            "s".into(),
+            Tensor::from_vec(vec![2], vec![1.0f32, 2.0]).unwrap(),
+        );
+        m.graph.initializers.insert(
+            "b".into(),
+            Tensor::from_vec(vec![2], vec![3.0f32, 4.0]).unwrap(),
+        );
+        let (u, _) = up(m.clone(), 21).unwrap();
+        let n = &u.graph.nodes[0];
+        assert_eq!(
+            u.graph.initializers[&n.inputs[1]].to_f32_vec().unwrap(),
+            [1.0, 1.0, 2.0, 2.0]
+        );
+        assert_eq!(
+            u.graph.initializers[&n.inputs[2]].to_f32_vec().unwrap(),
+            [3.0, 3.0, 4.0, 4.0]
+        );
+        // The originals stay (another node may share them).
+        assert_eq!(u.graph.initializers["s"].numel(), 2);
+        m.graph.inputs[0].shape = None;
+        let e = up(m, 21).unwrap_err().to_string();
+        assert!(e.contains("channel count"), "{e}");
+    }
+
+    #[test]
+    fn unknown_and_experimental_ops_are_refused() {
+        let e = up(
+            model(7, vec![Node::new("Crop", "c", &["x"], &["y"])], vec![]),
+            13,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("Crop node 'c'") && e.contains("not an ONNX operator"),
+            "{e}"
+        );
+        let thr = Node::new("ThresholdedRelu", "t", &["x"], &["y"]);
+        assert!(up(model(9, vec![thr.clone()], vec![]), 13).is_err());
+        assert!(up(model(10, vec![thr], vec![]), 13).is_ok());
+        // Other domains are left alone.
+        let mut ms = Node::new("FusedMatMul", "f", &["x"], &["y"]);
+        ms.domain = "com.microsoft".into();
+        assert!(up(model(7, vec![ms], vec![]), 13).is_ok());
+        assert!(up(model(7, vec![], vec![]), 22).is_err());
+    }
 }

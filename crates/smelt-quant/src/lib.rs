@@ -76,7 +76,7 @@ pub struct Options {
     /// chains; costs a little accuracy).
     pub quantize_outputs: bool,
     pub equalize: bool,
-    /// SmoothQuant strength (alpha) for MatMul activations, from calibration data.
+    /// SmoothQuant for MatMul activations: a fixed alpha, or per-layer search when NaN.
     pub smooth: Option<f32>,
     pub bias_correction: bool,
     /// Quantize only these nodes (named by their first output); for sensitivity analysis.
@@ -218,7 +218,20 @@ pub fn quantize(
         model = m;
     }
     if let Some(alpha) = opts.smooth {
-        let (m, rec) = smooth::smooth(model, alpha, calib)?;
+        let strength = if alpha.is_nan() {
+            smooth::Strength::Search {
+                act: match opts.mode {
+                    Mode::Static => Some((opts.act_qtype, opts.act_symmetric)),
+                    // DynamicQuantizeLinear: uint8, asymmetric, per tensor.
+                    Mode::Dynamic => Some((QType::U8, false)),
+                    Mode::WeightOnly => None,
+                },
+                weights: opts.weights,
+            }
+        } else {
+            smooth::Strength::Fixed(alpha)
+        };
+        let (m, rec) = smooth::smooth(model, &strength, calib)?;
         man.notes.extend(rec.changes.iter().map(|c| format!("smooth: {c}")));
         model = m;
     }

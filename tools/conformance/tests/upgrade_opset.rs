@@ -692,10 +692,7 @@ fn resize_and_upsample() {
 fn other_changed_ops() {
     // BatchNormalization with legacy attributes.
     let x = floats(&[2, 3, 2, 2], 4);
-    let p = |seed| {
-        let t = floats(&[3], seed);
-        t
-    };
+    let p = |seed| floats(&[3], seed);
     let var = Tensor::from_vec(vec![3], vec![0.5f32, 1.0, 2.0]).unwrap();
     let inits = [("sc", p(5)), ("b", p(6)), ("m", p(7)), ("v", var)];
     let bn = node(

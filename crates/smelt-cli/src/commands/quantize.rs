@@ -69,10 +69,11 @@ pub struct Args {
     /// Cross-layer equalization before quantizing (data-free).
     #[arg(long)]
     equalize: bool,
-    /// SmoothQuant: move activation outliers into the weights of MatMuls (strength alpha in
-    /// [0, 1], typically 0.5; uses the calibration data).
+    /// SmoothQuant / AWQ-style scaling of MatMul inputs: `auto` searches each layer's
+    /// strength against its quantized output error, or give a fixed alpha in [0, 1].
+    /// Uses the calibration data.
     #[arg(long)]
-    smooth: Option<f32>,
+    smooth: Option<String>,
     /// Correct each channel's mean shift on the calibration data (static mode).
     #[arg(long)]
     bias_correction: bool,
@@ -134,7 +135,13 @@ fn options(a: &Args) -> Result<Options> {
         exclude: a.exclude.clone(),
         quantize_outputs: !a.no_output_quant,
         equalize: a.equalize,
-        smooth: a.smooth,
+        smooth: match a.smooth.as_deref() {
+            None => None,
+            Some("auto") => Some(f32::NAN),
+            Some(v) => Some(v.parse::<f32>().map_err(|_| {
+                smelt_tensor::Error::Input(format!("--smooth takes 'auto' or a number in [0, 1], got '{v}'"))
+            })?),
+        },
         bias_correction: a.bias_correction,
         only: None,
         ranges: None,

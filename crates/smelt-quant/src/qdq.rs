@@ -53,6 +53,8 @@ fn add_dq_const(
 #[derive(Default)]
 pub struct WeightCache {
     done: HashMap<String, (String, QuantizedWeight)>,
+    /// Weights already quantized by a smarter method (GPTQ), used instead of rounding.
+    pub pre: HashMap<String, QuantizedWeight>,
 }
 
 impl WeightCache {
@@ -75,8 +77,11 @@ impl WeightCache {
         let w = g.initializers.get(&name).cloned().ok_or_else(|| {
             smelt_tensor::Error::Invalid(format!("weight '{name}' is not an initializer"))
         })?;
-        let qw = quantize_weight(&w, scheme, axes)
-            .map_err(|e| e.context(format!("weight '{name}' of {}", g.nodes[node].label())))?;
+        let qw = match self.pre.remove(&name) {
+            Some(q) => q,
+            None => quantize_weight(&w, scheme, axes)
+                .map_err(|e| e.context(format!("weight '{name}' of {}", g.nodes[node].label())))?,
+        };
         let out = add_dq_const(
             g,
             &name,

@@ -158,7 +158,7 @@ pub fn quantize_weight(w: &Tensor, scheme: &WeightScheme, axes: Axes) -> Result<
 const SHRINK_STEPS: usize = 40;
 const SHRINK_MIN: f32 = 0.5;
 
-fn choose_affine(vals: &[f32], qtype: QType, symmetric: bool, clip: Clip) -> Affine {
+pub(crate) fn choose_affine(vals: &[f32], qtype: QType, symmetric: bool, clip: Clip) -> Affine {
     let (lo, hi) = vals
         .iter()
         .fold((0.0f32, 0.0f32), |(a, b), &v| (a.min(v), b.max(v)));

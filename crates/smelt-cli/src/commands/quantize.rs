@@ -74,6 +74,10 @@ pub struct Args {
     /// Uses the calibration data.
     #[arg(long)]
     smooth: Option<String>,
+    /// GPTQ: quantize MatMul/Gemm weights row by row, compensating each rounding error with
+    /// the rows still to come (uses the calibration data).
+    #[arg(long)]
+    gptq: bool,
     /// Correct each channel's mean shift on the calibration data (static mode).
     #[arg(long)]
     bias_correction: bool,
@@ -143,6 +147,7 @@ fn options(a: &Args) -> Result<Options> {
             })?),
         },
         bias_correction: a.bias_correction,
+        gptq: a.gptq,
         only: None,
         ranges: None,
     })
@@ -155,7 +160,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     let started = Instant::now();
     let opts = options(&a)?;
     let model = load_model(&a.model)?;
-    let needs_data = opts.mode == Mode::Static || opts.bias_correction || opts.smooth.is_some() || a.sensitivity && a.val.is_none();
+    let needs_data = opts.mode == Mode::Static || opts.bias_correction || opts.smooth.is_some() || opts.gptq || a.sensitivity && a.val.is_none();
     let mut data = a.data.clone();
     data.limit = data.limit.or(Some(500));
     let calib = if data.data.is_some() {

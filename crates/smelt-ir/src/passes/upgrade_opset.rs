@@ -13,6 +13,7 @@ use std::fmt::Display;
 pub const MAX_KNOWN_OPSET: i64 = 21;
 
 /// Upgrades the default ONNX domain to opset `to` (no change when the model is already there).
+/// Also raises the IR version to the one released with that opset.
 pub struct UpgradeOpset {
     pub to: i64,
 }
@@ -648,7 +649,9 @@ fn ints_attr_to_input(
     }
 }
 
-/// Rewrites one default-domain node for the target opset. `notes` collects what changed.
+/// Rewrites one default-domain node for the target opset, noting each change in the record.
+/// A version whose change is not handled below only added types or optional attributes with
+/// backward-compatible defaults (checked against onnx's schema history up to opset 21).
 fn upgrade_node(cx: &mut Cx, mut n: Node, sc: &Scope, ed: &mut Edit) -> Result<Node> {
     let Some(first) = introduced(&n.op_type) else {
         return Err(cx.refuse(

@@ -138,8 +138,23 @@ pub fn gptq(w: &Tensor, h: &[f64], scheme: &WeightScheme) -> Result<QuantizedWei
     if let Some(i) = orig.iter().position(|v| !v.is_finite()) {
         bail!(Invalid, "weight element {i} is {} (not finite)", orig[i]);
     }
-    let mut wt: Vec<f64> = orig.iter().map(|&v| v as f64).collect();
-    let mut hm = h.to_vec();
+    // Rows in order of decreasing input energy ("act order"): the rows that matter most are
+    // rounded first, while the most rows remain to absorb their error. Group scales are then
+    // fixed up front from the original weights ("static groups").
+    let mut perm: Vec<usize> = (0..k).collect();
+    perm.sort_by(|&a, &b| h[b * k + b].total_cmp(&h[a * k + a]));
+    let mut wt: Vec<f64> = vec![0.0; k * n];
+    for (r, &o) in perm.iter().enumerate() {
+        for c in 0..n {
+            wt[r * n + c] = orig[o * n + c] as f64;
+        }
+    }
+    let mut hm = vec![0.0f64; k * k];
+    for (i, &pi) in perm.iter().enumerate() {
+        for (j, &pj) in perm.iter().enumerate() {
+            hm[i * k + j] = h[pi * k + pj];
+        }
+    }
     for i in 0..k {
         if hm[i * k + i] == 0.0 {
             // An input that is always zero: its weights never matter.
@@ -169,38 +184,29 @@ pub fn gptq(w: &Tensor, h: &[f64], scheme: &WeightScheme) -> Result<QuantizedWei
         Granularity::Block(b) => (b, k.div_ceil(b)),
         _ => (k, 1),
     };
-    let affine_of = |rows: &[f64], col_values: &mut Vec<f32>, c: usize, r0: usize, r1: usize| {
-        col_values.clear();
-        col_values.extend((r0..r1).map(|r| rows[r * n + c] as f32));
-        choose_affine(col_values, qtype, scheme.symmetric, scheme.clip)
-    };
     let per_tensor = scheme.granularity == Granularity::PerTensor;
     let mut params: Vec<Affine> = Vec::new();
-    let mut buf = Vec::new();
     if per_tensor {
-        let all: Vec<f32> = wt.iter().map(|&v| v as f32).collect();
-        params.push(choose_affine(&all, qtype, scheme.symmetric, scheme.clip));
-    } else if nb == 1 {
-        for c in 0..n {
-            params.push(affine_of(&wt, &mut buf, c, 0, k));
-        }
+        params.push(choose_affine(&orig, qtype, scheme.symmetric, scheme.clip));
     } else {
-        params = vec![Affine { scale: 1.0, zero_point: 0 }; nb * n];
+        let mut buf = Vec::new();
+        for g in 0..nb {
+            for c in 0..n {
+                buf.clear();
+                buf.extend((g * block..((g + 1) * block).min(k)).map(|r| orig[r * n + c]));
+                params.push(choose_affine(&buf, qtype, scheme.symmetric, scheme.clip));
+            }
+        }
     }
     let mut codes = vec![0i32; k * n];
     let mut err = vec![0.0f64; n];
     for r in 0..k {
-        if nb > 1 && r % block == 0 {
-            let g = r / block;
-            for c in 0..n {
-                params[g * n + c] = affine_of(&wt, &mut buf, c, r, (r + block).min(k));
-            }
-        }
+        let o = perm[r];
         let d = u[r * k + r];
         for c in 0..n {
-            let a = if per_tensor { params[0] } else if nb > 1 { params[(r / block) * n + c] } else { params[c] };
+            let a = if per_tensor { params[0] } else { params[(o / block) * n + c] };
             let q = a.quantize(wt[r * n + c] as f32, range);
-            codes[r * n + c] = q;
+            codes[o * n + c] = q;
             err[c] = (wt[r * n + c] - a.dequantize(q) as f64) / d;
         }
         // Later rows absorb this row's error.

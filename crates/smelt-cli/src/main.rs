@@ -38,7 +38,7 @@ enum Cmd {
     /// Load and save a model (re-encode, move weights to or from an external data file).
     Convert(commands::convert::Args),
     /// Quantize weights (and activations, inputs) to int8 / int4, exported as ONNX QDQ.
-    Quantize(commands::quantize::Args),
+    Quantize(Box<commands::quantize::Args>),
 }
 
 fn main() -> ExitCode {
@@ -63,7 +63,7 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => commands::bench::run(a, json),
         Cmd::Run(a) => commands::run::run(a, json),
         Cmd::Convert(a) => commands::convert::run(a, json),
-        Cmd::Quantize(a) => commands::quantize::run(a, json),
+        Cmd::Quantize(a) => commands::quantize::run(*a, json),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

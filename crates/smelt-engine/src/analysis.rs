@@ -210,7 +210,7 @@ pub fn model_stats(model: &Model, shapes: &HashMap<String, (DType, Vec<usize>)>)
     let mut s = ModelStats::default();
     for t in g.initializers.values() {
         s.params += t.numel() as u64;
-        s.weight_bytes += (t.numel() * t.dtype().size()) as u64;
+        s.weight_bytes += t.dtype().packed_bytes(t.numel()).unwrap_or(0) as u64;
         s.zero_params += zeros_in(t);
     }
     for n in &g.nodes {

@@ -20,8 +20,8 @@ use smelt_ir::Model;
 use smelt_tensor::{bail, Error, Result, Tensor, DEFAULT_MAX_ELEMENTS};
 use std::path::Path;
 
-pub use tensor::{tensor_from_proto, tensor_to_proto};
 pub use fsutil::write_atomic;
+pub use tensor::{tensor_from_proto, tensor_to_proto};
 
 /// Limits applied while reading, so a malformed or hostile file fails cleanly instead of
 /// exhausting memory.

@@ -9,7 +9,11 @@ use smelt_ir::{Graph, Model, Node};
 use smelt_tensor::{Result, Tensor};
 
 /// Per-channel means of each captured value, summed over all feeds.
-fn channel_means(model: &Model, values: &[(String, usize)], feeds: &[Feed]) -> Result<Vec<Vec<f64>>> {
+fn channel_means(
+    model: &Model,
+    values: &[(String, usize)],
+    feeds: &[Feed],
+) -> Result<Vec<Vec<f64>>> {
     let s = Session::new(model.clone())?;
     let opts = RunOptions {
         capture: values.iter().map(|v| v.0.clone()).collect(),
@@ -44,7 +48,12 @@ fn channel_means(model: &Model, values: &[(String, usize)], feeds: &[Feed]) -> R
 
 /// Corrects every quantized node that has a bias it can adjust: its own (Conv B, Gemm C,
 /// float or int32-dequantized) or a constant Add right after it. Returns notes per node.
-pub fn correct(float: &Model, mut quant: Model, plan: &Placement, feeds: &[Feed]) -> Result<(Model, Vec<String>)> {
+pub fn correct(
+    float: &Model,
+    mut quant: Model,
+    plan: &Placement,
+    feeds: &[Feed],
+) -> Result<(Model, Vec<String>)> {
     let mut values = Vec::new();
     for t in &plan.targets {
         let n = &float.graph.nodes[t.node];
@@ -57,7 +66,10 @@ pub fn correct(float: &Model, mut quant: Model, plan: &Placement, feeds: &[Feed]
         capture: values.iter().map(|v| v.0.clone()).collect(),
         ..Default::default()
     };
-    let inputs: Vec<(&str, Tensor)> = feeds[0].iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let inputs: Vec<(&str, Tensor)> = feeds[0]
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.clone()))
+        .collect();
     let (_, cap) = probe.run_with(&inputs, &opts)?;
     for v in values.iter_mut() {
         if v.1 == usize::MAX {
@@ -77,14 +89,24 @@ pub fn correct(float: &Model, mut quant: Model, plan: &Placement, feeds: &[Feed]
             None => false,
         };
         if done {
-            notes.push(format!("bias correction: {} (largest channel shift {:.3e})", t.label, max_shift));
+            notes.push(format!(
+                "bias correction: {} (largest channel shift {:.3e})",
+                t.label, max_shift
+            ));
         }
     }
     Ok((quant, notes))
 }
 
 /// Subtracts `delta` from the bias of node `p`; false when there is none to adjust.
-fn adjust_bias(g: &mut Graph, p: usize, bias: Option<usize>, delta: &[f64], rank: usize, axis: usize) -> Result<bool> {
+fn adjust_bias(
+    g: &mut Graph,
+    p: usize,
+    bias: Option<usize>,
+    delta: &[f64],
+    rank: usize,
+    axis: usize,
+) -> Result<bool> {
     if let Some(b) = bias {
         let name = g.nodes[p].inputs[b].clone();
         if let Some(t) = g.initializers.get_mut(&name) {
@@ -92,7 +114,11 @@ fn adjust_bias(g: &mut Graph, p: usize, bias: Option<usize>, delta: &[f64], rank
         }
         // int32 bias behind a DequantizeLinear: shift the codes by delta / scale.
         if let Some(dq) = g.producer(&name).map(|i| g.nodes[i].clone()) {
-            let scales = g.initializers.get(&dq.inputs[1]).map(|t| t.to_f32_vec()).transpose()?;
+            let scales = g
+                .initializers
+                .get(&dq.inputs[1])
+                .map(|t| t.to_f32_vec())
+                .transpose()?;
             if let (Some(scales), true) = (scales, dq.op_type == "DequantizeLinear") {
                 if let Some(codes) = g.initializers.get_mut(&dq.inputs[0]) {
                     let mut c = codes.to_i64_vec()?;
@@ -116,12 +142,19 @@ fn adjust_bias(g: &mut Graph, p: usize, bias: Option<usize>, delta: &[f64], rank
     let mut v = g.nodes[p].outputs[0].clone();
     for _ in 0..3 {
         let cons = g.consumers(&v);
-        let [c] = cons.as_slice() else { return Ok(false) };
+        let [c] = cons.as_slice() else {
+            return Ok(false);
+        };
         let n: Node = g.nodes[*c].clone();
         match n.op_type.as_str() {
             "QuantizeLinear" | "DequantizeLinear" => v = n.outputs[0].clone(),
             "Add" => {
-                let other = n.inputs.iter().find(|i| **i != v).cloned().unwrap_or_default();
+                let other = n
+                    .inputs
+                    .iter()
+                    .find(|i| **i != v)
+                    .cloned()
+                    .unwrap_or_default();
                 let fits = g.initializers.get(&other).is_some_and(|t| {
                     t.numel() == delta.len() && channel_aligned(t.shape(), rank, axis)
                 });
@@ -155,7 +188,11 @@ fn sub_from(t: &mut Tensor, delta: &[f64], k: f64) -> Result<bool> {
     if v.len() != delta.len() {
         return Ok(false);
     }
-    let out: Vec<f32> = v.iter().zip(delta).map(|(x, d)| (*x as f64 - k * d) as f32).collect();
+    let out: Vec<f32> = v
+        .iter()
+        .zip(delta)
+        .map(|(x, d)| (*x as f64 - k * d) as f32)
+        .collect();
     *t = Tensor::from_vec(t.shape().to_vec(), out)?;
     Ok(true)
 }

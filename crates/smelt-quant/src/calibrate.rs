@@ -21,7 +21,10 @@ pub fn calibrate(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<IndexMap<String, Observer>> {
     if feeds.is_empty() {
-        bail!(Input, "the calibration set is empty: static quantization needs sample inputs");
+        bail!(
+            Input,
+            "the calibration set is empty: static quantization needs sample inputs"
+        );
     }
     let session = Session::new(model.clone())?;
     let opts = RunOptions {
@@ -33,7 +36,8 @@ pub fn calibrate(
         .map(|v| (v.clone(), Observer::new(kind)))
         .collect();
     for (b, feed) in feeds.iter().enumerate() {
-        let inputs: Vec<(&str, Tensor)> = feed.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let inputs: Vec<(&str, Tensor)> =
+            feed.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
         let (_, captured) = session
             .run_with(&inputs, &opts)
             .map_err(|e| e.context(format!("calibration batch {}", b + 1)))?;
@@ -42,12 +46,15 @@ pub fn calibrate(
             .collect::<Vec<_>>()
             .into_par_iter()
             .map(|(name, obs)| -> Result<()> {
-                let t = captured
-                    .get(name)
-                    .ok_or_else(|| smelt_tensor::Error::Invalid(format!("'{name}' was not captured")))?;
+                let t = captured.get(name).ok_or_else(|| {
+                    smelt_tensor::Error::Invalid(format!("'{name}' was not captured"))
+                })?;
                 let v = t.to_f32_vec()?;
                 obs.observe(&v).map_err(|e| {
-                    e.context(format!("activation '{name}' in calibration batch {}", b + 1))
+                    e.context(format!(
+                        "activation '{name}' in calibration batch {}",
+                        b + 1
+                    ))
                 })
             })
             .collect::<Result<()>>()?;

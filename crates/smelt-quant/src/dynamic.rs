@@ -19,14 +19,27 @@ pub fn rewrite(
     records: &mut Vec<TensorRecord>,
 ) -> Result<std::result::Result<(), String>> {
     if matches!(scheme.granularity, Granularity::Block(_)) {
-        bail!(Input, "dynamic quantization needs per-tensor or per-channel weights, not blocks");
+        bail!(
+            Input,
+            "dynamic quantization needs per-tensor or per-channel weights, not blocks"
+        );
     }
     if scheme.qtype.bits() != 8 {
-        bail!(Input, "dynamic quantization stores weights in 8 bits (int8 or uint8)");
+        bail!(
+            Input,
+            "dynamic quantization stores weights in 8 bits (int8 or uint8)"
+        );
     }
     let Some(slot) = &t.weight else {
-        return Ok(Err("no constant weight (activation x activation product)".into()));
+        return Ok(Err(
+            "no constant weight (activation x activation product)".into()
+        ));
     };
+    if t.op == "Gather" {
+        // An embedding lookup has no product to run in integers: its table is stored in int8.
+        cache.quantize_input(g, t.node, slot.input, scheme, slot.axes, records)?;
+        return Ok(Ok(()));
+    }
     if t.op != "MatMul" && t.op != "Gemm" {
         return Ok(Err(format!(
             "dynamic {} is not rewritten (integer {} without calibrated ranges is slower than float in common runtimes)",
@@ -58,7 +71,8 @@ pub fn rewrite(
                 }
             }
             let name = g.unique_name(&format!("{b_name}_kn"));
-            g.initializers.insert(name.clone(), Tensor::from_vec(vec![k, n], tr)?);
+            g.initializers
+                .insert(name.clone(), Tensor::from_vec(vec![k, n], tr)?);
             g.nodes[t.node].inputs[slot.input] = name;
         }
     }
@@ -73,10 +87,18 @@ pub fn rewrite(
         .producer(&dq_out)
         .map(|p| g.nodes[p].clone())
         .ok_or_else(|| smelt_tensor::Error::Invalid("weight DequantizeLinear missing".into()))?;
-    let (codes, scale, zp) = (dq.inputs[0].clone(), dq.inputs[1].clone(), dq.inputs[2].clone());
+    let (codes, scale, zp) = (
+        dq.inputs[0].clone(),
+        dq.inputs[1].clone(),
+        dq.inputs[2].clone(),
+    );
     let x = node.inputs[0].clone();
     let out = node.outputs[0].clone();
-    let base = if node.name.is_empty() { out.clone() } else { node.name.clone() };
+    let base = if node.name.is_empty() {
+        out.clone()
+    } else {
+        node.name.clone()
+    };
     let mut taken = Vec::new();
     let (xq, xs, xz, acc, accf, sc, prod) = (
         fresh(g, &mut taken, &base, "x_quantized"),
@@ -96,16 +118,46 @@ pub fn rewrite(
             .collect();
         alpha_scale = g.unique_name(&format!("{scale}_alpha"));
         let shape = g.initializers[&scale].shape().to_vec();
-        g.initializers.insert(alpha_scale.clone(), Tensor::from_vec(shape, s)?);
+        g.initializers
+            .insert(alpha_scale.clone(), Tensor::from_vec(shape, s)?);
     }
-    let final_mul_out = if bias.is_some() { prod.clone() } else { out.clone() };
+    let final_mul_out = if bias.is_some() {
+        prod.clone()
+    } else {
+        out.clone()
+    };
     let mut nodes = vec![
-        Node::new("DynamicQuantizeLinear", &fresh(g, &mut taken, &base, "DynamicQuantizeLinear"), &[&x], &[&xq, &xs, &xz]),
-        Node::new("MatMulInteger", &fresh(g, &mut taken, &base, "MatMulInteger"), &[&xq, &codes, &xz, &zp], &[&acc]),
-        Node::new("Cast", &fresh(g, &mut taken, &base, "Cast"), &[&acc], &[&accf])
-            .with_attr("to", Attr::Int(DType::F32.onnx_code() as i64)),
-        Node::new("Mul", &fresh(g, &mut taken, &base, "ScaleMul"), &[&xs, &alpha_scale], &[&sc]),
-        Node::new("Mul", &fresh(g, &mut taken, &base, "Rescale"), &[&accf, &sc], &[&final_mul_out]),
+        Node::new(
+            "DynamicQuantizeLinear",
+            &fresh(g, &mut taken, &base, "DynamicQuantizeLinear"),
+            &[&x],
+            &[&xq, &xs, &xz],
+        ),
+        Node::new(
+            "MatMulInteger",
+            &fresh(g, &mut taken, &base, "MatMulInteger"),
+            &[&xq, &codes, &xz, &zp],
+            &[&acc],
+        ),
+        Node::new(
+            "Cast",
+            &fresh(g, &mut taken, &base, "Cast"),
+            &[&acc],
+            &[&accf],
+        )
+        .with_attr("to", Attr::Int(DType::F32.onnx_code() as i64)),
+        Node::new(
+            "Mul",
+            &fresh(g, &mut taken, &base, "ScaleMul"),
+            &[&xs, &alpha_scale],
+            &[&sc],
+        ),
+        Node::new(
+            "Mul",
+            &fresh(g, &mut taken, &base, "Rescale"),
+            &[&accf, &sc],
+            &[&final_mul_out],
+        ),
     ];
     if let Some((c, beta)) = bias {
         let mut c_in = c.clone();
@@ -115,17 +167,28 @@ pub fn rewrite(
                 Some(ct) => {
                     let v: Vec<f32> = ct.to_f32_vec()?.iter().map(|v| v * beta).collect();
                     c_in = g.unique_name(&format!("{c}_beta"));
-                    g.initializers.insert(c_in.clone(), Tensor::from_vec(ct.shape().to_vec(), v)?);
+                    g.initializers
+                        .insert(c_in.clone(), Tensor::from_vec(ct.shape().to_vec(), v)?);
                 }
                 None => {
                     let bname = g.unique_name(&format!("{base}_beta"));
                     g.initializers.insert(bname.clone(), Tensor::scalar(beta));
                     c_in = g.unique_name(&format!("{base}_beta_c"));
-                    nodes.push(Node::new("Mul", &fresh(g, &mut taken, &base, "BetaMul"), &[&c, &bname], &[&c_in]));
+                    nodes.push(Node::new(
+                        "Mul",
+                        &fresh(g, &mut taken, &base, "BetaMul"),
+                        &[&c, &bname],
+                        &[&c_in],
+                    ));
                 }
             }
         }
-        nodes.push(Node::new("Add", &fresh(g, &mut taken, &base, "BiasAdd"), &[&prod, &c_in], &[&out]));
+        nodes.push(Node::new(
+            "Add",
+            &fresh(g, &mut taken, &base, "BiasAdd"),
+            &[&prod, &c_in],
+            &[&out],
+        ));
     }
     let _ = qw;
     g.replace_node(t.node, nodes);

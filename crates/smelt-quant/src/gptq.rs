@@ -16,7 +16,11 @@ use smelt_tensor::{bail, Result, Tensor};
 use std::collections::HashMap;
 
 /// 2 X^T X / rows of each value (rows = all leading axes, K = last axis), over the feeds.
-pub fn hessians(model: &Model, values: &[String], feeds: &[Feed]) -> Result<HashMap<String, (usize, Vec<f64>)>> {
+pub fn hessians(
+    model: &Model,
+    values: &[String],
+    feeds: &[Feed],
+) -> Result<HashMap<String, (usize, Vec<f64>)>> {
     let s = Session::new(model.clone())?;
     let opts = RunOptions {
         capture: values.to_vec(),
@@ -33,7 +37,10 @@ pub fn hessians(model: &Model, values: &[String], feeds: &[Feed]) -> Result<Hash
                 let k = *t.shape().last().unwrap_or(&1);
                 let x = t.to_f32_vec()?;
                 if let Some(bad) = x.iter().find(|v| !v.is_finite()) {
-                    bail!(Input, "activation '{v}' holds {bad} on the calibration data");
+                    bail!(
+                        Input,
+                        "activation '{v}' holds {bad} on the calibration data"
+                    );
                 }
                 let rows = x.len() / k.max(1);
                 let mut h = vec![0.0f32; k * k];
@@ -132,7 +139,11 @@ pub fn gptq(w: &Tensor, h: &[f64], scheme: &WeightScheme) -> Result<QuantizedWei
         bail!(Shape, "GPTQ needs a 2-D [K, N] weight, got {:?}", w.shape());
     };
     if h.len() != k * k {
-        bail!(Shape, "Hessian of {} values does not fit a weight with K = {k}", h.len());
+        bail!(
+            Shape,
+            "Hessian of {} values does not fit a weight with K = {k}",
+            h.len()
+        );
     }
     let orig = w.to_f32_vec()?;
     if let Some(i) = orig.iter().position(|v| !v.is_finite()) {
@@ -174,12 +185,19 @@ pub fn gptq(w: &Tensor, h: &[f64], scheme: &WeightScheme) -> Result<QuantizedWei
         }
         damp *= 10.0;
         if damp > 1e6 * mean_diag.max(1e-12) {
-            bail!(Invalid, "the input Hessian is not positive definite, even damped");
+            bail!(
+                Invalid,
+                "the input Hessian is not positive definite, even damped"
+            );
         }
     };
     let u = inverse_upper(&l, k);
     let qtype = scheme.qtype;
-    let range = if scheme.symmetric { qtype.symmetric_range() } else { qtype.range() };
+    let range = if scheme.symmetric {
+        qtype.symmetric_range()
+    } else {
+        qtype.range()
+    };
     let (block, nb) = match scheme.granularity {
         Granularity::Block(b) => (b, k.div_ceil(b)),
         _ => (k, 1),
@@ -204,7 +222,11 @@ pub fn gptq(w: &Tensor, h: &[f64], scheme: &WeightScheme) -> Result<QuantizedWei
         let o = perm[r];
         let d = u[r * k + r];
         for c in 0..n {
-            let a = if per_tensor { params[0] } else { params[(o / block) * n + c] };
+            let a = if per_tensor {
+                params[0]
+            } else {
+                params[(o / block) * n + c]
+            };
             let q = a.quantize(wt[r * n + c] as f32, range);
             codes[o * n + c] = q;
             err[c] = (wt[r * n + c] - a.dequantize(q) as f64) / d;
@@ -225,8 +247,20 @@ pub fn gptq(w: &Tensor, h: &[f64], scheme: &WeightScheme) -> Result<QuantizedWei
         qtype,
         shape: vec![k, n],
         error: ErrorStats::default(),
-        scale_shape: if per_tensor { vec![] } else if nb > 1 { vec![nb, n] } else { vec![n] },
-        axis: if per_tensor { None } else if nb > 1 { Some(0) } else { Some(1) },
+        scale_shape: if per_tensor {
+            vec![]
+        } else if nb > 1 {
+            vec![nb, n]
+        } else {
+            vec![n]
+        },
+        axis: if per_tensor {
+            None
+        } else if nb > 1 {
+            Some(0)
+        } else {
+            Some(1)
+        },
         block: (nb > 1).then_some(block),
         codes,
         params,
@@ -247,7 +281,10 @@ mod tests {
     struct Rng(u64);
     impl Rng {
         fn next(&mut self) -> f32 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         }
     }
@@ -278,15 +315,29 @@ mod tests {
             let (mut y, mut yq) = (vec![0.0f32; rows * n], vec![0.0f32; rows * n]);
             sgemm(rows, k, n, &x, false, &w, false, &mut y, 1.0, 0.0, None).unwrap();
             sgemm(rows, k, n, &x, false, q, false, &mut yq, 1.0, 0.0, None).unwrap();
-            y.iter().zip(&yq).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>()
+            y.iter()
+                .zip(&yq)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>()
         };
         let g = gptq(&wt, &h, &scheme).unwrap();
-        let rtn = quantize_weight(&wt, &scheme, Axes { channel_axis: 1, reduce_axis: 0 }).unwrap();
+        let rtn = quantize_weight(
+            &wt,
+            &scheme,
+            Axes {
+                channel_axis: 1,
+                reduce_axis: 0,
+            },
+        )
+        .unwrap();
         let (eg, er) = (
             out_err(&g.dequantized().unwrap().to_f32_vec().unwrap()),
             out_err(&rtn.dequantized().unwrap().to_f32_vec().unwrap()),
         );
-        assert!(eg < 0.8 * er, "GPTQ output error {eg} vs round-to-nearest {er}");
+        assert!(
+            eg < 0.8 * er,
+            "GPTQ output error {eg} vs round-to-nearest {er}"
+        );
         assert!(g.codes.iter().all(|&c| (-7..=7).contains(&c)));
         assert_eq!(g.scale_shape, vec![4, 16]);
     }
@@ -297,8 +348,16 @@ mod tests {
         let mut l = vec![4.0, 2.0, 2.0, 3.0];
         assert!(cholesky(&mut l, 2));
         let u = inverse_upper(&l, 2);
-        let hinv = [u[0] * u[0], u[0] * u[1], u[0] * u[1], u[1] * u[1] + u[3] * u[3]];
-        for (a, b) in hinv.iter().zip([3.0 / 8.0, -2.0 / 8.0, -2.0 / 8.0, 4.0 / 8.0]) {
+        let hinv = [
+            u[0] * u[0],
+            u[0] * u[1],
+            u[0] * u[1],
+            u[1] * u[1] + u[3] * u[3],
+        ];
+        for (a, b) in hinv
+            .iter()
+            .zip([3.0 / 8.0, -2.0 / 8.0, -2.0 / 8.0, 4.0 / 8.0])
+        {
             assert!((a - b).abs() < 1e-12, "{hinv:?}");
         }
     }

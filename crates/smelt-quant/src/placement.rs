@@ -7,7 +7,7 @@ use smelt_tensor::{bail, DType, Result};
 
 /// Ops whose weights and inputs are quantized by default: they carry almost all the
 /// arithmetic and every backend has integer kernels for them.
-pub const DEFAULT_OPS: &[&str] = &["Conv", "Gemm", "MatMul"];
+pub const DEFAULT_OPS: &[&str] = &["Conv", "Gemm", "MatMul", "Gather"];
 
 /// Ops that onnxruntime and the literature agree are fragile in low precision; named in the
 /// report when they stay in float.
@@ -63,7 +63,9 @@ pub struct Placement {
 
 /// `--exclude` entries: a node name, an op type, or a glob (`*`, `?`) over node names.
 pub fn excluded(pattern: &str, n: &Node) -> bool {
-    pattern == n.op_type || pattern == n.name || (pattern.contains(['*', '?']) && glob(pattern, &n.name))
+    pattern == n.op_type
+        || pattern == n.name
+        || (pattern.contains(['*', '?']) && glob(pattern, &n.name))
 }
 
 fn glob(p: &str, s: &str) -> bool {
@@ -90,7 +92,9 @@ fn glob(p: &str, s: &str) -> bool {
 }
 
 fn is_float_const(g: &Graph, name: &str) -> bool {
-    g.initializers.get(name).is_some_and(|t| t.dtype() == DType::F32)
+    g.initializers
+        .get(name)
+        .is_some_and(|t| t.dtype() == DType::F32)
 }
 
 fn is_runtime(g: &Graph, name: &str) -> bool {
@@ -112,7 +116,7 @@ pub fn plan(g: &Graph, ops: &[String], exclude: &[String]) -> Result<Placement> 
     let mut out = Placement::default();
     let mut sensitive_kept = std::collections::BTreeMap::<String, usize>::new();
     for (i, n) in g.nodes.iter().enumerate() {
-        if !n.domain.is_empty() && n.domain != "ai.onnx" || !ops.iter().any(|o| *o == n.op_type) {
+        if !n.domain.is_empty() && n.domain != "ai.onnx" || !ops.contains(&n.op_type) {
             if SENSITIVE.contains(&n.op_type.as_str()) {
                 *sensitive_kept.entry(n.op_type.clone()).or_default() += 1;
             }
@@ -124,7 +128,8 @@ pub fn plan(g: &Graph, ops: &[String], exclude: &[String]) -> Result<Placement> 
             reason,
         };
         if let Some(p) = exclude.iter().find(|p| excluded(p, n)) {
-            out.fallbacks.push(fallback(format!("excluded by --exclude '{p}'")));
+            out.fallbacks
+                .push(fallback(format!("excluded by --exclude '{p}'")));
             continue;
         }
         match target_for(g, i, n) {
@@ -204,7 +209,11 @@ fn target_for(g: &Graph, i: usize, n: &Node) -> std::result::Result<Target, Stri
             });
             let alpha = n.attr_float("alpha").ok().flatten().unwrap_or(1.0);
             let beta = n.attr_float("beta").ok().flatten().unwrap_or(1.0);
-            if is_float_const(g, input(2)) && rank(input(2)) == Some(1) && alpha == 1.0 && beta == 1.0 {
+            if is_float_const(g, input(2))
+                && rank(input(2)) == Some(1)
+                && alpha == 1.0
+                && beta == 1.0
+            {
                 t.bias = Some(2);
             }
         }

@@ -124,12 +124,19 @@ fn granularity_name(qw: &QuantizedWeight) -> String {
 
 /// Puts QuantizeLinear -> DequantizeLinear on `value`; every reader then sees the
 /// quantized-dequantized value. Returns the scale initializer's name (bias scales use it).
-pub fn insert_activation_qdq(g: &mut Graph, value: &str, a: Affine, qtype: QType) -> Result<String> {
+pub fn insert_activation_qdq(
+    g: &mut Graph,
+    value: &str,
+    a: Affine,
+    qtype: QType,
+) -> Result<String> {
     let s = g.unique_name(&format!("{value}_scale"));
     g.initializers.insert(s.clone(), Tensor::scalar(a.scale));
     let z = g.unique_name(&format!("{value}_zero_point"));
-    g.initializers
-        .insert(z.clone(), Tensor::new(vec![], codes_data(qtype, &[a.zero_point]))?);
+    g.initializers.insert(
+        z.clone(),
+        Tensor::new(vec![], codes_data(qtype, &[a.zero_point]))?,
+    );
     let q = g.unique_name(&format!("{value}_quantized"));
     let dq = g.unique_name(&format!("{value}_dequantized"));
     let qn = Node::new(
@@ -180,7 +187,11 @@ pub fn quantize_bias(
         }
         codes.push(q as i32);
     }
-    let approx: Vec<f32> = codes.iter().zip(&scales).map(|(&q, &s)| q as f32 * s).collect();
+    let approx: Vec<f32> = codes
+        .iter()
+        .zip(&scales)
+        .map(|(&q, &s)| q as f32 * s)
+        .collect();
     let err = crate::params::ErrorStats::between(&b, &approx);
     let (smin, smax) = scales
         .iter()

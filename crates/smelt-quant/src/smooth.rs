@@ -24,7 +24,9 @@ fn groups(g: &Graph) -> Vec<(String, Vec<usize>)> {
             continue;
         }
         let (a, b) = (&n.inputs[0], &n.inputs[1]);
-        let Some(w) = g.initializers.get(b) else { continue };
+        let Some(w) = g.initializers.get(b) else {
+            continue;
+        };
         if w.rank() != 2 || w.dtype() != DType::F32 || g.initializers.contains_key(a) {
             continue;
         }
@@ -49,7 +51,11 @@ struct Stats {
 
 impl Stats {
     fn absmax(&self) -> Vec<f32> {
-        self.min.iter().zip(&self.max).map(|(a, b)| a.abs().max(b.abs())).collect()
+        self.min
+            .iter()
+            .zip(&self.max)
+            .map(|(a, b)| a.abs().max(b.abs()))
+            .collect()
     }
 }
 
@@ -61,7 +67,11 @@ fn channel_stats(model: &Model, values: &[String], feeds: &[Feed]) -> Result<Vec
     };
     let mut out: Vec<Stats> = values
         .iter()
-        .map(|_| Stats { min: vec![], max: vec![], sample: vec![] })
+        .map(|_| Stats {
+            min: vec![],
+            max: vec![],
+            sample: vec![],
+        })
         .collect();
     let per_feed = SAMPLE_ROWS.div_ceil(feeds.len().max(1));
     for f in feeds {
@@ -78,7 +88,10 @@ fn channel_stats(model: &Model, values: &[String], feeds: &[Feed]) -> Result<Vec
             }
             for (i, &val) in x.iter().enumerate() {
                 if !val.is_finite() {
-                    bail!(Input, "activation '{v}' holds {val} on the calibration data");
+                    bail!(
+                        Input,
+                        "activation '{v}' holds {val} on the calibration data"
+                    );
                 }
                 let j = i % c;
                 st.min[j] = st.min[j].min(val);
@@ -135,12 +148,31 @@ fn output_error(
 ) -> Result<f64> {
     let k = s.len();
     let rows = st.sample.len() / k;
-    let mut x: Vec<f32> = st.sample.iter().enumerate().map(|(i, v)| v / s[i % k]).collect();
+    let mut x: Vec<f32> = st
+        .sample
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v / s[i % k])
+        .collect();
     if let Some((qt, sym)) = act {
-        let lo = st.min.iter().zip(s).map(|(m, f)| m / f).fold(0.0f32, f32::min);
-        let hi = st.max.iter().zip(s).map(|(m, f)| m / f).fold(0.0f32, f32::max);
+        let lo = st
+            .min
+            .iter()
+            .zip(s)
+            .map(|(m, f)| m / f)
+            .fold(0.0f32, f32::min);
+        let hi = st
+            .max
+            .iter()
+            .zip(s)
+            .map(|(m, f)| m / f)
+            .fold(0.0f32, f32::max);
         let a = Affine::from_range(lo, hi, qt, sym);
-        let r = if sym { qt.symmetric_range() } else { qt.range() };
+        let r = if sym {
+            qt.symmetric_range()
+        } else {
+            qt.range()
+        };
         for v in x.iter_mut() {
             *v = a.fake(*v, r);
         }
@@ -148,18 +180,36 @@ fn output_error(
     let mut err = 0.0f64;
     for (w, y) in ws.iter().zip(reference) {
         let n = w.shape()[1];
-        let scaled: Vec<f32> = w.to_f32_vec()?.iter().enumerate().map(|(i, v)| v * s[i / n]).collect();
+        let scaled: Vec<f32> = w
+            .to_f32_vec()?
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * s[i / n])
+            .collect();
         let t = Tensor::from_vec(vec![k, n], scaled)?;
-        let axes = Axes { channel_axis: 1, reduce_axis: 0 };
-        let q = quantize_weight(&t, scheme, axes)?.dequantized()?.to_f32_vec()?;
+        let axes = Axes {
+            channel_axis: 1,
+            reduce_axis: 0,
+        };
+        let q = quantize_weight(&t, scheme, axes)?
+            .dequantized()?
+            .to_f32_vec()?;
         let mut out = vec![0.0f32; rows * n];
         sgemm(rows, k, n, &x, false, &q, false, &mut out, 1.0, 0.0, None)?;
-        err += out.iter().zip(y).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
+        err += out
+            .iter()
+            .zip(y)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>();
     }
     Ok(err)
 }
 
-pub fn smooth(mut model: Model, strength: &Strength, feeds: &[Feed]) -> Result<(Model, PassRecord)> {
+pub fn smooth(
+    mut model: Model,
+    strength: &Strength,
+    feeds: &[Feed],
+) -> Result<(Model, PassRecord)> {
     let mut rec = PassRecord::new("smooth");
     if let Strength::Fixed(alpha) = strength {
         if !(0.0..=1.0).contains(alpha) {
@@ -176,7 +226,10 @@ pub fn smooth(mut model: Model, strength: &Strength, feeds: &[Feed]) -> Result<(
     for ((v, users), st) in gs.iter().zip(&stats) {
         let amax = st.absmax();
         let k = amax.len();
-        let weights: Vec<String> = users.iter().map(|&u| g.nodes[u].inputs[1].clone()).collect();
+        let weights: Vec<String> = users
+            .iter()
+            .map(|&u| g.nodes[u].inputs[1].clone())
+            .collect();
         if weights.iter().any(|w| g.initializers[w].shape()[0] != k) {
             continue;
         }
@@ -191,18 +244,37 @@ pub fn smooth(mut model: Model, strength: &Strength, feeds: &[Feed]) -> Result<(
         }
         let (s, chosen) = match strength {
             Strength::Fixed(alpha) => (factors(&amax, &wmax, *alpha), format!("alpha {alpha}")),
-            Strength::Search { act, weights: scheme } => {
+            Strength::Search {
+                act,
+                weights: scheme,
+            } => {
                 let ws: Vec<Tensor> = weights.iter().map(|w| g.initializers[w].clone()).collect();
                 let rows = st.sample.len() / k.max(1);
                 let mut reference = Vec::new();
                 for w in &ws {
                     let n = w.shape()[1];
                     let mut y = vec![0.0f32; rows * n];
-                    sgemm(rows, k, n, &st.sample, false, &w.to_f32_vec()?, false, &mut y, 1.0, 0.0, None)?;
+                    sgemm(
+                        rows,
+                        k,
+                        n,
+                        &st.sample,
+                        false,
+                        &w.to_f32_vec()?,
+                        false,
+                        &mut y,
+                        1.0,
+                        0.0,
+                        None,
+                    )?;
                     reference.push(y);
                 }
                 let ones = vec![1.0f32; k];
-                let mut best = (output_error(st, &ws, &ones, *act, scheme, &reference)?, ones, "none".to_string());
+                let mut best = (
+                    output_error(st, &ws, &ones, *act, scheme, &reference)?,
+                    ones,
+                    "none".to_string(),
+                );
                 let base = best.0;
                 for &alpha in ALPHAS {
                     let f = factors(&amax, &wmax, alpha);
@@ -212,15 +284,22 @@ pub fn smooth(mut model: Model, strength: &Strength, feeds: &[Feed]) -> Result<(
                     }
                 }
                 let gain = if best.0 > 0.0 { base / best.0 } else { 1.0 };
-                (best.1, format!("{} (output error {:.1}x lower)", best.2, gain))
+                (
+                    best.1,
+                    format!("{} (output error {:.1}x lower)", best.2, gain),
+                )
             }
         };
         if chosen.starts_with("none") {
-            rec.note(format!("'{v}': left unscaled (no alpha lowers the output error)"));
+            rec.note(format!(
+                "'{v}': left unscaled (no alpha lowers the output error)"
+            ));
             continue;
         }
         let spread = |x: &[f32]| {
-            let (lo, hi) = x.iter().fold((f32::MAX, 0.0f32), |(a, b), &v| (a.min(v), b.max(v)));
+            let (lo, hi) = x
+                .iter()
+                .fold((f32::MAX, 0.0f32), |(a, b), &v| (a.min(v), b.max(v)));
             hi / lo.max(f32::MIN_POSITIVE)
         };
         let scaled_amax: Vec<f32> = amax.iter().zip(&s).map(|(a, s)| a / s).collect();
@@ -228,15 +307,29 @@ pub fn smooth(mut model: Model, strength: &Strength, feeds: &[Feed]) -> Result<(
         for (&u, w) in users.iter().zip(&weights) {
             let t = g.initializers[w].clone();
             let n = t.shape()[1];
-            let data: Vec<f32> = t.to_f32_vec()?.iter().enumerate().map(|(i, x)| x * s[i / n]).collect();
+            let data: Vec<f32> = t
+                .to_f32_vec()?
+                .iter()
+                .enumerate()
+                .map(|(i, x)| x * s[i / n])
+                .collect();
             let name = g.unique_name(&format!("{w}_smoothed"));
-            g.initializers.insert(name.clone(), Tensor::from_vec(t.shape().to_vec(), data)?);
+            g.initializers
+                .insert(name.clone(), Tensor::from_vec(t.shape().to_vec(), data)?);
             g.nodes[u].inputs[1] = name;
         }
         let inv = g.unique_name(&format!("{v}_smooth_scale"));
-        g.initializers.insert(inv.clone(), Tensor::from_vec(vec![k], s.iter().map(|x| 1.0 / x).collect::<Vec<f32>>())?);
+        g.initializers.insert(
+            inv.clone(),
+            Tensor::from_vec(vec![k], s.iter().map(|x| 1.0 / x).collect::<Vec<f32>>())?,
+        );
         let out = g.unique_name(&format!("{v}_smoothed"));
-        let mul = Node::new("Mul", &g.unique_name(&format!("{v}_Smooth")), &[v, &inv], &[&out]);
+        let mul = Node::new(
+            "Mul",
+            &g.unique_name(&format!("{v}_Smooth")),
+            &[v, &inv],
+            &[&out],
+        );
         for &u in users {
             g.nodes[u].inputs[0] = out.clone();
         }

@@ -60,7 +60,11 @@ impl Grouping {
             },
             Granularity::PerChannel => {
                 if axes.channel_axis >= rank {
-                    bail!(Shape, "channel axis {} out of range for shape {shape:?}", axes.channel_axis);
+                    bail!(
+                        Shape,
+                        "channel axis {} out of range for shape {shape:?}",
+                        axes.channel_axis
+                    );
                 }
                 let (_, dim, inner) = split(axes.channel_axis);
                 Grouping {
@@ -75,7 +79,11 @@ impl Grouping {
             }
             Granularity::Block(size) => {
                 if axes.reduce_axis >= rank || size == 0 {
-                    bail!(Shape, "block axis {} out of range for shape {shape:?}", axes.reduce_axis);
+                    bail!(
+                        Shape,
+                        "block axis {} out of range for shape {shape:?}",
+                        axes.reduce_axis
+                    );
                 }
                 let (outer, dim, inner) = split(axes.reduce_axis);
                 let nb = dim.div_ceil(size);
@@ -326,7 +334,9 @@ mod tests {
 
     #[test]
     fn mse_clipping_beats_min_max_on_outliers() {
-        let mut v: Vec<f32> = (0..1000).map(|i| ((i * 37 % 1000) as f32 / 1000.0 - 0.5) * 0.2).collect();
+        let mut v: Vec<f32> = (0..1000)
+            .map(|i| ((i * 37 % 1000) as f32 / 1000.0 - 0.5) * 0.2)
+            .collect();
         v[3] = 1.0; // a single outlier stretches the min-max range 10x
         let w = t(vec![1000, 1], v);
         let base = WeightScheme {
@@ -334,14 +344,34 @@ mod tests {
             ..Default::default()
         };
         let mm = quantize_weight(&w, &base, MATMUL_B).unwrap();
-        let mse = quantize_weight(&w, &WeightScheme { clip: Clip::Mse, ..base }, MATMUL_B).unwrap();
-        assert!(mse.error.mse < 0.8 * mm.error.mse, "{} vs {}", mse.error.mse, mm.error.mse);
+        let mse = quantize_weight(
+            &w,
+            &WeightScheme {
+                clip: Clip::Mse,
+                ..base
+            },
+            MATMUL_B,
+        )
+        .unwrap();
+        assert!(
+            mse.error.mse < 0.8 * mm.error.mse,
+            "{} vs {}",
+            mse.error.mse,
+            mm.error.mse
+        );
     }
 
     #[test]
     fn non_finite_weights_are_refused() {
         let w = t(vec![2], vec![1.0, f32::NAN]);
-        let e = quantize_weight(&w, &WeightScheme::default(), Axes { channel_axis: 0, reduce_axis: 0 });
+        let e = quantize_weight(
+            &w,
+            &WeightScheme::default(),
+            Axes {
+                channel_axis: 0,
+                reduce_axis: 0,
+            },
+        );
         assert!(e.unwrap_err().to_string().contains("not finite"));
     }
 }

@@ -42,7 +42,11 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         let (m, rec) = smelt_quant::dequantize_weights(model)?;
         model = m;
         if !json {
-            println!("{}: {} constant nodes folded into float weights", rec.pass, rec.changes.len());
+            println!(
+                "{}: {} constant nodes folded into float weights",
+                rec.pass,
+                rec.changes.len()
+            );
         }
     }
     if a.dynamic_batch {

@@ -58,7 +58,10 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         if let Some(r) = &reference {
             let routs = run_feed(r, feed)?;
             if a.pool == "mean" {
-                let mask = feed.iter().find(|(n, _)| n == "attention_mask").map(|(_, t)| t);
+                let mask = feed
+                    .iter()
+                    .find(|(n, _)| n == "attention_mask")
+                    .map(|(_, t)| t);
                 fid.add(&mean_pool(&routs[0].1, mask)?, &mean_pool(out, mask)?)?;
             } else {
                 fid.add(&routs[0].1, out)?;
@@ -107,14 +110,26 @@ pub fn run(a: Args, json: bool) -> Result<()> {
 
 /// [batch, tokens, width] -> [batch, width], averaging the tokens the mask keeps (all when
 /// there is no mask): how sentence-embedding models like MiniLM are read.
-fn mean_pool(x: &smelt_tensor::Tensor, mask: Option<&smelt_tensor::Tensor>) -> Result<smelt_tensor::Tensor> {
+fn mean_pool(
+    x: &smelt_tensor::Tensor,
+    mask: Option<&smelt_tensor::Tensor>,
+) -> Result<smelt_tensor::Tensor> {
     let &[b, s, h] = x.shape() else {
-        bail!(Shape, "--pool mean needs a [batch, tokens, width] output, got {:?}", x.shape());
+        bail!(
+            Shape,
+            "--pool mean needs a [batch, tokens, width] output, got {:?}",
+            x.shape()
+        );
     };
     let v = x.to_f32_vec()?;
     let m = match mask {
         Some(m) if m.shape() == [b, s] => m.to_f64_vec()?,
-        Some(m) => bail!(Shape, "attention mask {:?} does not fit output {:?}", m.shape(), x.shape()),
+        Some(m) => bail!(
+            Shape,
+            "attention mask {:?} does not fit output {:?}",
+            m.shape(),
+            x.shape()
+        ),
         None => vec![1.0; b * s],
     };
     let mut out = vec![0.0f32; b * h];

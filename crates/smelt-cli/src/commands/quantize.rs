@@ -55,7 +55,7 @@ pub struct Args {
     #[arg(long, default_value_t = 32)]
     batch: usize,
     /// Op types to quantize.
-    #[arg(long, value_delimiter = ',', default_value = "Conv,Gemm,MatMul")]
+    #[arg(long, value_delimiter = ',', default_value = "Conv,Gemm,MatMul,Gather")]
     ops: Vec<String>,
     /// Keep in float: a node name, an op type or a name pattern with * and ? (repeatable).
     #[arg(long)]
@@ -101,10 +101,14 @@ pub struct Args {
 
 fn options(a: &Args) -> Result<Options> {
     let mode = Mode::parse(&a.mode)?;
-    let wt = a
-        .weight_type
-        .clone()
-        .unwrap_or_else(|| if mode == Mode::WeightOnly { "int4" } else { "int8" }.into());
+    let wt = a.weight_type.clone().unwrap_or_else(|| {
+        if mode == Mode::WeightOnly {
+            "int4"
+        } else {
+            "int8"
+        }
+        .into()
+    });
     let qtype = QType::parse(&wt)?;
     let gran = a
         .granularity
@@ -114,7 +118,11 @@ fn options(a: &Args) -> Result<Options> {
         "minmax" => ObserverKind::MinMax,
         "percentile" => {
             if !(a.percentile > 50.0 && a.percentile <= 100.0) {
-                bail!(Input, "--percentile must be in (50, 100], got {}", a.percentile);
+                bail!(
+                    Input,
+                    "--percentile must be in (50, 100], got {}",
+                    a.percentile
+                );
             }
             ObserverKind::Percentile(a.percentile)
         }
@@ -130,7 +138,11 @@ fn options(a: &Args) -> Result<Options> {
             qtype,
             granularity: Granularity::parse(&gran, a.block_size)?,
             symmetric: !a.weight_asym,
-            clip: if a.weight_clip == "mse" { Clip::Mse } else { Clip::MinMax },
+            clip: if a.weight_clip == "mse" {
+                Clip::Mse
+            } else {
+                Clip::MinMax
+            },
         },
         act_qtype: QType::parse(&a.act_type)?,
         act_symmetric: a.act_sym,
@@ -143,7 +155,9 @@ fn options(a: &Args) -> Result<Options> {
             None => None,
             Some("auto") => Some(f32::NAN),
             Some(v) => Some(v.parse::<f32>().map_err(|_| {
-                smelt_tensor::Error::Input(format!("--smooth takes 'auto' or a number in [0, 1], got '{v}'"))
+                smelt_tensor::Error::Input(format!(
+                    "--smooth takes 'auto' or a number in [0, 1], got '{v}'"
+                ))
             })?),
         },
         bias_correction: a.bias_correction,
@@ -155,12 +169,20 @@ fn options(a: &Args) -> Result<Options> {
 
 pub fn run(a: Args, json: bool) -> Result<()> {
     if !a.force && same_file(&a.model, &a.output) {
-        bail!(Input, "refusing to overwrite the input {} (pass --force)", a.model.display());
+        bail!(
+            Input,
+            "refusing to overwrite the input {} (pass --force)",
+            a.model.display()
+        );
     }
     let started = Instant::now();
     let opts = options(&a)?;
     let model = load_model(&a.model)?;
-    let needs_data = opts.mode == Mode::Static || opts.bias_correction || opts.smooth.is_some() || opts.gptq || a.sensitivity && a.val.is_none();
+    let needs_data = opts.mode == Mode::Static
+        || opts.bias_correction
+        || opts.smooth.is_some()
+        || opts.gptq
+        || a.sensitivity && a.val.is_none();
     let mut data = a.data.clone();
     data.limit = data.limit.or(Some(500));
     let calib = if data.data.is_some() {
@@ -172,15 +194,16 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     };
     let calib_time = started.elapsed().as_secs_f64();
     let mut last_shown = Instant::now();
-    let (mut qmodel, mut manifest) = smelt_quant::quantize(model.clone(), &opts, &calib, |stage, d, n| {
-        if !json && (d == n || last_shown.elapsed().as_secs_f64() > 1.0) {
-            eprint!("\r{stage}: {d}/{n} batches");
-            if d == n {
-                eprintln!();
+    let (mut qmodel, mut manifest) =
+        smelt_quant::quantize(model.clone(), &opts, &calib, |stage, d, n| {
+            if !json && (d == n || last_shown.elapsed().as_secs_f64() > 1.0) {
+                eprint!("\r{stage}: {d}/{n} batches");
+                if d == n {
+                    eprintln!();
+                }
+                last_shown = Instant::now();
             }
-            last_shown = Instant::now();
-        }
-    })?;
+        })?;
     if a.quantize_inputs {
         let pre = InputPreprocess {
             scale: a.data.scale,
@@ -200,7 +223,8 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     let seconds = started.elapsed().as_secs_f64();
     let in_bytes = std::fs::metadata(&a.model).map(|m| m.len()).unwrap_or(0);
     let out_bytes = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
-    let mut doc = serde_json::to_value(&manifest).map_err(|e| smelt_tensor::Error::Invalid(e.to_string()))?;
+    let mut doc =
+        serde_json::to_value(&manifest).map_err(|e| smelt_tensor::Error::Invalid(e.to_string()))?;
     doc["input"] = json!(a.model.display().to_string());
     doc["output"] = json!(a.output.display().to_string());
     doc["input_bytes"] = json!(in_bytes);
@@ -211,7 +235,8 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         doc["sensitivity"] = json!(s);
     }
     if let Some(p) = &a.manifest {
-        let text = serde_json::to_string_pretty(&doc).map_err(|e| smelt_tensor::Error::Invalid(e.to_string()))?;
+        let text = serde_json::to_string_pretty(&doc)
+            .map_err(|e| smelt_tensor::Error::Invalid(e.to_string()))?;
         smelt_onnx::write_atomic(p, text.as_bytes())?;
     }
     if json {
@@ -220,7 +245,10 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     }
     print_summary(&a, &manifest, in_bytes, out_bytes, seconds);
     if let Some(s) = &sensitivity {
-        println!("\nsensitivity ({}): metric with only this layer quantized", s.metric);
+        println!(
+            "\nsensitivity ({}): metric with only this layer quantized",
+            s.metric
+        );
         println!("  float metric {:.4}", s.float_metric);
         let mut rows = s.layers.clone();
         rows.sort_by(|x, y| y.drop.total_cmp(&x.drop));
@@ -237,19 +265,33 @@ fn print_summary(a: &Args, m: &smelt_quant::Manifest, in_bytes: u64, out_bytes: 
     println!("nodes      {} quantized", m.nodes_quantized);
     let w: Vec<_> = m.weights().collect();
     if let Some(first) = w.first() {
-        let worst = w.iter().map(|t| t.sqnr_db.unwrap_or(f64::INFINITY)).fold(f64::INFINITY, f64::min);
+        let worst = w
+            .iter()
+            .map(|t| t.sqnr_db.unwrap_or(f64::INFINITY))
+            .fold(f64::INFINITY, f64::min);
         println!(
             "weights    {} tensors, {} {} ({}), worst SQNR {:.1} dB",
             w.len(),
             first.qtype,
             first.granularity.split(' ').next().unwrap_or(""),
-            if first.symmetric { "symmetric" } else { "asymmetric" },
+            if first.symmetric {
+                "symmetric"
+            } else {
+                "asymmetric"
+            },
             worst
         );
     }
-    let acts: Vec<_> = m.tensors.iter().filter(|t| t.kind == "activation").collect();
+    let acts: Vec<_> = m
+        .tensors
+        .iter()
+        .filter(|t| t.kind == "activation")
+        .collect();
     if !acts.is_empty() {
-        let worst = acts.iter().map(|t| t.sqnr_db.unwrap_or(f64::INFINITY)).fold(f64::INFINITY, f64::min);
+        let worst = acts
+            .iter()
+            .map(|t| t.sqnr_db.unwrap_or(f64::INFINITY))
+            .fold(f64::INFINITY, f64::min);
         println!(
             "activations {} tensors, {} per-tensor, {}, worst SQNR {:.1} dB",
             acts.len(),
@@ -258,8 +300,15 @@ fn print_summary(a: &Args, m: &smelt_quant::Manifest, in_bytes: u64, out_bytes: 
             worst
         );
     }
-    let ratio = if in_bytes > 0 { out_bytes as f64 / in_bytes as f64 } else { 0.0 };
-    println!("size       {in_bytes} -> {out_bytes} bytes ({:.1}% of the original)", 100.0 * ratio);
+    let ratio = if in_bytes > 0 {
+        out_bytes as f64 / in_bytes as f64
+    } else {
+        0.0
+    };
+    println!(
+        "size       {in_bytes} -> {out_bytes} bytes ({:.1}% of the original)",
+        100.0 * ratio
+    );
     for f in &m.fallbacks {
         println!("float      {} ({}): {}", f.node, f.op, f.reason);
     }
@@ -295,7 +344,11 @@ fn run_sensitivity(
                 for (feed, y) in b.feeds.iter().zip(&labels) {
                     let out = run_feed(&s, feed)?;
                     let pred = smelt_data::top1(&out[0].1)?;
-                    ok += pred.iter().zip(y).filter(|(p, l)| **p as i64 == **l).count();
+                    ok += pred
+                        .iter()
+                        .zip(y)
+                        .filter(|(p, l)| **p as i64 == **l)
+                        .count();
                     n += y.len();
                 }
                 Ok(ok as f64 / n.max(1) as f64)
@@ -304,7 +357,10 @@ fn run_sensitivity(
         }
         None => {
             let reference = session(model.clone())?;
-            let refs: Vec<_> = calib.iter().map(|f| run_feed(&reference, f)).collect::<Result<_>>()?;
+            let refs: Vec<_> = calib
+                .iter()
+                .map(|f| run_feed(&reference, f))
+                .collect::<Result<_>>()?;
             let eval = |m: &smelt_ir::Model| -> Result<f64> {
                 let s = session(m.clone())?;
                 let mut acc = smelt_data::FidelityAccumulator::new();

@@ -40,6 +40,10 @@ pub struct DataArgs {
     /// Pad every text batch to this length (default: the longest sentence in the batch).
     #[arg(long)]
     pub pad_to: Option<usize>,
+    /// Batch sentences of similar length together (less padding; for calibration, where the
+    /// order of samples does not matter).
+    #[arg(skip)]
+    pub sort_by_length: bool,
 }
 
 /// Inputs for one batch, by model input name.
@@ -143,6 +147,10 @@ impl DataArgs {
             .runtime_inputs()
             .map(|v| v.name.clone())
             .collect();
+        let mut sentences = sentences;
+        if self.sort_by_length {
+            sentences.sort_by_key(|s| s.split_whitespace().count());
+        }
         let mut feeds = Vec::new();
         for chunk in sentences.chunks(batch) {
             let b = smelt_data::tokenize(tok, chunk, self.max_len, self.pad_to)?;

@@ -19,7 +19,10 @@ pub fn calibrate(
     feeds: &[Feed],
     kind: ObserverKind,
     mut progress: impl FnMut(usize, usize),
-) -> Result<IndexMap<String, Observer>> {
+) -> Result<(
+    IndexMap<String, Observer>,
+    std::collections::HashMap<String, Tensor>,
+)> {
     if feeds.is_empty() {
         bail!(
             Input,
@@ -35,6 +38,8 @@ pub fn calibrate(
         .iter()
         .map(|v| (v.clone(), Observer::new(kind)))
         .collect();
+    // The first batch's values are kept: the manifest reports each range's error on them.
+    let mut first = std::collections::HashMap::new();
     for (b, feed) in feeds.iter().enumerate() {
         let inputs: Vec<(&str, Tensor)> =
             feed.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
@@ -59,6 +64,9 @@ pub fn calibrate(
             })
             .collect::<Result<()>>()?;
         progress(b + 1, feeds.len());
+        if b == 0 {
+            first = captured;
+        }
     }
-    Ok(observers)
+    Ok((observers, first))
 }

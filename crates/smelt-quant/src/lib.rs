@@ -320,12 +320,14 @@ pub fn quantize(
                 .cloned()
                 .collect();
             let mut measured = std::collections::HashMap::new();
+            let mut first = std::collections::HashMap::new();
             if !missing.is_empty() {
-                let observers =
+                let (observers, f) =
                     calibrate::calibrate(&float_model, &missing, calib, opts.observer, |d, n| {
                         progress("calibrate", d, n)
                     })?;
                 let levels = 1u32 << opts.act_qtype.bits();
+                first = f;
                 for (v, obs) in &observers {
                     let r = obs
                         .range(levels, opts.act_symmetric)
@@ -347,7 +349,7 @@ pub fn quantize(
                     Affine::from_range(lo, hi, opts.act_qtype, opts.act_symmetric),
                 ));
             }
-            let errors = activation_errors(&float_model, &ranges, calib, opts)?;
+            let errors = activation_errors(&float_model, &ranges, calib, opts, first)?;
             let mut scale_of = std::collections::HashMap::new();
             for ((v, lo, hi, a), err) in ranges.iter().zip(errors) {
                 let s = qdq::insert_activation_qdq(&mut model.graph, v, *a, opts.act_qtype)?;
@@ -460,17 +462,20 @@ fn activation_errors(
     ranges: &[(String, f32, f32, Affine)],
     calib: &[Feed],
     opts: &Options,
+    mut cap: std::collections::HashMap<String, smelt_tensor::Tensor>,
 ) -> Result<Vec<ErrorStats>> {
-    let session = smelt_engine::Session::new(model.clone())?;
-    let run = smelt_engine::RunOptions {
-        capture: ranges.iter().map(|r| r.0.clone()).collect(),
-        ..Default::default()
-    };
-    let feed: Vec<(&str, smelt_tensor::Tensor)> = calib[0]
-        .iter()
-        .map(|(n, t)| (n.as_str(), t.clone()))
-        .collect();
-    let (_, cap) = session.run_with(&feed, &run)?;
+    if ranges.iter().any(|r| !cap.contains_key(&r.0)) {
+        let session = smelt_engine::Session::new(model.clone())?;
+        let run = smelt_engine::RunOptions {
+            capture: ranges.iter().map(|r| r.0.clone()).collect(),
+            ..Default::default()
+        };
+        let feed: Vec<(&str, smelt_tensor::Tensor)> = calib[0]
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.clone()))
+            .collect();
+        cap = session.run_with(&feed, &run)?.1;
+    }
     let qr = if opts.act_symmetric {
         opts.act_qtype.symmetric_range()
     } else {

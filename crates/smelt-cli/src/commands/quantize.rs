@@ -185,6 +185,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         || a.sensitivity && a.val.is_none();
     let mut data = a.data.clone();
     data.limit = data.limit.or(Some(500));
+    data.sort_by_length = true;
     let calib = if data.data.is_some() {
         data.load(&model, a.batch)?.feeds
     } else if needs_data {

@@ -134,7 +134,7 @@ mod tests {
     #[test]
     fn sqnr() {
         let e = ErrorStats::between(&[1.0, -1.0], &[1.1, -1.0]);
-        assert!((e.mse - 0.005).abs() < 1e-9);
-        assert!((e.sqnr_db - 10.0 * (2.0f64 / 0.01).log10()).abs() < 1e-6);
+        assert!((e.mse - 0.005).abs() < 1e-6);
+        assert!((e.sqnr_db - 10.0 * (2.0f64 / 0.01).log10()).abs() < 1e-3);
     }
 }

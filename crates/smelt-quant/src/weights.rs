@@ -294,7 +294,7 @@ mod tests {
     #[test]
     fn blocks_run_along_the_reduction_axis() {
         // B [K=4, N=1] in blocks of 2: rows 0-1 and rows 2-3 get their own scales.
-        let w = t(vec![4, 1], vec![1.0, -0.5, 100.0, 50.0]);
+        let w = t(vec![4, 1], vec![1.0, -0.6, 100.0, 30.0]);
         let s = WeightScheme {
             qtype: QType::I4,
             granularity: Granularity::Block(2),
@@ -306,7 +306,7 @@ mod tests {
         assert_eq!(q.axis, Some(0));
         assert!((q.params[0].scale - 1.0 / 7.0).abs() < 1e-7);
         assert!((q.params[1].scale - 100.0 / 7.0).abs() < 1e-5);
-        assert_eq!(q.codes, vec![7, -4, 7, 3]); // -0.5*7 = -3.5 rounds to even -4
+        assert_eq!(q.codes, vec![7, -4, 7, 2]); // -0.6*7 = -4.2, 30*7/100 = 2.1
         let d = q.dequantized().unwrap().to_f32_vec().unwrap();
         assert!((d[0] - 1.0).abs() < 1e-6);
     }

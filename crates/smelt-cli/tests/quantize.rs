@@ -392,3 +392,47 @@ fn bad_quantization_inputs_get_clear_errors() {
     );
     assert!(!out.exists(), "a failed run left an output file");
 }
+
+#[test]
+fn mnist8_sensitivity_equalization_and_bias_correction() {
+    let a = assets();
+    let fp32 = a.join("mnist-8/model.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let calib = mnist_calib();
+    let mut args: Vec<&str> = calib.iter().map(String::as_str).collect();
+    let val = a.join("mnist").display().to_string();
+    args.extend(["--sensitivity", "--val", &val, "--val-limit", "1000"]);
+    let v = quantize(&fp32, &dir.path().join("s.onnx"), &args);
+    let s = &v["sensitivity"];
+    assert_eq!(s["metric"], "accuracy");
+    let float = s["float_metric"].as_f64().unwrap();
+    assert!(float > 0.97 && float <= 1.0, "{s}");
+    let layers = s["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3, "{s}");
+    for l in layers {
+        let (m, d) = (l["metric"].as_f64().unwrap(), l["drop"].as_f64().unwrap());
+        assert!((float - m - d).abs() < 1e-12 && m > 0.9, "{l}");
+    }
+    // Data-free equalization and empirical bias correction keep W8A8 accuracy.
+    let mut args: Vec<&str> = calib.iter().map(String::as_str).collect();
+    args.extend(["--equalize", "--bias-correction"]);
+    let q = dir.path().join("eb.onnx");
+    let v = quantize(&fp32, &q, &args);
+    let notes: Vec<&str> = v["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert!(
+        notes.iter().any(|n| n.starts_with("equalize:")),
+        "{notes:?}"
+    );
+    assert!(
+        notes.iter().any(|n| n.starts_with("bias correction:")),
+        "{notes:?}"
+    );
+    let acc = smelt_accuracy(&q);
+    eprintln!("mnist-8 W8A8 + equalize + bias correction: accuracy {acc}");
+    assert!((acc - 0.9891).abs() <= 0.001, "{acc}");
+}

@@ -54,8 +54,16 @@ pub fn calibrate(
                 let t = captured.get(name).ok_or_else(|| {
                     smelt_tensor::Error::Invalid(format!("'{name}' was not captured"))
                 })?;
-                let v = t.to_f32_vec()?;
-                obs.observe(&v).map_err(|e| {
+                // Borrow f32 data in place; other float types are converted.
+                let owned;
+                let v: &[f32] = match t.as_slice::<f32>() {
+                    Ok(s) => s,
+                    Err(_) => {
+                        owned = t.to_f32_vec()?;
+                        &owned
+                    }
+                };
+                obs.observe(v).map_err(|e| {
                     e.context(format!(
                         "activation '{name}' in calibration batch {}",
                         b + 1

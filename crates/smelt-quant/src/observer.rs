@@ -116,7 +116,9 @@ impl Observer {
         self.min = self.min.min(lo);
         self.max = self.max.max(hi);
         self.count += values.len() as u64;
-        self.zeros += values.iter().filter(|&&v| v == 0.0).count() as u64;
+        if matches!(self.kind, ObserverKind::Entropy { .. }) {
+            self.zeros += values.iter().filter(|&&v| v == 0.0).count() as u64;
+        }
         if let Some(h) = &mut self.hist {
             h.add(values, f64::from(lo.abs().max(hi.abs())));
         }

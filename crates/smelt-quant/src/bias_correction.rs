@@ -2,33 +2,30 @@
 //! measure the shift on calibration data (quantized model vs float model) and subtract it
 //! from the channel's bias.
 
-use crate::calibrate::Feed;
+use crate::calibrate::{for_each_run, Feed};
 use crate::placement::Placement;
-use smelt_engine::{RunOptions, Session};
 use smelt_ir::{Graph, Model, Node};
 use smelt_tensor::{Result, Tensor};
 
-/// Per-channel means of each captured value, summed over all feeds.
+/// Per-channel means of each value over all feeds, along its axis (None: the last axis),
+/// with each value's rank.
 fn channel_means(
     model: &Model,
-    values: &[(String, usize)],
+    values: &[(String, Option<usize>)],
     feeds: &[Feed],
-) -> Result<Vec<Vec<f64>>> {
-    let s = Session::new(model.clone())?;
-    let opts = RunOptions {
-        capture: values.iter().map(|v| v.0.clone()).collect(),
-        ..Default::default()
-    };
+) -> Result<(Vec<Vec<f64>>, Vec<usize>)> {
+    let names: Vec<String> = values.iter().map(|v| v.0.clone()).collect();
     let mut sums: Vec<Vec<f64>> = vec![Vec::new(); values.len()];
     let mut counts = vec![0f64; values.len()];
-    for f in feeds {
-        let inputs: Vec<(&str, Tensor)> = f.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        let (_, cap) = s.run_with(&inputs, &opts)?;
+    let mut ranks = vec![0usize; values.len()];
+    for_each_run(model, &names, feeds, |_, cap| {
         for (k, (name, axis)) in values.iter().enumerate() {
             let t = &cap[name];
             let shape = t.shape();
-            let c = shape.get(*axis).copied().unwrap_or(1);
-            let inner: usize = shape[axis + 1..].iter().product();
+            ranks[k] = shape.len();
+            let axis = axis.unwrap_or(shape.len().saturating_sub(1));
+            let c = shape.get(axis).copied().unwrap_or(1);
+            let inner: usize = shape.get(axis + 1..).map_or(1, |s| s.iter().product());
             let v = t.to_f32_vec()?;
             if sums[k].len() != c {
                 sums[k] = vec![0.0; c];
@@ -38,12 +35,14 @@ fn channel_means(
             }
             counts[k] += (v.len() / c.max(1)) as f64;
         }
-    }
-    Ok(sums
+        Ok(())
+    })?;
+    let means = sums
         .into_iter()
         .zip(counts)
         .map(|(s, n)| s.into_iter().map(|x| x / n.max(1.0)).collect())
-        .collect())
+        .collect();
+    Ok((means, ranks))
 }
 
 /// Corrects every quantized node that has a bias it can adjust: its own (Conv B, Gemm C,
@@ -54,38 +53,26 @@ pub fn correct(
     plan: &Placement,
     feeds: &[Feed],
 ) -> Result<(Model, Vec<String>)> {
-    let mut values = Vec::new();
-    for t in &plan.targets {
-        let n = &float.graph.nodes[t.node];
-        let axis = if t.op == "Conv" { 1 } else { usize::MAX };
-        values.push((n.outputs[0].clone(), axis));
-    }
-    // MatMul/Gemm channels are the last axis: resolve its index from a float run's rank.
-    let probe = Session::new(float.clone())?;
-    let opts = RunOptions {
-        capture: values.iter().map(|v| v.0.clone()).collect(),
-        ..Default::default()
-    };
-    let inputs: Vec<(&str, Tensor)> = feeds[0]
+    // Conv channels are axis 1; MatMul/Gemm channels the last axis.
+    let values: Vec<(String, Option<usize>)> = plan
+        .targets
         .iter()
-        .map(|(n, t)| (n.as_str(), t.clone()))
+        .map(|t| {
+            let out = float.graph.nodes[t.node].outputs[0].clone();
+            (out, (t.op == "Conv").then_some(1))
+        })
         .collect();
-    let (_, cap) = probe.run_with(&inputs, &opts)?;
-    for v in values.iter_mut() {
-        if v.1 == usize::MAX {
-            v.1 = cap[&v.0].rank().saturating_sub(1);
-        }
-    }
-    let mf = channel_means(float, &values, feeds)?;
-    let mq = channel_means(&quant, &values, feeds)?;
+    let (mf, ranks) = channel_means(float, &values, feeds)?;
+    let (mq, _) = channel_means(&quant, &values, feeds)?;
     let mut notes = Vec::new();
     for (k, (t, (out, axis))) in plan.targets.iter().zip(&values).enumerate() {
+        let rank = ranks[k];
+        let axis = axis.unwrap_or(rank.saturating_sub(1));
         let delta: Vec<f64> = mq[k].iter().zip(&mf[k]).map(|(q, f)| q - f).collect();
         let max_shift = delta.iter().fold(0.0f64, |a, d| a.max(d.abs()));
         let g = &mut quant.graph;
-        let rank = cap[out].rank();
         let done = match g.producer(out) {
-            Some(p) => adjust_bias(g, p, t.bias, &delta, rank, *axis)?,
+            Some(p) => adjust_bias(g, p, t.bias, &delta, rank, axis)?,
             None => false,
         };
         if done {

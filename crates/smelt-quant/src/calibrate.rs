@@ -4,12 +4,37 @@
 use crate::observer::{Observer, ObserverKind};
 use indexmap::IndexMap;
 use rayon::prelude::*;
-use smelt_engine::{RunOptions, Session};
+use smelt_engine::{Captured, RunOptions, Session};
 use smelt_ir::Model;
 use smelt_tensor::{bail, Result, Tensor};
 
 /// Named model inputs for one run.
 pub type Feed = Vec<(String, Tensor)>;
+
+/// Runs `model` once per feed and hands `f` the batch index and the captured `values`: the
+/// one loop every calibration-driven step (observers, smoothing, GPTQ, bias correction)
+/// shares.
+pub fn for_each_run(
+    model: &Model,
+    values: &[String],
+    feeds: &[Feed],
+    mut f: impl FnMut(usize, Captured) -> Result<()>,
+) -> Result<()> {
+    let session = Session::new(model.clone())?;
+    let opts = RunOptions {
+        capture: values.to_vec(),
+        ..Default::default()
+    };
+    for (b, feed) in feeds.iter().enumerate() {
+        let inputs: Vec<(&str, Tensor)> =
+            feed.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let (_, captured) = session
+            .run_with(&inputs, &opts)
+            .map_err(|e| e.context(format!("calibration batch {}", b + 1)))?;
+        f(b, captured)?;
+    }
+    Ok(())
+}
 
 /// Observes `values` over every feed. Fails on an empty calibration set, on inputs the model
 /// rejects (wrong shape or type: the engine names the input), and on NaN/Inf activations.
@@ -19,33 +44,20 @@ pub fn calibrate(
     feeds: &[Feed],
     kind: ObserverKind,
     mut progress: impl FnMut(usize, usize),
-) -> Result<(
-    IndexMap<String, Observer>,
-    std::collections::HashMap<String, Tensor>,
-)> {
+) -> Result<(IndexMap<String, Observer>, Captured)> {
     if feeds.is_empty() {
         bail!(
             Input,
             "the calibration set is empty: static quantization needs sample inputs"
         );
     }
-    let session = Session::new(model.clone())?;
-    let opts = RunOptions {
-        capture: values.to_vec(),
-        ..Default::default()
-    };
     let mut observers: IndexMap<String, Observer> = values
         .iter()
         .map(|v| (v.clone(), Observer::new(kind)))
         .collect();
     // The first batch's values are kept: the manifest reports each range's error on them.
-    let mut first = std::collections::HashMap::new();
-    for (b, feed) in feeds.iter().enumerate() {
-        let inputs: Vec<(&str, Tensor)> =
-            feed.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        let (_, captured) = session
-            .run_with(&inputs, &opts)
-            .map_err(|e| e.context(format!("calibration batch {}", b + 1)))?;
+    let mut first = Captured::new();
+    for_each_run(model, values, feeds, |b, captured| {
         observers
             .iter_mut()
             .collect::<Vec<_>>()
@@ -75,6 +87,7 @@ pub fn calibrate(
         if b == 0 {
             first = captured;
         }
-    }
+        Ok(())
+    })?;
     Ok((observers, first))
 }

@@ -4,13 +4,12 @@
 //! that correlate with the rounded one absorb its error, so the layer's output moves far less
 //! than under round-to-nearest, at the same bits and group size.
 
-use crate::calibrate::Feed;
+use crate::calibrate::{for_each_run, Feed};
 use crate::params::{Affine, ErrorStats};
 use crate::scheme::{Granularity, WeightScheme};
 use crate::weights::{choose_affine, QuantizedWeight};
 use rayon::prelude::*;
 use smelt_engine::kernels::gemm::sgemm;
-use smelt_engine::{RunOptions, Session};
 use smelt_ir::Model;
 use smelt_tensor::{bail, Result, Tensor};
 use std::collections::HashMap;
@@ -21,15 +20,8 @@ pub fn hessians(
     values: &[String],
     feeds: &[Feed],
 ) -> Result<HashMap<String, (usize, Vec<f64>)>> {
-    let s = Session::new(model.clone())?;
-    let opts = RunOptions {
-        capture: values.to_vec(),
-        ..Default::default()
-    };
     let mut acc: HashMap<String, (usize, Vec<f64>, usize)> = HashMap::new();
-    for f in feeds {
-        let inputs: Vec<(&str, Tensor)> = f.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        let (_, cap) = s.run_with(&inputs, &opts)?;
+    for_each_run(model, values, feeds, |_, cap| {
         let parts: Vec<(String, usize, Vec<f32>, usize)> = values
             .par_iter()
             .map(|v| -> Result<_> {
@@ -55,7 +47,8 @@ pub fn hessians(
             }
             e.2 += rows;
         }
-    }
+        Ok(())
+    })?;
     Ok(acc
         .into_iter()
         .map(|(v, (k, mut h, rows))| {

@@ -465,16 +465,11 @@ fn activation_errors(
     mut cap: std::collections::HashMap<String, smelt_tensor::Tensor>,
 ) -> Result<Vec<ErrorStats>> {
     if ranges.iter().any(|r| !cap.contains_key(&r.0)) {
-        let session = smelt_engine::Session::new(model.clone())?;
-        let run = smelt_engine::RunOptions {
-            capture: ranges.iter().map(|r| r.0.clone()).collect(),
-            ..Default::default()
-        };
-        let feed: Vec<(&str, smelt_tensor::Tensor)> = calib[0]
-            .iter()
-            .map(|(n, t)| (n.as_str(), t.clone()))
-            .collect();
-        cap = session.run_with(&feed, &run)?.1;
+        let names: Vec<String> = ranges.iter().map(|r| r.0.clone()).collect();
+        calibrate::for_each_run(model, &names, &calib[..1], |_, c| {
+            cap = c;
+            Ok(())
+        })?;
     }
     let qr = if opts.act_symmetric {
         opts.act_qtype.symmetric_range()

@@ -7,12 +7,11 @@
 //! The division is an explicit Mul in front of the MatMuls that read X (X itself often also
 //! feeds a residual Add that must stay unscaled).
 
-use crate::calibrate::Feed;
+use crate::calibrate::{for_each_run, Feed};
 use crate::params::Affine;
 use crate::scheme::{QType, WeightScheme};
 use crate::weights::{quantize_weight, Axes};
 use smelt_engine::kernels::gemm::sgemm;
-use smelt_engine::{RunOptions, Session};
 use smelt_ir::{Graph, Model, Node, PassRecord};
 use smelt_tensor::{bail, DType, Result, Tensor};
 
@@ -60,11 +59,6 @@ impl Stats {
 }
 
 fn channel_stats(model: &Model, values: &[String], feeds: &[Feed]) -> Result<Vec<Stats>> {
-    let s = Session::new(model.clone())?;
-    let opts = RunOptions {
-        capture: values.to_vec(),
-        ..Default::default()
-    };
     let mut out: Vec<Stats> = values
         .iter()
         .map(|_| Stats {
@@ -74,9 +68,7 @@ fn channel_stats(model: &Model, values: &[String], feeds: &[Feed]) -> Result<Vec
         })
         .collect();
     let per_feed = SAMPLE_ROWS.div_ceil(feeds.len().max(1));
-    for f in feeds {
-        let inputs: Vec<(&str, Tensor)> = f.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        let (_, cap) = s.run_with(&inputs, &opts)?;
+    for_each_run(model, values, feeds, |_, cap| {
         for (k, v) in values.iter().enumerate() {
             let t = &cap[v];
             let c = (*t.shape().last().unwrap_or(&1)).max(1);
@@ -105,7 +97,8 @@ fn channel_stats(model: &Model, values: &[String], feeds: &[Feed]) -> Result<Vec
                 }
             }
         }
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 

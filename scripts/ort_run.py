@@ -5,8 +5,10 @@ The reference side of smelt's cross-checks (tests and benchmarks). Inputs whose 
 is larger than the model's fixed batch of 1 are run row by row and the outputs concatenated.
 
 usage: ort_run.py MODEL --input NAME=FILE.npy [...] --output-dir DIR [--threads N]
+       ort_run.py MODEL --optimized-ops  (prints the op counts of onnxruntime's optimized graph as
+                                          JSON: shows which QDQ patterns it fused into integer ops)
 """
-import argparse, os, re, sys
+import argparse, collections, json, os, re, sys, tempfile
 
 import numpy as np
 import onnxruntime as ort
@@ -16,12 +18,25 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--input", action="append", default=[])
-    ap.add_argument("--output-dir", required=True)
+    ap.add_argument("--output-dir")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--optimized-ops", action="store_true")
     a = ap.parse_args()
     so = ort.SessionOptions()
     so.intra_op_num_threads = a.threads
     so.inter_op_num_threads = 1
+    if a.optimized_ops:
+        import onnx
+
+        so.log_severity_level = 3  # the "hardware specific optimizations" warning
+        with tempfile.TemporaryDirectory() as d:
+            so.optimized_model_filepath = os.path.join(d, "opt.onnx")
+            ort.InferenceSession(a.model, so, providers=["CPUExecutionProvider"])
+            ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+        print(json.dumps(dict(sorted(ops.items()))))
+        return 0
+    if not a.output_dir:
+        ap.error("--output-dir is required")
     sess = ort.InferenceSession(a.model, so, providers=["CPUExecutionProvider"])
     feeds = {}
     for spec in a.input:

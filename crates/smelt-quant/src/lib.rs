@@ -233,10 +233,13 @@ pub fn quantize(
         ));
     }
     // Constant nodes become initializers so weights are found wherever they were written.
-    let (mut model, _) = FoldConstants {
+    let (model, _) = FoldConstants {
         max_elements: 1 << 28,
     }
     .run(model)?;
+    let (mut model, rec) = smelt_ir::passes::FuseBias.run(model)?;
+    man.notes
+        .extend(rec.changes.iter().map(|c| format!("fuse-bias: {c}")));
     if opts.equalize {
         let (m, rec) = equalize::Equalize::default().run(model)?;
         man.notes
@@ -312,7 +315,8 @@ pub fn quantize(
             }
         }
         Mode::Static => {
-            let values = activation_values(&float_model.graph, &plan, opts.quantize_outputs);
+            let (values, same_as) =
+                activation_values(&float_model.graph, &plan, opts.quantize_outputs);
             let known = opts.ranges.clone().unwrap_or_default();
             let missing: Vec<String> = values
                 .iter()
@@ -337,9 +341,10 @@ pub fn quantize(
             }
             let mut ranges = Vec::new();
             for v in &values {
+                let src = same_as.get(v).unwrap_or(v);
                 let (lo, hi) = known
-                    .get(v)
-                    .or_else(|| measured.get(v))
+                    .get(src)
+                    .or_else(|| measured.get(src))
                     .copied()
                     .unwrap_or((0.0, 0.0));
                 ranges.push((
@@ -351,8 +356,21 @@ pub fn quantize(
             }
             let errors = activation_errors(&float_model, &ranges, calib, opts, first)?;
             let mut scale_of = std::collections::HashMap::new();
+            let mut params_of = std::collections::HashMap::new();
+            let qmin = if opts.act_symmetric {
+                opts.act_qtype.symmetric_range().0
+            } else {
+                opts.act_qtype.range().0
+            };
             for ((v, lo, hi, a), err) in ranges.iter().zip(errors) {
-                let s = qdq::insert_activation_qdq(&mut model.graph, v, *a, opts.act_qtype)?;
+                let src = same_as.get(v);
+                let reuse = src.and_then(|s| params_of.get(s).cloned());
+                let names =
+                    qdq::insert_activation_qdq(&mut model.graph, v, *a, opts.act_qtype, reuse)?;
+                if a.zero_point == qmin {
+                    absorb_relu(&mut model.graph, v);
+                }
+                params_of.insert(v.clone(), names);
                 scale_of.insert(v.clone(), a.scale);
                 let node = model
                     .graph
@@ -360,7 +378,10 @@ pub fn quantize(
                     .first()
                     .map(|&c| model.graph.nodes[c].label())
                     .unwrap_or_default();
-                let _ = s;
+                let observer = match src {
+                    Some(s) => format!("same grid as '{s}'"),
+                    None => observer_name(opts.observer),
+                };
                 man.tensors.push(TensorRecord {
                     name: v.clone(),
                     kind: "activation",
@@ -372,7 +393,7 @@ pub fn quantize(
                     scale_min: a.scale,
                     scale_max: a.scale,
                     range: Some([*lo, *hi]),
-                    observer: Some(observer_name(opts.observer)),
+                    observer: Some(observer),
                     mse: Some(err.mse),
                     sqnr_db: Some(err.sqnr_db),
                     elements: 0,
@@ -426,33 +447,85 @@ fn observer_name(k: ObserverKind) -> String {
     }
 }
 
+/// Ops whose output only holds values of their first input (a maximum, a reshuffle): after a
+/// quantized input the output is on the same grid, so it reuses the input's scale exactly.
+const GRID_PRESERVING: &[&str] = &[
+    "MaxPool",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+];
+
 /// The float activations static mode quantizes, in graph order: inputs of quantized nodes
-/// and (optionally) their outputs, never a graph output (the model's end stays float).
+/// and (optionally) their outputs, never a graph output (the model's end stays float). The
+/// map sends a value that is a grid-preserving view of another quantized value to that value.
 fn activation_values(
     g: &smelt_ir::Graph,
     plan: &placement::Placement,
     outputs: bool,
-) -> Vec<String> {
+) -> (Vec<String>, std::collections::HashMap<String, String>) {
     let graph_outputs: std::collections::HashSet<&str> =
         g.outputs.iter().map(|o| o.name.as_str()).collect();
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
+    let mut same_as = std::collections::HashMap::new();
     for t in &plan.targets {
         let n = &g.nodes[t.node];
-        let mut vals: Vec<&String> = t.activations.iter().map(|&k| &n.inputs[k]).collect();
-        // Conv outputs feed the next Conv through cheap ops (bias, ReLU, pooling), and an
-        // integer Conv needs its output quantized to chain; MatMul/Gemm outputs in
-        // transformers feed float bias adds and LayerNorm, where an extra rounding only costs.
+        let mut vals: Vec<String> = t.activations.iter().map(|&k| n.inputs[k].clone()).collect();
+        // Conv outputs feed the next Conv through cheap ops (ReLU, pooling), and an integer
+        // Conv needs its output quantized to chain; MatMul/Gemm outputs in transformers feed
+        // float bias adds and LayerNorm, where an extra rounding only costs. After a ReLU is
+        // the better place: the grid then spans only the values that survive it.
         if outputs && t.op == "Conv" {
-            vals.extend(n.outputs.first());
+            let mut v = n.outputs[0].clone();
+            if let [c] = g.consumers(&v)[..] {
+                if g.nodes[c].op_type == "Relu" {
+                    v = g.nodes[c].outputs[0].clone();
+                }
+            }
+            vals.push(v);
         }
         for v in vals {
-            if !graph_outputs.contains(v.as_str()) && seen.insert(v.clone()) {
-                out.push(v.clone());
+            if graph_outputs.contains(v.as_str()) || !seen.insert(v.clone()) {
+                continue;
             }
+            // Walk back through grid-preserving ops to a value already quantized.
+            let mut u = v.clone();
+            while let Some(p) = g.producer(&u) {
+                let pn = &g.nodes[p];
+                if !pn.domain.is_empty() || !GRID_PRESERVING.contains(&pn.op_type.as_str()) {
+                    break;
+                }
+                u = pn.inputs[0].clone();
+                if seen.contains(&u) {
+                    let src = same_as.get(&u).cloned().unwrap_or(u);
+                    same_as.insert(v.clone(), src);
+                    break;
+                }
+            }
+            out.push(v);
         }
     }
-    out
+    (out, same_as)
+}
+
+/// When `value` is a ReLU's output quantized with its zero point at the lowest code, the
+/// QuantizeLinear's saturation already clips negatives to zero: it reads the ReLU's input
+/// and the ReLU goes (runtimes then see the plain Conv -> Q pattern they fuse).
+fn absorb_relu(g: &mut smelt_ir::Graph, value: &str) {
+    let Some(p) = g.producer(value) else { return };
+    if g.nodes[p].op_type != "Relu" || !g.nodes[p].domain.is_empty() {
+        return;
+    }
+    let consumers = g.consumers(value);
+    let [q] = consumers[..] else { return };
+    if g.nodes[q].op_type != "QuantizeLinear" || g.outputs.iter().any(|o| o.name == value) {
+        return;
+    }
+    g.nodes[q].inputs[0] = g.nodes[p].inputs[0].clone();
 }
 
 /// Quantization error of each activation under its chosen range, measured on the first

@@ -123,20 +123,28 @@ fn granularity_name(qw: &QuantizedWeight) -> String {
 }
 
 /// Puts QuantizeLinear -> DequantizeLinear on `value`; every reader then sees the
-/// quantized-dequantized value. Returns the scale initializer's name (bias scales use it).
+/// quantized-dequantized value. `reuse` names existing scale and zero-point initializers
+/// (a value on the same grid as another). Returns the (scale, zero point) names used.
 pub fn insert_activation_qdq(
     g: &mut Graph,
     value: &str,
     a: Affine,
     qtype: QType,
-) -> Result<String> {
-    let s = g.unique_name(&format!("{value}_scale"));
-    g.initializers.insert(s.clone(), Tensor::scalar(a.scale));
-    let z = g.unique_name(&format!("{value}_zero_point"));
-    g.initializers.insert(
-        z.clone(),
-        Tensor::new(vec![], codes_data(qtype, &[a.zero_point]))?,
-    );
+    reuse: Option<(String, String)>,
+) -> Result<(String, String)> {
+    let (s, z) = match reuse {
+        Some(names) => names,
+        None => {
+            let s = g.unique_name(&format!("{value}_scale"));
+            g.initializers.insert(s.clone(), Tensor::scalar(a.scale));
+            let z = g.unique_name(&format!("{value}_zero_point"));
+            g.initializers.insert(
+                z.clone(),
+                Tensor::new(vec![], codes_data(qtype, &[a.zero_point]))?,
+            );
+            (s, z)
+        }
+    };
     let q = g.unique_name(&format!("{value}_quantized"));
     let dq = g.unique_name(&format!("{value}_dequantized"));
     let qn = Node::new(
@@ -153,7 +161,7 @@ pub fn insert_activation_qdq(
         &[&dq],
     );
     g.insert_after_value(&q, dqn)?;
-    Ok(s)
+    Ok((s, z))
 }
 
 /// Writes a 1-D bias as int32 with scale = input scale x weight scale (zero point 0), the

@@ -47,6 +47,22 @@ pub fn smelt() -> Command {
     Command::new(env!("CARGO_BIN_EXE_smelt"))
 }
 
+/// Op counts of onnxruntime's optimized graph of `model`: which QDQ patterns it fused.
+pub fn ort_optimized_ops(model: &Path) -> std::collections::BTreeMap<String, u64> {
+    let out = Command::new(python())
+        .arg(repo_root().join("scripts/ort_run.py"))
+        .arg(model)
+        .arg("--optimized-ops")
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "onnxruntime failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("op counts as JSON")
+}
+
 /// Runs `model` in onnxruntime on the given inputs; returns outputs by name.
 pub fn ort_run(model: &Path, inputs: &[(&str, &Tensor)], dir: &Path) -> Vec<(String, Tensor)> {
     let mut cmd = Command::new(python());

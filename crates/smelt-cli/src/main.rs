@@ -39,6 +39,8 @@ enum Cmd {
     Convert(commands::convert::Args),
     /// Quantize weights (and activations, inputs) to int8 / int4, exported as ONNX QDQ.
     Quantize(Box<commands::quantize::Args>),
+    /// Prune weights (unstructured, N:M) or whole channels, heads and blocks.
+    Prune(Box<commands::prune::Args>),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +66,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => commands::run::run(a, json),
         Cmd::Convert(a) => commands::convert::run(a, json),
         Cmd::Quantize(a) => commands::quantize::run(*a, json),
+        Cmd::Prune(a) => commands::prune::run(*a, json),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

@@ -11,4 +11,4 @@ pub mod ops;
 pub mod passes;
 mod session;
 
-pub use session::{Captured, Outputs, RunOptions, Session};
+pub use session::{for_each_run, Captured, Feed, Outputs, RunOptions, Session};

@@ -606,3 +606,31 @@ pub(crate) fn run_node(node: &Node, opset: i64, inputs: &[Option<&Tensor>]) -> R
     };
     f(&OpCtx { node, opset }, inputs).map_err(|e| e.context(node.label()))
 }
+
+/// Named model inputs for one run.
+pub type Feed = Vec<(String, Tensor)>;
+
+/// Runs `model` once per feed and hands `f` the batch index and the captured `values`: the
+/// one loop that every data-driven step (calibration, smoothing, GPTQ, activation-aware
+/// pruning) shares.
+pub fn for_each_run(
+    model: &Model,
+    values: &[String],
+    feeds: &[Feed],
+    mut f: impl FnMut(usize, Captured) -> Result<()>,
+) -> Result<()> {
+    let session = Session::new(model.clone())?;
+    let opts = RunOptions {
+        capture: values.to_vec(),
+        ..Default::default()
+    };
+    for (b, feed) in feeds.iter().enumerate() {
+        let inputs: Vec<(&str, Tensor)> =
+            feed.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let (_, captured) = session
+            .run_with(&inputs, &opts)
+            .map_err(|e| e.context(format!("batch {} of {}", b + 1, feeds.len())))?;
+        f(b, captured)?;
+    }
+    Ok(())
+}

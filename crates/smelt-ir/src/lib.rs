@@ -6,6 +6,7 @@ mod graph;
 mod model;
 mod pass;
 pub mod passes;
+pub mod pattern;
 
 pub use graph::{subgraphs, Attr, Dim, Graph, Node, ValueInfo};
 pub use model::{Model, OpsetImport};

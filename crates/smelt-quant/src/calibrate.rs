@@ -4,37 +4,11 @@
 use crate::observer::{Observer, ObserverKind};
 use indexmap::IndexMap;
 use rayon::prelude::*;
-use smelt_engine::{Captured, RunOptions, Session};
+use smelt_engine::Captured;
 use smelt_ir::Model;
-use smelt_tensor::{bail, Result, Tensor};
+use smelt_tensor::{bail, Result};
 
-/// Named model inputs for one run.
-pub type Feed = Vec<(String, Tensor)>;
-
-/// Runs `model` once per feed and hands `f` the batch index and the captured `values`: the
-/// one loop every calibration-driven step (observers, smoothing, GPTQ, bias correction)
-/// shares.
-pub fn for_each_run(
-    model: &Model,
-    values: &[String],
-    feeds: &[Feed],
-    mut f: impl FnMut(usize, Captured) -> Result<()>,
-) -> Result<()> {
-    let session = Session::new(model.clone())?;
-    let opts = RunOptions {
-        capture: values.to_vec(),
-        ..Default::default()
-    };
-    for (b, feed) in feeds.iter().enumerate() {
-        let inputs: Vec<(&str, Tensor)> =
-            feed.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        let (_, captured) = session
-            .run_with(&inputs, &opts)
-            .map_err(|e| e.context(format!("calibration batch {}", b + 1)))?;
-        f(b, captured)?;
-    }
-    Ok(())
-}
+pub use smelt_engine::{for_each_run, Feed};
 
 /// Observes `values` over every feed. Fails on an empty calibration set, on inputs the model
 /// rejects (wrong shape or type: the engine names the input), and on NaN/Inf activations.

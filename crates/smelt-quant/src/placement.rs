@@ -62,34 +62,7 @@ pub struct Placement {
 }
 
 /// `--exclude` entries: a node name, an op type, or a glob (`*`, `?`) over node names.
-pub fn excluded(pattern: &str, n: &Node) -> bool {
-    pattern == n.op_type
-        || pattern == n.name
-        || (pattern.contains(['*', '?']) && glob(pattern, &n.name))
-}
-
-fn glob(p: &str, s: &str) -> bool {
-    let (p, s): (Vec<char>, Vec<char>) = (p.chars().collect(), s.chars().collect());
-    // Iterative matcher with backtracking to the last '*': linear in practice, no recursion.
-    let (mut i, mut j, mut star, mut mark) = (0, 0, None, 0);
-    while j < s.len() {
-        if i < p.len() && (p[i] == '?' || p[i] == s[j]) {
-            i += 1;
-            j += 1;
-        } else if i < p.len() && p[i] == '*' {
-            star = Some(i);
-            mark = j;
-            i += 1;
-        } else if let Some(st) = star {
-            i = st + 1;
-            mark += 1;
-            j = mark;
-        } else {
-            return false;
-        }
-    }
-    p[i..].iter().all(|&c| c == '*')
-}
+pub use smelt_ir::pattern::matches_node as excluded;
 
 fn is_float_const(g: &Graph, name: &str) -> bool {
     g.initializers
@@ -263,19 +236,4 @@ fn target_for(g: &Graph, i: usize, n: &Node) -> std::result::Result<Target, Stri
         }
     }
     Ok(t)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn glob_patterns() {
-        assert!(glob("layer.*.attn", "layer.3.attn"));
-        assert!(glob("*", ""));
-        assert!(glob("a?c", "abc"));
-        assert!(!glob("a?c", "abbc"));
-        assert!(glob("*/fc*", "block/3/fc2"));
-        assert!(!glob("*fc", "fc2"));
-    }
 }

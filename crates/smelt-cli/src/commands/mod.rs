@@ -4,5 +4,6 @@ pub mod bench;
 pub mod convert;
 pub mod eval;
 pub mod inspect;
+pub mod prune;
 pub mod quantize;
 pub mod run;

@@ -50,6 +50,9 @@ pub struct Options {
     pub exclude: Vec<String>,
     /// Residual blocks to remove, named by their Add or any node inside.
     pub remove_blocks: Vec<String>,
+    /// Attention heads to remove from every attention layer (channel pruning), instead of
+    /// `sparsity` of them.
+    pub heads: Option<usize>,
 }
 
 impl Default for Options {
@@ -62,6 +65,7 @@ impl Default for Options {
             ops: targets::DEFAULT_OPS.iter().map(|s| s.to_string()).collect(),
             exclude: vec![],
             remove_blocks: vec![],
+            heads: None,
         }
     }
 }
@@ -304,16 +308,31 @@ fn prune_channels(model: Model, opts: &Options, report: &mut Report) -> Result<M
             .overrides
             .iter()
             .find(|(p, _)| matches_node(p, n))
-            .map(|o| o.1)
-            .unwrap_or(opts.sparsity);
-        if !(0.0..1.0).contains(&frac) {
-            bail!(
-                Input,
-                "channel fraction {frac} for {} is outside [0, 1)",
-                grp.root
-            );
-        }
-        let k = ((frac * grp.channels as f64).round() as usize).min(grp.channels - 1);
+            .map(|o| o.1);
+        let k = match (frac, opts.heads) {
+            (None, Some(h)) if grp.unit > 1 => {
+                if h >= grp.channels {
+                    bail!(
+                        Input,
+                        "--heads {h}: {} has only {} heads",
+                        grp.root,
+                        grp.channels
+                    );
+                }
+                h
+            }
+            _ => {
+                let frac = frac.unwrap_or(opts.sparsity);
+                if !(0.0..1.0).contains(&frac) {
+                    bail!(
+                        Input,
+                        "channel fraction {frac} for {} is outside [0, 1)",
+                        grp.root
+                    );
+                }
+                ((frac * grp.channels as f64).round() as usize).min(grp.channels - 1)
+            }
+        };
         let scores = structured::channel_scores(&model.graph, grp, opts.criterion)?;
         let cut = structured::lowest(&scores, k);
         if !cut.is_empty() {

@@ -44,6 +44,10 @@ pub struct Args {
     /// Leave dense: a node name, an op type or a name pattern (repeatable).
     #[arg(long)]
     exclude: Vec<String>,
+    /// Attention heads to remove from every attention layer (with --pattern channels; other
+    /// groups follow --sparsity).
+    #[arg(long)]
+    heads: Option<usize>,
     /// Remove a residual block, named by its Add or any node in it (repeatable). With
     /// `--pattern none`, only blocks are removed.
     #[arg(long)]
@@ -108,6 +112,7 @@ fn options(a: &Args) -> Result<Options> {
         ops: a.ops.clone(),
         exclude: a.exclude.clone(),
         remove_blocks: a.remove_block.clone(),
+        heads: a.heads,
     })
 }
 

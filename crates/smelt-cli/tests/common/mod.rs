@@ -2,6 +2,8 @@
 //! reference, and .npy files for exchanging tensors with it.
 #![allow(dead_code)]
 
+pub mod nets;
+
 use smelt_tensor::Tensor;
 use std::path::{Path, PathBuf};
 use std::process::Command;

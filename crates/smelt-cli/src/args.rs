@@ -19,6 +19,9 @@ pub struct DataArgs {
     /// Use at most this many samples.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Leave out the first N samples (e.g. calibrate on sentences an evaluation does not use).
+    #[arg(long, default_value_t = 0)]
+    pub skip: usize,
     /// Multiply raw values by this before mean/std (e.g. 0.00392 for 0..255 -> 0..1).
     #[arg(long, default_value_t = 1.0)]
     pub scale: f32,
@@ -88,7 +91,20 @@ impl DataArgs {
         } else {
             Split::Test
         };
-        let mut ds = smelt_data::load_data(path, split, self.limit, &pre)?;
+        let limit = self.limit.map(|l| l + self.skip);
+        let mut ds = smelt_data::load_data(path, split, limit, &pre)?;
+        if self.skip > 0 {
+            if self.skip >= ds.len() {
+                bail!(
+                    Input,
+                    "--skip {} leaves no samples of {}",
+                    self.skip,
+                    ds.len()
+                );
+            }
+            let y = ds.labels(self.skip, ds.len()).map(<[i64]>::to_vec);
+            ds = Dataset::new(ds.batch(self.skip, ds.len()), y)?;
+        }
         if pre.layout == Layout::Nhwc {
             ds = Dataset::new(smelt_data::nhwc_to_nchw(ds.x)?, ds.y)?;
         }
@@ -122,8 +138,10 @@ impl DataArgs {
     }
 
     fn load_text(&self, model: &Model, path: &Path, tok: &Path, batch: usize) -> Result<Batches> {
-        let limit = self.limit.unwrap_or(usize::MAX);
-        let sentences = if path.is_dir() && is_brown_dir(path) {
+        let limit = self
+            .limit
+            .map_or(usize::MAX, |l| l.saturating_add(self.skip));
+        let mut sentences = if path.is_dir() && is_brown_dir(path) {
             smelt_data::brown_sentences(path, limit)?
         } else {
             let files = if path.is_dir() {
@@ -137,8 +155,9 @@ impl DataArgs {
             } else {
                 vec![path.to_path_buf()]
             };
-            smelt_data::read_text_lines(&files, self.limit)?
+            smelt_data::read_text_lines(&files, Some(limit))?
         };
+        sentences.drain(..self.skip.min(sentences.len()));
         if sentences.is_empty() {
             bail!(Input, "no text found in {}", path.display());
         }

@@ -105,35 +105,44 @@ pub fn input_norms(
     targets: &[WeightTarget],
     feeds: &[Feed],
 ) -> Result<HashMap<String, Vec<f32>>> {
+    // Conv features are on axis 1 (NCHW); Gemm/MatMul features on the last axis.
+    let axes: HashMap<String, usize> = targets
+        .iter()
+        .map(|t| (t.input.clone(), if t.op == "Conv" { 1 } else { usize::MAX }))
+        .collect();
+    axis_norms(model, &axes, feeds)
+}
+
+/// L2 norm of every index along `axes[value]` of each value (`usize::MAX`: the last axis),
+/// over all calibration feeds.
+pub fn axis_norms(
+    model: &Model,
+    axes: &HashMap<String, usize>,
+    feeds: &[Feed],
+) -> Result<HashMap<String, Vec<f32>>> {
     if feeds.is_empty() {
         bail!(
             Input,
             "activation-aware pruning needs calibration data: the set is empty"
         );
     }
-    let mut axis_of: HashMap<String, bool> = HashMap::new(); // value -> channel axis is 1
-    for t in targets {
-        axis_of.insert(t.input.clone(), t.op == "Conv");
-    }
-    let values: Vec<String> = axis_of.keys().cloned().collect();
+    let mut values: Vec<String> = axes.keys().cloned().collect();
+    values.sort();
     let mut sums: HashMap<String, Vec<f64>> = HashMap::new();
     for_each_run(model, &values, feeds, |_, cap| {
-        for (name, x) in &cap {
+        for name in &values {
+            let Some(x) = cap.get(name) else { continue };
             let shape = x.shape();
             if shape.is_empty() {
                 continue;
             }
-            let axis = if axis_of[name] && shape.len() > 1 {
-                1
-            } else {
-                shape.len() - 1
-            };
+            let axis = axes[name].min(shape.len() - 1);
             let (n, inner) = (shape[axis], shape[axis + 1..].iter().product::<usize>());
             let s = sums.entry(name.clone()).or_insert_with(|| vec![0.0; n]);
             if s.len() != n {
                 bail!(
                     Input,
-                    "value '{name}' changed its feature count between batches"
+                    "value '{name}' changed its size along axis {axis} between batches"
                 );
             }
             for (i, v) in x.to_f32_vec()?.iter().enumerate() {

@@ -203,6 +203,15 @@ pub fn prune(model: Model, opts: &Options, calib: &[Feed]) -> Result<(Model, Mas
                 let n = norms.get(&t.input).map(Vec::as_slice);
                 scores.push(importance::element_scores(opts.criterion, t, &w, n)?);
             }
+            if opts.criterion == Criterion::Wanda
+                && opts.method == Method::Unstructured(Scope::Global)
+            {
+                report.notes.push(
+                    "wanda scores are not comparable across layers (they scale with each layer's \
+                     inputs); --scope layer usually keeps more accuracy"
+                        .into(),
+                );
+            }
             masks = match opts.method {
                 Method::Unstructured(scope) => {
                     unstructured::masks(&ts, &scores, scope, opts.sparsity, &overrides)?
@@ -230,7 +239,7 @@ pub fn prune(model: Model, opts: &Options, calib: &[Feed]) -> Result<(Model, Mas
             }
         }
         Method::Channels => {
-            model = prune_channels(model, opts, &mut report)?;
+            model = prune_channels(model, opts, calib, &mut report)?;
         }
     }
     Ok((model, masks, report))
@@ -263,7 +272,12 @@ fn layer_overrides(
         .collect())
 }
 
-fn prune_channels(model: Model, opts: &Options, report: &mut Report) -> Result<Model> {
+fn prune_channels(
+    model: Model,
+    opts: &Options,
+    calib: &[Feed],
+    report: &mut Report,
+) -> Result<Model> {
     let before = shapes(&model)?;
     let (groups, refused) = structured::find_groups(&model, &before);
     let g = &model.graph;
@@ -300,6 +314,17 @@ fn prune_channels(model: Model, opts: &Options, report: &mut Report) -> Result<M
             "no channel group of this model can be pruned safely{why}"
         );
     }
+    let act_norms = if opts.criterion == Criterion::Wanda {
+        let mut axes: HashMap<String, usize> = HashMap::new();
+        for grp in groups.iter().filter(|grp| !excluded(grp)) {
+            for c in structured::consumers(&model.graph, grp) {
+                axes.insert(c.value, c.axis);
+            }
+        }
+        importance::axis_norms(&model, &axes, calib)?
+    } else {
+        HashMap::new()
+    };
     let mut out = model.clone();
     let mut applied = Vec::new();
     for grp in groups.iter().filter(|grp| !excluded(grp)) {
@@ -333,7 +358,12 @@ fn prune_channels(model: Model, opts: &Options, report: &mut Report) -> Result<M
                 ((frac * grp.channels as f64).round() as usize).min(grp.channels - 1)
             }
         };
-        let scores = structured::channel_scores(&model.graph, grp, opts.criterion)?;
+        let scores = if opts.criterion == Criterion::Wanda {
+            let cons = structured::consumers(&model.graph, grp);
+            structured::activation_scores(&model.graph, grp, &cons, &act_norms)?
+        } else {
+            structured::channel_scores(&model.graph, grp, opts.criterion)?
+        };
         let cut = structured::lowest(&scores, k);
         if !cut.is_empty() {
             structured::remove_channels(&mut out, grp, &cut)?;

@@ -759,7 +759,7 @@ pub fn channel_scores(g: &Graph, grp: &Group, c: Criterion) -> Result<Vec<f32>> 
     if c == Criterion::Wanda {
         smelt_tensor::bail!(
             Input,
-            "wanda scores single weights; structured pruning uses magnitude, l2 or random"
+            "activation-aware channel scores need the input norms: use activation_scores"
         );
     }
     for m in grp.members.iter().filter(|m| m.constant) {
@@ -881,4 +881,85 @@ fn slice_axis(
     let mut shape = t.shape().to_vec();
     shape[axis] = keep_axis.len();
     Tensor::new(shape, data)
+}
+
+/// Where a group's channels are multiplied by a weight: the activation `value` (its channels on
+/// `axis`) entering a Conv/Gemm/MatMul whose constant weight loses input slices `weight_axis`.
+#[derive(Clone, Debug)]
+pub struct Consumer {
+    pub value: String,
+    pub axis: usize,
+    pub map: Map,
+    pub weight: String,
+    pub weight_axis: usize,
+}
+
+/// The consumers of a group's channels (depthwise convs excluded: they do not mix channels).
+pub fn consumers(g: &Graph, grp: &Group) -> Vec<Consumer> {
+    let mut out = Vec::new();
+    for m in grp.members.iter().filter(|m| !m.constant) {
+        for ni in g.consumers(&m.name) {
+            let n = &g.nodes[ni];
+            if n.inputs.first() != Some(&m.name) || n.inputs.len() < 2 {
+                continue;
+            }
+            let w = &n.inputs[1];
+            let depthwise = grp.depthwise.iter().any(|d| d.0 == ni);
+            let weight_axis = match n.op_type.as_str() {
+                "Conv" if !depthwise => 1,
+                "Gemm" if n.attr_int("transB").ok().flatten().unwrap_or(0) != 0 => 1,
+                "Gemm" | "MatMul" => 0,
+                _ => continue,
+            };
+            let in_group = grp
+                .members
+                .iter()
+                .any(|x| x.constant && &x.name == w && x.axis == weight_axis);
+            if in_group {
+                out.push(Consumer {
+                    value: m.name.clone(),
+                    axis: m.axis,
+                    map: m.map,
+                    weight: w.clone(),
+                    weight_axis,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Activation-aware channel importance (structured Wanda): for every place the channel is
+/// multiplied by a weight, the L2 norm of the channel's activations over the calibration data
+/// times the L2 norm of the weights it meets, summed. `norms` holds per-index activation norms
+/// along each consumer's axis, keyed by value name.
+pub fn activation_scores(
+    g: &Graph,
+    grp: &Group,
+    cons: &[Consumer],
+    norms: &HashMap<String, Vec<f32>>,
+) -> Result<Vec<f32>> {
+    let mut scores = vec![0f64; grp.channels];
+    for c in cons {
+        let Some(xn) = norms.get(&c.value) else {
+            continue;
+        };
+        let t = &g.initializers[&c.weight];
+        let w = t.as_slice::<f32>()?;
+        let (d, inner) = (
+            t.shape()[c.weight_axis],
+            t.shape()[c.weight_axis + 1..].iter().product::<usize>(),
+        );
+        let mut wn = vec![0f64; d];
+        for (i, x) in w.iter().enumerate() {
+            wn[(i / inner) % d] += (*x as f64) * (*x as f64);
+        }
+        for (k, s) in scores.iter_mut().enumerate() {
+            for i in c.map.indices(grp.channels, k) {
+                let x = xn.get(i).copied().unwrap_or(0.0) as f64;
+                *s += x * wn.get(i).copied().unwrap_or(0.0).sqrt();
+            }
+        }
+    }
+    Ok(scores.into_iter().map(|s| s as f32).collect())
 }

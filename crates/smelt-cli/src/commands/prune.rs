@@ -320,6 +320,9 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             println!("warning    the pruned model is not faster on this machine");
         }
     }
+    for n in &report.notes {
+        println!("note       {n}");
+    }
     if let Some(p) = &masks_path {
         println!("masks      {}", p.display());
     }

@@ -166,7 +166,6 @@ impl DataArgs {
             .runtime_inputs()
             .map(|v| v.name.clone())
             .collect();
-        let mut sentences = sentences;
         if self.sort_by_length {
             sentences.sort_by_key(|s| s.split_whitespace().count());
         }

@@ -365,10 +365,7 @@ fn prune_channels(
             structured::channel_scores(&model.graph, grp, opts.criterion)?
         };
         let cut = structured::lowest(&scores, k);
-        if !cut.is_empty() {
-            structured::remove_channels(&mut out, grp, &cut)?;
-        }
-        applied.push((grp, cut.len()));
+        applied.push((grp, cut.clone()));
         report.groups.push(GroupRecord {
             root: grp.root.clone(),
             channels: grp.channels,
@@ -378,6 +375,7 @@ fn prune_channels(
             scores,
         });
     }
+    structured::remove_channels(&mut out, &applied)?;
     report.refused = refused;
     verify(&model, &out, &before, &applied)?;
     Ok(out)
@@ -389,7 +387,7 @@ fn verify(
     orig: &Model,
     pruned: &Model,
     before: &HashMap<String, (DType, Vec<usize>)>,
-    applied: &[(&structured::Group, usize)],
+    applied: &[(&structured::Group, Vec<usize>)],
 ) -> Result<()> {
     let after = shapes(pruned).map_err(|e| {
         e.context("the pruned model does not run; smelt refuses to write it (please report this)")
@@ -409,7 +407,7 @@ fn verify(
             let e = expect
                 .entry((m.name.as_str(), m.axis))
                 .or_insert(before[&m.name].1[m.axis]);
-            *e -= removed * m.map.outer * m.map.unit;
+            *e -= removed.len() * m.map.outer * m.map.unit;
         }
     }
     for ((name, axis), want) in expect {

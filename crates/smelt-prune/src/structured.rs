@@ -715,13 +715,16 @@ pub fn find_groups(model: &Model, shapes: &Shapes) -> (Vec<Group>, Vec<Refusal>)
         }
         match result {
             Ok(grp) => {
-                // Two groups may not slice the same constant along the same axis.
+                // Two groups may share a constant along one axis only at disjoint indices.
                 let clash = grp.members.iter().any(|m| {
                     m.constant
                         && groups.iter().any(|o| {
-                            o.members
-                                .iter()
-                                .any(|x| x.constant && x.name == m.name && x.axis == m.axis)
+                            o.members.iter().any(|x| {
+                                x.constant
+                                    && x.name == m.name
+                                    && x.axis == m.axis
+                                    && overlap(x, o.channels, m, grp.channels)
+                            })
                         })
                 });
                 if clash {
@@ -745,6 +748,11 @@ pub fn find_groups(model: &Model, shapes: &Shapes) -> (Vec<Group>, Vec<Refusal>)
         }
     }
     (groups, refusals)
+}
+
+fn overlap(a: &Member, ca: usize, b: &Member, cb: usize) -> bool {
+    let ia: HashSet<usize> = (0..ca).flat_map(|c| a.map.indices(ca, c)).collect();
+    (0..cb).any(|c| b.map.indices(cb, c).any(|i| ia.contains(&i)))
 }
 
 /// Channel importance within a group: the norm of every weight slice the channel owns,
@@ -806,29 +814,49 @@ pub fn lowest(scores: &[f32], k: usize) -> Vec<usize> {
     out
 }
 
-/// Removes channels `cut` of `grp` from `model` (the graph the group was found in).
-pub fn remove_channels(model: &mut Model, grp: &Group, cut: &[usize]) -> Result<()> {
+/// Removes, for every `(group, cut)`, channels `cut` of the group from `model` (the graph the
+/// groups were found in). All cuts along one axis of one tensor are applied together, since
+/// groups may share a tensor at different offsets (the inputs of a Concat feeding one Conv).
+pub fn remove_channels(model: &mut Model, cuts: &[(&Group, Vec<usize>)]) -> Result<()> {
     let g = &mut model.graph;
-    let cut: HashSet<usize> = cut.iter().copied().collect();
-    let kept: Vec<usize> = (0..grp.channels).filter(|c| !cut.contains(c)).collect();
-    if kept.is_empty() {
-        smelt_tensor::bail!(Input, "{}: cannot remove every channel", grp.root);
+    let mut drops: HashMap<(String, usize), HashSet<usize>> = HashMap::new();
+    let mut depthwise: HashMap<usize, usize> = HashMap::new();
+    let mut reshapes: HashMap<(usize, usize), usize> = HashMap::new();
+    let mut stale: HashSet<String> = HashSet::new();
+    for (grp, cut) in cuts {
+        if cut.len() >= grp.channels {
+            smelt_tensor::bail!(Input, "{}: cannot remove every channel", grp.root);
+        }
+        for m in &grp.members {
+            stale.insert(m.name.clone());
+            if m.constant {
+                let d = drops.entry((m.name.clone(), m.axis)).or_default();
+                d.extend(cut.iter().flat_map(|&c| m.map.indices(grp.channels, c)));
+            }
+        }
+        for &(ni, map) in &grp.depthwise {
+            *depthwise.entry(ni).or_default() += cut.len() * map.outer * map.unit;
+        }
+        for &(ni, axis, map) in &grp.reshapes {
+            *reshapes.entry((ni, axis)).or_default() += cut.len() * map.outer * map.unit;
+        }
     }
-    for m in grp.members.iter().filter(|m| m.constant) {
-        let t = g.initializers[&m.name].clone();
-        g.initializers.insert(
-            m.name.clone(),
-            slice_axis(&t, m.axis, &m.map, grp.channels, &cut)?,
-        );
+    let mut keys: Vec<&(String, usize)> = drops.keys().collect();
+    keys.sort();
+    for key in keys {
+        let t = &g.initializers[&key.0];
+        let sliced = drop_indices(t, key.1, &drops[key])?;
+        g.initializers.insert(key.0.clone(), sliced);
     }
-    for &(ni, map) in &grp.depthwise {
+    for (&ni, &removed) in &depthwise {
         let n = &mut g.nodes[ni];
         let groups = n.attr_int("group")?.unwrap_or(1) as usize;
-        let removed = cut.len() * map.outer * map.unit;
         n.attrs
             .insert("group".into(), Attr::Int((groups - removed) as i64));
     }
-    for &(ni, axis, map) in &grp.reshapes {
+    let mut rs: Vec<(&(usize, usize), &usize)> = reshapes.iter().collect();
+    rs.sort();
+    for (&(ni, axis), &removed) in rs {
         let Some(shape_name) = g.nodes[ni].inputs.get(1).cloned() else {
             continue;
         };
@@ -839,7 +867,7 @@ pub fn remove_channels(model: &mut Model, grp: &Group, cut: &[usize]) -> Result<
         if axis >= dims.len() || dims[axis] <= 0 {
             continue; // -1 (inferred) or 0 (copied) follow the input by themselves
         }
-        dims[axis] -= (cut.len() * map.outer * map.unit) as i64;
+        dims[axis] -= removed as i64;
         // The shape tensor may be shared: this Reshape gets its own.
         let name = g.unique_name(&format!("{shape_name}_pruned"));
         g.initializers
@@ -847,29 +875,15 @@ pub fn remove_channels(model: &mut Model, grp: &Group, cut: &[usize]) -> Result<
         g.nodes[ni].inputs[1] = name;
     }
     // Declared shapes of everything that shrank are stale (runtimes check them).
-    let stale: HashSet<&str> = grp.members.iter().map(|m| m.name.as_str()).collect();
-    g.value_info.retain(|v| !stale.contains(v.name.as_str()));
+    g.value_info.retain(|v| !stale.contains(&v.name));
     g.remove_dead();
     Ok(())
 }
 
-fn slice_axis(
-    t: &Tensor,
-    axis: usize,
-    map: &Map,
-    channels: usize,
-    cut: &HashSet<usize>,
-) -> Result<Tensor> {
+/// `t` without indices `drop` along `axis`.
+fn drop_indices(t: &Tensor, axis: usize, drop: &HashSet<usize>) -> Result<Tensor> {
     let d = t.shape()[axis];
-    let mut drop = vec![false; d];
-    for &c in cut {
-        for i in map.indices(channels, c) {
-            if i < d {
-                drop[i] = true;
-            }
-        }
-    }
-    let keep_axis: Vec<usize> = (0..d).filter(|&i| !drop[i]).collect();
+    let keep_axis: Vec<usize> = (0..d).filter(|i| !drop.contains(i)).collect();
     let inner: usize = t.shape()[axis + 1..].iter().product();
     let outer: usize = t.shape()[..axis].iter().product();
     let idx = (0..outer).flat_map(|o| {

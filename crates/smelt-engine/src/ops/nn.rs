@@ -193,10 +193,8 @@ fn check_rank(x: &Tensor, what: &str) -> Result<usize> {
 // ---------------------------------------------------------------------------------------------
 // Convolution
 
-fn conv_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-    let x = input(inputs, 0)?;
-    let w = input(inputs, 1)?;
-    let b = opt_input(inputs, 2);
+/// The geometry of a Conv node on these input and weight shapes, and its output shape.
+pub(crate) fn conv_geometry(ctx: &OpCtx, x: &Tensor, w: &Tensor) -> Result<(ConvGeom, Vec<usize>)> {
     let sp = check_rank(x, "Conv")?;
     if w.rank() != sp + 2 {
         bail!(
@@ -247,11 +245,19 @@ fn conv_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         dilations: to3(&dilations, 1),
         pads: to3(&win.pads_begin, 0),
     };
+    let mut shape = vec![n, m];
+    shape.extend_from_slice(&win.output);
+    Ok((g, shape))
+}
+
+fn conv_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(inputs, 0)?;
+    let w = input(inputs, 1)?;
+    let b = opt_input(inputs, 2);
+    let (g, shape) = conv_geometry(ctx, x, w)?;
     let xv = floats(x)?;
     let wv = floats(w)?;
     let bv = b.map(floats).transpose()?;
-    let mut shape = vec![n, m];
-    shape.extend_from_slice(&win.output);
     let mut out = vec![0.0f32; shape.iter().product()];
     conv::conv(&g, &xv, &wv, bv.as_deref(), &mut out)?;
     Ok(vec![from_floats(shape, out, x.dtype())?])
@@ -626,7 +632,11 @@ fn matmul_op(_ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 // Pooling
 
 /// Reads kernel/strides/dilations/pads of a pooling node and builds its geometry.
-fn pool_geom(ctx: &OpCtx, x: &Tensor, use_dilations: bool) -> Result<(PoolGeom, Vec<usize>)> {
+pub(crate) fn pool_geom(
+    ctx: &OpCtx,
+    x: &Tensor,
+    use_dilations: bool,
+) -> Result<(PoolGeom, Vec<usize>)> {
     let sp = check_rank(x, &ctx.node.op_type)?;
     let kernel = match ctx.ints("kernel_shape")? {
         Some(k) if k.len() == sp => k

@@ -1,0 +1,188 @@
+//! Gradients of elementwise ops: arithmetic with broadcasting, and activations.
+
+use super::{f32s, reduce_to, GradRegistry};
+use crate::ops::{input, OpCtx};
+use smelt_tensor::{bail, Result, Tensor};
+
+pub fn register(r: &mut GradRegistry) {
+    r.insert("Add", add);
+    r.insert("Sub", sub);
+    r.insert("Mul", mul);
+    r.insert("Div", div);
+    r.insert("Pow", pow);
+    r.insert("Neg", |_, i, _, d| unary(i, d, |_, _, g| -g));
+    r.insert("Identity", |_, i, _, d| unary(i, d, |_, _, g| g));
+    r.insert("Relu", |_, i, _, d| {
+        unary(i, d, |x, _, g| if x > 0.0 { g } else { 0.0 })
+    });
+    r.insert("LeakyRelu", leaky_relu);
+    r.insert("Sigmoid", |_, i, o, d| {
+        unary_y(i, o, d, |_, y, g| g * y * (1.0 - y))
+    });
+    r.insert("Tanh", |_, i, o, d| {
+        unary_y(i, o, d, |_, y, g| g * (1.0 - y * y))
+    });
+    r.insert("Exp", |_, i, o, d| unary_y(i, o, d, |_, y, g| g * y));
+    r.insert("Log", |_, i, _, d| unary(i, d, |x, _, g| g / x));
+    r.insert("Sqrt", |_, i, o, d| unary_y(i, o, d, |_, y, g| g * 0.5 / y));
+    r.insert("Erf", |_, i, _, d| {
+        unary(i, d, |x, _, g| {
+            g * std::f32::consts::FRAC_2_SQRT_PI * (-x * x).exp()
+        })
+    });
+    r.insert("HardSigmoid", hard_sigmoid);
+    r.insert("HardSwish", |_, i, _, d| {
+        unary(i, d, |x, _, g| {
+            if x <= -3.0 {
+                0.0
+            } else if x >= 3.0 {
+                g
+            } else {
+                g * (2.0 * x + 3.0) / 6.0
+            }
+        })
+    });
+    r.insert("Clip", clip);
+}
+
+type Grads = Result<Vec<Option<Tensor>>>;
+
+/// Gradient of a one-input op from `f(x, _, dy)`.
+fn unary(
+    inputs: &[Option<&Tensor>],
+    dy: &[Option<&Tensor>],
+    f: impl Fn(f32, f32, f32) -> f32,
+) -> Grads {
+    let x = input(inputs, 0)?;
+    let Some(g) = dy[0] else {
+        return Ok(vec![None]);
+    };
+    let v: Vec<f32> = f32s(x)?
+        .iter()
+        .zip(f32s(g)?)
+        .map(|(&x, &g)| f(x, 0.0, g))
+        .collect();
+    let mut out = vec![Some(Tensor::from_vec(x.shape().to_vec(), v)?)];
+    out.resize(inputs.len(), None);
+    Ok(out)
+}
+
+/// Gradient of a one-input op from `f(x, y, dy)` where y is its output.
+fn unary_y(
+    inputs: &[Option<&Tensor>],
+    outputs: &[&Tensor],
+    dy: &[Option<&Tensor>],
+    f: impl Fn(f32, f32, f32) -> f32,
+) -> Grads {
+    let x = input(inputs, 0)?;
+    let Some(g) = dy[0] else {
+        return Ok(vec![None]);
+    };
+    let v: Vec<f32> = f32s(x)?
+        .iter()
+        .zip(f32s(outputs[0])?)
+        .zip(f32s(g)?)
+        .map(|((&x, &y), &g)| f(x, y, g))
+        .collect();
+    Ok(vec![Some(Tensor::from_vec(x.shape().to_vec(), v)?)])
+}
+
+/// `t` broadcast to `shape`, as a flat vector.
+pub(crate) fn expand(t: &Tensor, shape: &[usize]) -> Result<Vec<f32>> {
+    if t.shape() == shape {
+        return Ok(f32s(t)?.to_vec());
+    }
+    let strides = smelt_tensor::broadcast_strides(t.shape(), shape);
+    let src = f32s(t)?;
+    let n: usize = shape.iter().product();
+    let rank = shape.len();
+    let mut idx = vec![0usize; rank];
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let off: usize = idx.iter().zip(&strides).map(|(i, s)| i * s).sum();
+        out.push(src[off]);
+        for k in (0..rank).rev() {
+            idx[k] += 1;
+            if idx[k] < shape[k] {
+                break;
+            }
+            idx[k] = 0;
+        }
+    }
+    Ok(out)
+}
+
+/// Gradients of a binary op: `fa(a, b, dy)` and `fb(a, b, dy)` per element of the broadcast
+/// result, then summed back to each operand's shape.
+fn binary(
+    inputs: &[Option<&Tensor>],
+    dy: &[Option<&Tensor>],
+    fa: impl Fn(f32, f32, f32) -> f32,
+    fb: impl Fn(f32, f32, f32) -> f32,
+) -> Grads {
+    let (a, b) = (input(inputs, 0)?, input(inputs, 1)?);
+    let Some(g) = dy[0] else {
+        return Ok(vec![None, None]);
+    };
+    let shape = g.shape().to_vec();
+    let (av, bv, gv) = (expand(a, &shape)?, expand(b, &shape)?, f32s(g)?);
+    let mk = |f: &dyn Fn(f32, f32, f32) -> f32, like: &Tensor| -> Result<Tensor> {
+        let v: Vec<f32> = (0..gv.len()).map(|i| f(av[i], bv[i], gv[i])).collect();
+        reduce_to(&Tensor::from_vec(shape.clone(), v)?, like.shape())
+    };
+    Ok(vec![Some(mk(&fa, a)?), Some(mk(&fb, b)?)])
+}
+
+fn add(_: &OpCtx, i: &[Option<&Tensor>], _: &[&Tensor], d: &[Option<&Tensor>]) -> Grads {
+    binary(i, d, |_, _, g| g, |_, _, g| g)
+}
+
+fn sub(_: &OpCtx, i: &[Option<&Tensor>], _: &[&Tensor], d: &[Option<&Tensor>]) -> Grads {
+    binary(i, d, |_, _, g| g, |_, _, g| -g)
+}
+
+fn mul(_: &OpCtx, i: &[Option<&Tensor>], _: &[&Tensor], d: &[Option<&Tensor>]) -> Grads {
+    binary(i, d, |_, b, g| g * b, |a, _, g| g * a)
+}
+
+fn div(_: &OpCtx, i: &[Option<&Tensor>], _: &[&Tensor], d: &[Option<&Tensor>]) -> Grads {
+    binary(i, d, |_, b, g| g / b, |a, b, g| -g * a / (b * b))
+}
+
+fn pow(_: &OpCtx, i: &[Option<&Tensor>], _: &[&Tensor], d: &[Option<&Tensor>]) -> Grads {
+    binary(
+        i,
+        d,
+        |a, b, g| g * b * a.powf(b - 1.0),
+        |a, b, g| if a > 0.0 { g * a.powf(b) * a.ln() } else { 0.0 },
+    )
+}
+
+fn leaky_relu(ctx: &OpCtx, i: &[Option<&Tensor>], _: &[&Tensor], d: &[Option<&Tensor>]) -> Grads {
+    let alpha = ctx.float("alpha", 0.01)?;
+    unary(i, d, |x, _, g| if x > 0.0 { g } else { alpha * g })
+}
+
+fn hard_sigmoid(ctx: &OpCtx, i: &[Option<&Tensor>], _: &[&Tensor], d: &[Option<&Tensor>]) -> Grads {
+    let (alpha, beta) = (ctx.float("alpha", 0.2)?, ctx.float("beta", 0.5)?);
+    unary(i, d, |x, _, g| {
+        let v = alpha * x + beta;
+        if v > 0.0 && v < 1.0 {
+            g * alpha
+        } else {
+            0.0
+        }
+    })
+}
+
+fn clip(_: &OpCtx, i: &[Option<&Tensor>], _: &[&Tensor], d: &[Option<&Tensor>]) -> Grads {
+    let bound = |k: usize, default: f32| -> Result<f32> {
+        match i.get(k).copied().flatten() {
+            Some(t) if t.numel() == 1 => Ok(f32s(t)?[0]),
+            Some(_) => bail!(Shape, "Clip bounds must be scalars"),
+            None => Ok(default),
+        }
+    };
+    let (lo, hi) = (bound(1, f32::NEG_INFINITY)?, bound(2, f32::INFINITY)?);
+    unary(i, d, |x, _, g| if x >= lo && x <= hi { g } else { 0.0 })
+}

@@ -73,6 +73,48 @@ impl DataArgs {
         }
         let input = single_input(model)?;
         let in_type = model.graph.value_info(&input).and_then(|v| v.dtype);
+        let raw = matches!(in_type, Some(DType::U8) | Some(DType::I8));
+        let ds = self.dataset(model)?;
+        // A model exported with a fixed batch of 1 (like MNIST-8) is fed one sample at a time.
+        let fixed_one = model
+            .graph
+            .inputs
+            .iter()
+            .find(|v| v.name == input)
+            .and_then(|v| v.shape.as_ref())
+            .is_some_and(|s| s.first() == Some(&smelt_ir::Dim::Fixed(1)));
+        let batch = if fixed_one { 1 } else { batch };
+        let mut feeds = Vec::new();
+        let mut labels = ds.y.as_ref().map(|_| Vec::new());
+        for (s, e) in ds.batch_ranges(batch) {
+            let x = ds.batch(s, e);
+            let x = match in_type {
+                Some(t) if raw => x.cast(t)?,
+                _ => x,
+            };
+            feeds.push(vec![(input.clone(), x)]);
+            if let (Some(l), Some(y)) = (labels.as_mut(), ds.labels(s, e)) {
+                l.push(y.to_vec());
+            }
+        }
+        Ok(Batches {
+            feeds,
+            labels,
+            samples: ds.len(),
+        })
+    }
+
+    /// The samples themselves (not batched): images with their labels, preprocessed for
+    /// `model` (raw bytes for a model that takes uint8), `--skip` and `--limit` applied.
+    pub fn dataset(&self, model: &Model) -> Result<Dataset> {
+        let Some(path) = &self.data else {
+            bail!(Input, "no data given: pass --data");
+        };
+        if !path.exists() {
+            bail!(Input, "data path {} does not exist", path.display());
+        }
+        let input = single_input(model)?;
+        let in_type = model.graph.value_info(&input).and_then(|v| v.dtype);
         // A model that takes raw bytes (see `quantize --quantize-inputs`) does its own
         // preprocessing: feed it the stored values unscaled.
         let raw = matches!(in_type, Some(DType::U8) | Some(DType::I8));
@@ -108,33 +150,7 @@ impl DataArgs {
         if pre.layout == Layout::Nhwc {
             ds = Dataset::new(smelt_data::nhwc_to_nchw(ds.x)?, ds.y)?;
         }
-        // A model exported with a fixed batch of 1 (like MNIST-8) is fed one sample at a time.
-        let fixed_one = model
-            .graph
-            .inputs
-            .iter()
-            .find(|v| v.name == input)
-            .and_then(|v| v.shape.as_ref())
-            .is_some_and(|s| s.first() == Some(&smelt_ir::Dim::Fixed(1)));
-        let batch = if fixed_one { 1 } else { batch };
-        let mut feeds = Vec::new();
-        let mut labels = ds.y.as_ref().map(|_| Vec::new());
-        for (s, e) in ds.batch_ranges(batch) {
-            let x = ds.batch(s, e);
-            let x = match in_type {
-                Some(t) if raw => x.cast(t)?,
-                _ => x,
-            };
-            feeds.push(vec![(input.clone(), x)]);
-            if let (Some(l), Some(y)) = (labels.as_mut(), ds.labels(s, e)) {
-                l.push(y.to_vec());
-            }
-        }
-        Ok(Batches {
-            feeds,
-            labels,
-            samples: ds.len(),
-        })
+        Ok(ds)
     }
 
     fn load_text(&self, model: &Model, path: &Path, tok: &Path, batch: usize) -> Result<Batches> {

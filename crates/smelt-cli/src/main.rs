@@ -41,6 +41,8 @@ enum Cmd {
     Quantize(Box<commands::quantize::Args>),
     /// Prune weights (unstructured, N:M) or whole channels, heads and blocks.
     Prune(Box<commands::prune::Args>),
+    /// Fine-tune weights on labelled data (keeps pruning masks; can distill from a teacher).
+    Finetune(Box<commands::finetune::Args>),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
         Cmd::Convert(a) => commands::convert::run(a, json),
         Cmd::Quantize(a) => commands::quantize::run(*a, json),
         Cmd::Prune(a) => commands::prune::run(*a, json),
+        Cmd::Finetune(a) => commands::finetune::run(*a, json),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

@@ -70,6 +70,26 @@ impl Session {
         })
     }
 
+    /// Replaces a weight (an initializer) with a tensor of the same shape and type: how a
+    /// training loop updates the model between steps without re-planning it.
+    pub fn set_initializer(&mut self, name: &str, t: Tensor) -> Result<()> {
+        let Some(old) = self.model.graph.initializers.get_mut(name) else {
+            bail!(Input, "the model has no initializer '{name}'");
+        };
+        if old.shape() != t.shape() || old.dtype() != t.dtype() {
+            bail!(
+                Shape,
+                "'{name}' is {:?} {}, the update {:?} {}",
+                old.shape(),
+                old.dtype(),
+                t.shape(),
+                t.dtype()
+            );
+        }
+        *old = t;
+        Ok(())
+    }
+
     /// Time per op type over all profiled runs so far, slowest first: (op, seconds, calls).
     pub fn take_profile(&self) -> Vec<(String, f64, usize)> {
         let mut p = self.profile.lock().unwrap_or_else(|e| e.into_inner());

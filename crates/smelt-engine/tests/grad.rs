@@ -159,13 +159,13 @@ fn check(c: Case) {
         let g = &grads[name];
         assert_eq!(g.shape(), t.shape(), "{}: gradient shape of {name}", c.op);
         let gv = g.as_slice::<f32>().unwrap();
-        for j in 0..t.numel() {
+        for (j, &a) in gv.iter().enumerate() {
             let mut plus = feeds.clone();
             let mut minus = feeds.clone();
             plus[fi].1.as_mut_slice::<f32>().unwrap()[j] += h;
             minus[fi].1.as_mut_slice::<f32>().unwrap()[j] -= h;
             let num = (loss(&plus) - loss(&minus)) / (2.0 * h as f64);
-            let a = gv[j] as f64;
+            let a = a as f64;
             assert!(
                 (a - num).abs() <= 2e-3 + 2e-2 * num.abs().max(a.abs()),
                 "{}: d/d{name}[{j}] analytic {a} vs numeric {num}",

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod convert;
 pub mod eval;
+pub mod finetune;
 pub mod inspect;
 pub mod prune;
 pub mod quantize;

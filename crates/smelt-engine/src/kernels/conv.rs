@@ -317,6 +317,49 @@ pub fn conv_transpose(
     }
 }
 
+/// Gradient of a convolution's weight: `dw[oc, ic, k] = sum over batch and output positions of
+/// dy[b, oc, p] * x[b, ic, p + k]` (im2col of `x` times `dy`). `dw` is overwritten.
+pub fn conv_weight_grad(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) -> Result<()> {
+    g.check()?;
+    let cg = g.in_ch / g.groups;
+    let mg = g.out_ch / g.groups;
+    let (isz, ksz, osz) = (prod(&g.input), prod(&g.kernel), prod(&g.output));
+    if x.len() != g.batch * g.in_ch * isz
+        || dy.len() != g.batch * g.out_ch * osz
+        || dw.len() != g.out_ch * cg * ksz
+    {
+        bail!(
+            Shape,
+            "convolution gradient buffers do not match geometry {g:?}"
+        );
+    }
+    dw.fill(0.0);
+    let mut col = vec![0.0f32; cg * ksz * osz];
+    for b in 0..g.batch {
+        for gr in 0..g.groups {
+            let xg = &x[(b * g.in_ch + gr * cg) * isz..][..cg * isz];
+            let dyg = &dy[(b * g.out_ch + gr * mg) * osz..][..mg * osz];
+            im2col(g, cg, xg, &mut col);
+            let dwg = &mut dw[gr * mg * cg * ksz..][..mg * cg * ksz];
+            // [mg, osz] x [osz, cg * ksz], accumulated over the batch.
+            gemm(
+                mg,
+                osz,
+                cg * ksz,
+                dyg,
+                false,
+                &col,
+                true,
+                dwg,
+                1.0,
+                1.0,
+                None,
+            )?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,47 +491,4 @@ mod tests {
         conv_transpose(&g, &[1.0, 2.0], &[1.0, 10.0, 100.0], Some(&[0.5]), &mut out).unwrap();
         assert_eq!(out, vec![1.5, 10.5, 102.5, 20.5, 200.5]);
     }
-}
-
-/// Gradient of a convolution's weight: `dw[oc, ic, k] = sum over batch and output positions of
-/// dy[b, oc, p] * x[b, ic, p + k]` (im2col of `x` times `dy`). `dw` is overwritten.
-pub fn conv_weight_grad(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) -> Result<()> {
-    g.check()?;
-    let cg = g.in_ch / g.groups;
-    let mg = g.out_ch / g.groups;
-    let (isz, ksz, osz) = (prod(&g.input), prod(&g.kernel), prod(&g.output));
-    if x.len() != g.batch * g.in_ch * isz
-        || dy.len() != g.batch * g.out_ch * osz
-        || dw.len() != g.out_ch * cg * ksz
-    {
-        bail!(
-            Shape,
-            "convolution gradient buffers do not match geometry {g:?}"
-        );
-    }
-    dw.fill(0.0);
-    let mut col = vec![0.0f32; cg * ksz * osz];
-    for b in 0..g.batch {
-        for gr in 0..g.groups {
-            let xg = &x[(b * g.in_ch + gr * cg) * isz..][..cg * isz];
-            let dyg = &dy[(b * g.out_ch + gr * mg) * osz..][..mg * osz];
-            im2col(g, cg, xg, &mut col);
-            let dwg = &mut dw[gr * mg * cg * ksz..][..mg * cg * ksz];
-            // [mg, osz] x [osz, cg * ksz], accumulated over the batch.
-            gemm(
-                mg,
-                osz,
-                cg * ksz,
-                dyg,
-                false,
-                &col,
-                true,
-                dwg,
-                1.0,
-                1.0,
-                None,
-            )?;
-        }
-    }
-    Ok(())
 }

@@ -1,0 +1,182 @@
+use crate::args::{load_model, print_json, DataArgs};
+use crate::commands::convert::same_file;
+use serde_json::json;
+use smelt_tensor::{bail, Result};
+use smelt_train::optim::{Optimizer, Schedule};
+use smelt_train::{Distill, Options, Samples};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The ONNX model to fine-tune (float weights).
+    model: PathBuf,
+    /// Where to write the fine-tuned model.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Training data (same forms as `eval --data`; use --split train).
+    #[command(flatten)]
+    data: DataArgs,
+    /// Labelled validation data (an idx folder's test split, an .npz); evaluated each epoch,
+    /// and the best epoch is kept.
+    #[arg(long)]
+    val: Option<PathBuf>,
+    /// Samples of --val used.
+    #[arg(long)]
+    val_limit: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    #[arg(long, default_value_t = 0.01)]
+    lr: f32,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// sgd (with --momentum) or adamw.
+    #[arg(long, default_value = "sgd")]
+    optimizer: String,
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f32,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// constant, step (x0.1 each epoch) or cosine (with --warmup steps).
+    #[arg(long, default_value = "cosine", value_parser = ["constant", "step", "cosine"])]
+    schedule: String,
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
+    /// Seed of the shuffle.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Pruning masks (from `smelt prune`) to hold: pruned weights stay exactly zero.
+    #[arg(long)]
+    masks: Option<PathBuf>,
+    /// Distill from this model (e.g. the original, uncompressed one).
+    #[arg(long)]
+    distill_from: Option<PathBuf>,
+    #[arg(long, default_value_t = 4.0)]
+    temperature: f32,
+    /// Weight of the distillation loss (the label loss gets 1 - alpha).
+    #[arg(long, default_value_t = 0.5)]
+    alpha: f32,
+    /// Stop after this many steps in all.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Allow writing over the input file.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(a: Args, json: bool) -> Result<()> {
+    if !a.force && same_file(&a.model, &a.output) {
+        bail!(
+            Input,
+            "refusing to overwrite the input {} (pass --force)",
+            a.model.display()
+        );
+    }
+    if a.data.tokenizer.is_some() {
+        bail!(
+            Unsupported,
+            "fine-tuning on text is not supported yet: give labelled images (--data)"
+        );
+    }
+    let started = Instant::now();
+    let model = load_model(&a.model)?;
+    let train = a.data.dataset(&model)?;
+    let Some(y) = train.y.clone() else {
+        bail!(Input, "the training data has no labels");
+    };
+    let val = match &a.val {
+        Some(p) => {
+            let mut d = a.data.clone();
+            d.data = Some(p.clone());
+            d.split = "test".into();
+            d.limit = a.val_limit;
+            d.skip = 0;
+            let ds = d.dataset(&model)?;
+            if ds.y.is_none() {
+                bail!(Input, "--val data has no labels");
+            }
+            Some(ds)
+        }
+        None => None,
+    };
+    let steps_per_epoch = y.len().div_ceil(a.batch.max(1));
+    let opts = Options {
+        epochs: a.epochs,
+        batch: a.batch,
+        lr: a.lr,
+        optimizer: Optimizer::parse(&a.optimizer, a.momentum)?,
+        schedule: match a.schedule.as_str() {
+            "constant" => Schedule::Constant,
+            "step" => Schedule::Step {
+                every: steps_per_epoch,
+                gamma: 0.1,
+            },
+            _ => Schedule::Cosine { warmup: a.warmup },
+        },
+        weight_decay: a.weight_decay,
+        seed: a.seed,
+        distill: match &a.distill_from {
+            Some(p) => Some(Distill {
+                teacher: load_model(p)?,
+                temperature: a.temperature,
+                alpha: a.alpha,
+            }),
+            None => None,
+        },
+        masks: a
+            .masks
+            .as_deref()
+            .map(smelt_prune::Masks::load)
+            .transpose()?,
+        max_steps: a.max_steps,
+    };
+    let samples = Samples { x: &train.x, y: &y };
+    let val_y = val.as_ref().and_then(|v| v.y.clone());
+    let val_samples = val
+        .as_ref()
+        .zip(val_y.as_deref())
+        .map(|(v, y)| Samples { x: &v.x, y });
+    let mut last = Instant::now();
+    let (tuned, history) =
+        smelt_train::finetune(model, &samples, val_samples.as_ref(), &opts, |p| {
+            if !json && (p.step == p.steps || last.elapsed().as_secs_f64() > 0.5) {
+                eprint!(
+                    "\repoch {} step {}/{} loss {:.4}   ",
+                    p.epoch + 1,
+                    p.step,
+                    p.steps,
+                    p.loss
+                );
+                last = Instant::now();
+            }
+        })?;
+    if !json {
+        eprintln!();
+    }
+    smelt_onnx::save(&tuned, &a.output)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if json {
+        print_json(&json!({
+            "input": a.model.display().to_string(),
+            "output": a.output.display().to_string(),
+            "epochs": history,
+            "seconds": seconds,
+        }));
+        return Ok(());
+    }
+    println!("fine-tuned {} -> {}", a.model.display(), a.output.display());
+    for e in &history {
+        let v = e
+            .val_accuracy
+            .map(|v| format!(", val accuracy {v:.4}"))
+            .unwrap_or_default();
+        println!(
+            "epoch {:>3}  loss {:.4}{v}  ({:.0} samples/s)",
+            e.epoch + 1,
+            e.train_loss,
+            e.samples_per_second
+        );
+    }
+    println!("time       {seconds:.1} s");
+    Ok(())
+}

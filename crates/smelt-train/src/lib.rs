@@ -1,0 +1,366 @@
+//! Fine-tuning: train a model's weights with the engine's own gradients, to recover the
+//! accuracy pruning or quantization cost.
+//!
+//! Layout: `loss` (cross-entropy, distillation, MSE), `optim` (SGD with momentum, AdamW,
+//! learning-rate schedules); [`finetune`] is the loop: seeded shuffling, forward with the
+//! values backward needs, `smelt_engine::grad::backward`, the update, pruning masks enforced
+//! after every step, validation each epoch and the best model kept.
+
+pub mod loss;
+pub mod optim;
+
+use optim::{Optimizer, Schedule, State};
+use serde::Serialize;
+use smelt_engine::passes::FoldConstants;
+use smelt_engine::{grad, RunOptions, Session};
+use smelt_ir::{Dim, Model, Pass};
+use smelt_prune::Masks;
+use smelt_tensor::{bail, DType, Result, Tensor};
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+/// Labelled samples: `x` is `[N, ...]`, one label per row.
+pub struct Samples<'a> {
+    pub x: &'a Tensor,
+    pub y: &'a [i64],
+}
+
+pub struct Distill {
+    pub teacher: Model,
+    pub temperature: f32,
+    /// Weight of the distillation term; the hard-label loss gets `1 - alpha`.
+    pub alpha: f32,
+}
+
+pub struct Options {
+    pub epochs: usize,
+    pub batch: usize,
+    pub lr: f32,
+    pub optimizer: Optimizer,
+    pub schedule: Schedule,
+    pub weight_decay: f32,
+    pub seed: u64,
+    pub distill: Option<Distill>,
+    /// Pruning masks to hold: masked weights stay exactly zero.
+    pub masks: Option<Masks>,
+    /// Stop after this many steps in all (a time budget for long runs).
+    pub max_steps: Option<usize>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            epochs: 1,
+            batch: 64,
+            lr: 0.01,
+            optimizer: Optimizer::Sgd { momentum: 0.9 },
+            schedule: Schedule::Cosine { warmup: 0 },
+            weight_decay: 0.0,
+            seed: 0,
+            distill: None,
+            masks: None,
+            max_steps: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Epoch {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub val_accuracy: Option<f64>,
+    pub samples_per_second: f64,
+}
+
+/// What a progress callback sees after each step.
+pub struct Progress {
+    pub epoch: usize,
+    pub step: usize,
+    pub steps: usize,
+    pub loss: f64,
+}
+
+/// Gives a fixed-batch-1 model a dynamic batch, folds constant weight expressions into plain
+/// initializers (what gets trained), and drops initializers that pose as inputs (IR < 4).
+pub fn prepare(model: Model) -> Result<Model> {
+    let mut model = model;
+    let inits = model.graph.initializers.clone();
+    model.graph.inputs.retain(|v| !inits.contains_key(&v.name));
+    let fixed_one = model
+        .graph
+        .runtime_inputs()
+        .any(|v| v.shape.as_ref().and_then(|s| s.first()) == Some(&Dim::Fixed(1)));
+    if fixed_one {
+        model = smelt_ir::passes::DynamicBatch::default().run(model)?.0;
+    }
+    Ok(FoldConstants {
+        max_elements: 1 << 28,
+    }
+    .run(model)?
+    .0)
+}
+
+/// The trainable weights: float initializers every reader of which has a gradient.
+pub fn trainable(model: &Model) -> Vec<String> {
+    let ops: HashSet<&str> = grad::differentiable_ops().into_iter().collect();
+    let g = &model.graph;
+    g.initializers
+        .iter()
+        .filter(|(name, t)| {
+            t.dtype() == DType::F32 && {
+                let readers = g.consumers(name);
+                !readers.is_empty()
+                    && readers
+                        .iter()
+                        .all(|&r| ops.contains(g.nodes[r].op_type.as_str()))
+            }
+        })
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+/// A seeded permutation of `0..n` (Fisher-Yates over a 64-bit LCG).
+fn shuffle(n: usize, seed: u64) -> Vec<usize> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut p: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        p.swap(i, ((s >> 33) as usize) % (i + 1));
+    }
+    p
+}
+
+fn rows(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
+    let inner: usize = x.shape()[1..].iter().product();
+    let v = x.as_slice::<f32>()?;
+    let mut out = Vec::with_capacity(idx.len() * inner);
+    for &i in idx {
+        out.extend_from_slice(&v[i * inner..(i + 1) * inner]);
+    }
+    let mut shape = x.shape().to_vec();
+    shape[0] = idx.len();
+    Tensor::from_vec(shape, out)
+}
+
+fn input_name(model: &Model) -> Result<String> {
+    let mut it = model.graph.runtime_inputs();
+    match (it.next(), it.next()) {
+        (Some(v), None) => Ok(v.name.clone()),
+        _ => bail!(Unsupported, "fine-tuning supports models with one input"),
+    }
+}
+
+/// Top-1 accuracy of `s` on `data`, in batches.
+pub fn accuracy(s: &Session, input: &str, data: &Samples, batch: usize) -> Result<f64> {
+    let n = data.y.len();
+    let mut ok = 0usize;
+    for start in (0..n).step_by(batch.max(1)) {
+        let idx: Vec<usize> = (start..(start + batch).min(n)).collect();
+        let out = s.run(&[(input, rows(data.x, &idx)?)])?;
+        let logits = out[0].1.as_slice::<f32>()?;
+        let c = logits.len() / idx.len();
+        for (k, &i) in idx.iter().enumerate() {
+            let row = &logits[k * c..(k + 1) * c];
+            let best = (0..c).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+            ok += usize::from(best as i64 == data.y[i]);
+        }
+    }
+    Ok(ok as f64 / n.max(1) as f64)
+}
+
+fn enforce(masks: &Masks, name: &str, v: &mut [f32]) {
+    if let Some(m) = masks.0.get(name) {
+        for (x, &k) in v.iter_mut().zip(&m.keep) {
+            if !k {
+                *x = 0.0;
+            }
+        }
+    }
+}
+
+/// Fine-tunes `model` on `train` (classification). Returns the model with the best validation
+/// accuracy (the last one without `val`) and one record per epoch.
+pub fn finetune(
+    model: Model,
+    train: &Samples,
+    val: Option<&Samples>,
+    opts: &Options,
+    mut progress: impl FnMut(&Progress),
+) -> Result<(Model, Vec<Epoch>)> {
+    if train.y.is_empty() || train.x.shape().first() != Some(&train.y.len()) {
+        bail!(
+            Input,
+            "the training set is empty or its labels do not match its samples"
+        );
+    }
+    let mut model = prepare(model)?;
+    let input = input_name(&model)?;
+    let params = trainable(&model);
+    if params.is_empty() {
+        bail!(Unsupported, "the model has no trainable float weights");
+    }
+    if let Some(m) = &opts.masks {
+        for name in m.0.keys() {
+            if !params.contains(name) {
+                bail!(
+                    Input,
+                    "the masks name '{name}', which is not a trainable weight of the model"
+                );
+            }
+        }
+        m.apply(&mut model.graph)?;
+    }
+    let teacher = match &opts.distill {
+        Some(d) => {
+            let t = prepare(d.teacher.clone())?;
+            Some((Session::new(t)?, input_name(&d.teacher)?))
+        }
+        None => None,
+    };
+    let mut session = Session::new(model.clone())?;
+    let mut states: HashMap<String, State> = HashMap::new();
+    let n = train.y.len();
+    let batch = opts.batch.max(1);
+    let steps_per_epoch = n.div_ceil(batch);
+    let total = opts
+        .max_steps
+        .unwrap_or(usize::MAX)
+        .min(steps_per_epoch * opts.epochs);
+    let mut history = Vec::new();
+    let mut best: Option<(f64, Model)> = None;
+    let mut step = 0usize;
+    let output = model.graph.outputs[0].name.clone();
+    for epoch in 0..opts.epochs {
+        if step >= total {
+            break;
+        }
+        let started = Instant::now();
+        let order = shuffle(n, opts.seed.wrapping_add(epoch as u64));
+        let (mut loss_sum, mut seen) = (0f64, 0usize);
+        for chunk in order.chunks(batch) {
+            if step >= total {
+                break;
+            }
+            let x = rows(train.x, chunk)?;
+            let y: Vec<i64> = chunk.iter().map(|&i| train.y[i]).collect();
+            let (outs, captured) = session.run_with(
+                &[(input.as_str(), x.clone())],
+                &RunOptions {
+                    capture_all: true,
+                    ..Default::default()
+                },
+            )?;
+            let logits = &outs[0].1;
+            let (mut loss, mut dlogits) = loss::cross_entropy(logits, &y)?;
+            if let (Some((ts, tin)), Some(d)) = (&teacher, &opts.distill) {
+                let t = ts.run(&[(tin.as_str(), x.clone())])?.remove(0).1;
+                let (kl, dk) = loss::distill(logits, &t, d.temperature)?;
+                loss = (1.0 - d.alpha as f64) * loss + d.alpha as f64 * kl;
+                let (a, b) = (1.0 - d.alpha, d.alpha);
+                let dv: Vec<f32> = dlogits
+                    .as_slice::<f32>()?
+                    .iter()
+                    .zip(dk.as_slice::<f32>()?)
+                    .map(|(h, s)| a * h + b * s)
+                    .collect();
+                dlogits = Tensor::from_vec(logits.shape().to_vec(), dv)?;
+            }
+            if !loss.is_finite() {
+                bail!(
+                    Invalid,
+                    "the loss became {loss} at step {step}: lower --lr (it is {})",
+                    opts.lr
+                );
+            }
+            let mut values: HashMap<String, Tensor> = captured;
+            values.insert(input.clone(), x);
+            for (k, t) in &session.model().graph.initializers {
+                values.insert(k.clone(), t.clone());
+            }
+            for (k, t) in outs {
+                values.insert(k, t);
+            }
+            let grads = grad::backward(
+                session.model(),
+                &values,
+                &[(output.clone(), dlogits)],
+                &params,
+            )?;
+            let lr = opts.schedule.rate(opts.lr, step, total);
+            for name in &params {
+                let Some(g) = grads.get(name) else { continue };
+                let mut g = g.as_slice::<f32>()?.to_vec();
+                let mut w = session.model().graph.initializers[name].clone();
+                if let Some(m) = &opts.masks {
+                    enforce(m, name, &mut g);
+                }
+                // Decay only matrices and kernels, not biases and norm parameters.
+                let wd = if w.rank() > 1 { opts.weight_decay } else { 0.0 };
+                let wv = w.as_mut_slice::<f32>()?;
+                optim::step(
+                    opts.optimizer,
+                    states.entry(name.clone()).or_default(),
+                    wv,
+                    &g,
+                    lr,
+                    wd,
+                );
+                if let Some(m) = &opts.masks {
+                    enforce(m, name, wv);
+                }
+                session.set_initializer(name, w)?;
+            }
+            loss_sum += loss * chunk.len() as f64;
+            seen += chunk.len();
+            step += 1;
+            progress(&Progress {
+                epoch,
+                step: step - epoch * steps_per_epoch,
+                steps: steps_per_epoch,
+                loss,
+            });
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let val_accuracy = match val {
+            Some(v) => Some(accuracy(&session, &input, v, 256)?),
+            None => None,
+        };
+        let current = session.model().clone();
+        let score = val_accuracy.unwrap_or(epoch as f64);
+        if best.as_ref().is_none_or(|(b, _)| score >= *b) {
+            best = Some((score, current));
+        }
+        history.push(Epoch {
+            epoch,
+            train_loss: loss_sum / seen.max(1) as f64,
+            val_accuracy,
+            samples_per_second: seen as f64 / secs.max(1e-9),
+        });
+    }
+    let (_, mut out) = best.expect("at least one epoch ran");
+    // Training starts from the prepared model; keep the original's metadata.
+    out.producer_name = "smelt".into();
+    if let Some(m) = &opts.masks {
+        m.apply(&mut out.graph)?;
+    }
+    Ok((out, history))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shuffle_is_a_seeded_permutation() {
+        let a = shuffle(100, 3);
+        let mut s = a.clone();
+        s.sort_unstable();
+        assert_eq!(s, (0..100).collect::<Vec<_>>());
+        assert_eq!(a, shuffle(100, 3));
+        assert_ne!(a, shuffle(100, 4));
+    }
+}

@@ -233,6 +233,23 @@ fn single_input(model: &Model) -> Result<String> {
     }
 }
 
+/// Refuses an output path naming the input file itself unless `force`: a failed write must
+/// never cost the user the original.
+pub fn refuse_overwrite(input: &Path, output: &Path, force: bool) -> Result<()> {
+    let same = match (input.canonicalize(), output.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    };
+    if same && !force {
+        bail!(
+            Input,
+            "refusing to overwrite the input {} (pass --force)",
+            input.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn load_model(path: &Path) -> Result<Model> {
     smelt_onnx::load(path).map_err(|e| e.context(path.display()))
 }

@@ -5,24 +5,6 @@ mod common;
 use common::*;
 use std::path::Path;
 
-fn run(args: &[&str], paths: &[(&str, &Path)]) -> serde_json::Value {
-    let mut c = smelt();
-    c.args(args);
-    for (flag, p) in paths {
-        if !flag.is_empty() {
-            c.arg(flag);
-        }
-        c.arg(p);
-    }
-    let out = c.arg("--json").output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn zeros(model: &Path) -> usize {
     let m = smelt_onnx::load(model).unwrap();
     m.graph
@@ -45,7 +27,7 @@ fn mnist8_80_percent_sparse_recovers_and_stays_sparse() {
     let masks = dir.path().join("m80.masks.safetensors");
     let tuned = dir.path().join("m80-ft.onnx");
     let mnist = a.join("mnist");
-    run(
+    run_json(
         &[
             "prune",
             "--sparsity",
@@ -55,12 +37,10 @@ fn mnist8_80_percent_sparse_recovers_and_stays_sparse() {
             "--bench-runs",
             "0",
         ],
-        &[("", &a.join("mnist-8/model.onnx")), ("-o", &pruned)],
+        &[&a.join("mnist-8/model.onnx"), Path::new("-o"), &pruned],
     );
-    let before = run(&["eval"], &[("", &pruned), ("--data", &mnist)])["accuracy"]
-        .as_f64()
-        .unwrap();
-    let v = run(
+    let before = smelt_accuracy(&pruned);
+    let v = run_json(
         &[
             "finetune",
             "--split",
@@ -77,16 +57,18 @@ fn mnist8_80_percent_sparse_recovers_and_stays_sparse() {
             "1",
         ],
         &[
-            ("", &pruned),
-            ("-o", &tuned),
-            ("--data", &mnist),
-            ("--val", &mnist),
-            ("--masks", &masks),
+            &pruned,
+            Path::new("-o"),
+            &tuned,
+            Path::new("--data"),
+            &mnist,
+            Path::new("--val"),
+            &mnist,
+            Path::new("--masks"),
+            &masks,
         ],
     );
-    let after = run(&["eval"], &[("", &tuned), ("--data", &mnist)])["accuracy"]
-        .as_f64()
-        .unwrap();
+    let after = smelt_accuracy(&tuned);
     eprintln!("mnist-8 80% sparse: accuracy {before} -> {after} after 1 epoch on 12,800 train images ({})", v["epochs"]);
     assert!(after > before + 0.05 && after > 0.95, "{before} -> {after}");
     // Exactly the pruned weights are zero: as many as before, and the masks still hold.

@@ -8,7 +8,7 @@ use common::*;
 use smelt_data::{Preprocess, Split};
 use smelt_engine::Session;
 use smelt_tensor::Tensor;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 fn prune(input: &Path, output: &Path, extra: &[&str]) -> serde_json::Value {
     let out = smelt()
@@ -47,23 +47,6 @@ fn prune_fails(input: &Path, output: &Path, extra: &[&str], needle: &str) {
     assert!(!output.exists(), "{extra:?} left {}", output.display());
 }
 
-fn accuracy(model: &Path) -> f64 {
-    let out = smelt()
-        .args(["eval", "--json"])
-        .arg(model)
-        .arg("--data")
-        .arg(assets().join("mnist"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["accuracy"].as_f64().unwrap()
-}
-
 fn weight(model: &Path, name: &str) -> Tensor {
     smelt_onnx::load(model).unwrap().graph.initializers[name].clone()
 }
@@ -96,7 +79,7 @@ fn mnist8_unstructured_layer_and_global_masks_are_exact() {
             total += m.keep.len();
         }
         assert_eq!(zeros, total / 2, "{scope}: {zeros} of {total}");
-        let acc = accuracy(&out);
+        let acc = smelt_accuracy(&out);
         eprintln!("mnist-8 50% unstructured magnitude ({scope}): accuracy {acc} before fine-tuning (fp32 0.9891)");
         assert!(acc >= 0.97, "{scope}: {acc}");
         assert_eq!(v["before"]["flops"], v["after"]["flops"]);
@@ -143,7 +126,7 @@ fn mnist8_two_of_four_holds_on_the_written_file() {
     assert_eq!(skipped.len(), 1, "{v}");
     eprintln!(
         "mnist-8 2:4: accuracy {} before fine-tuning",
-        accuracy(&out)
+        smelt_accuracy(&out)
     );
 }
 
@@ -185,7 +168,7 @@ fn structured_channels_shrink_mnist8_and_a_residual_depthwise_cnn() {
     engine_matches_onnxruntime(&out, "Input3", &ds.batch(0, 1));
     eprintln!(
         "mnist-8 50% channels: FLOPs x{flops:.3}, accuracy {} before fine-tuning",
-        accuracy(&out)
+        smelt_accuracy(&out)
     );
 
     // The residual CNN: the stem's channels run through every block's Add and into the
@@ -289,23 +272,6 @@ fn residual_block_removal_and_refusals() {
         before,
         "the input is untouched"
     );
-}
-
-fn minilm_fp32(dir: &Path) -> PathBuf {
-    let out = dir.join("minilm-fp32.onnx");
-    let st = smelt()
-        .args(["convert", "--dequantize-weights"])
-        .arg(assets().join("minilm-int8/model.onnx"))
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    out
 }
 
 /// Mean-pooled cosine of `model` to `reference` in onnxruntime on the first 200 Brown sentences.

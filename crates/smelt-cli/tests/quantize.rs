@@ -7,22 +7,7 @@ use common::*;
 use smelt_data::{Preprocess, Split};
 use smelt_engine::Session;
 use smelt_tensor::{DType, Tensor};
-use std::path::{Path, PathBuf};
-
-fn run_json(args: &[&str], paths: &[&Path]) -> serde_json::Value {
-    let mut c = smelt();
-    c.args(args);
-    for p in paths {
-        c.arg(p);
-    }
-    let out = c.arg("--json").output().unwrap();
-    assert!(
-        out.status.success(),
-        "smelt {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+use std::path::Path;
 
 fn quantize(input: &Path, output: &Path, extra: &[&str]) -> serde_json::Value {
     let mut c = smelt();
@@ -51,15 +36,6 @@ fn mnist_calib() -> Vec<String> {
         "--limit".into(),
         "500".into(),
     ]
-}
-
-fn smelt_accuracy(model: &Path) -> f64 {
-    let v = run_json(
-        &["eval"],
-        &[model, Path::new("--data"), &assets().join("mnist")],
-    );
-    assert_eq!(v["samples"], 10000);
-    v["accuracy"].as_f64().unwrap()
 }
 
 /// MNIST test accuracy in onnxruntime (inputs cast to the model's input type).
@@ -226,19 +202,6 @@ fn int4_weight_only_and_dynamic_outputs_match_onnxruntime() {
         assert!((acc - ort_acc).abs() <= 0.0005, "{name}");
         assert!(acc >= 0.97, "{name}: {acc}");
     }
-}
-
-fn minilm_fp32(dir: &Path) -> PathBuf {
-    let out = dir.join("minilm-fp32.onnx");
-    run_json(
-        &["convert", "--dequantize-weights"],
-        &[
-            &assets().join("minilm-int8/model.onnx"),
-            Path::new("-o"),
-            &out,
-        ],
-    );
-    out
 }
 
 fn text_args(limit: usize) -> Vec<String> {

@@ -178,9 +178,7 @@ fn fuse_bias_keeps_mnist8_logits() {
     let a = assets();
     let mut model = smelt_onnx::load(&a.join("mnist-8/model.onnx")).unwrap();
     // IR 3 lists the weights as inputs too (overridable), which keeps every pass off them.
-    let g = &mut model.graph;
-    let inits = g.initializers.clone();
-    g.inputs.retain(|v| !inits.contains_key(&v.name));
+    model.graph.drop_initializer_inputs();
     // The Gemm weight is a Reshape of a constant until folded.
     let (model, _) = smelt_engine::passes::FoldConstants {
         max_elements: 1 << 20,

@@ -397,6 +397,16 @@ impl Graph {
         Ok(at)
     }
 
+    /// Old files (IR < 4) also list initializers as graph inputs, which makes them overridable
+    /// defaults. Every runtime treats them as constants; this makes the graph say so, so that
+    /// passes see them as weights. Returns how many inputs were dropped.
+    pub fn drop_initializer_inputs(&mut self) -> usize {
+        let before = self.inputs.len();
+        let inits = &self.initializers;
+        self.inputs.retain(|v| !inits.contains_key(&v.name));
+        before - self.inputs.len()
+    }
+
     /// Removes nodes whose outputs no graph output depends on, and initializers nothing reads.
     /// Returns how many nodes and initializers were removed.
     pub fn remove_dead(&mut self) -> (usize, usize) {

@@ -140,17 +140,7 @@ pub fn prune(model: Model, opts: &Options, calib: &[Feed]) -> Result<(Model, Mas
         ..Default::default()
     };
     let mut model = model;
-    // IR < 4 files list initializers as inputs too (overridable defaults); the pruned model
-    // fixes them as constants, as every runtime treats them.
-    let inits = &model.graph.initializers;
-    let inputs: Vec<_> = model
-        .graph
-        .inputs
-        .iter()
-        .filter(|v| !inits.contains_key(&v.name))
-        .cloned()
-        .collect();
-    model.graph.inputs = inputs;
+    model.graph.drop_initializer_inputs();
     // Weights written as Constant nodes or Reshapes of constants become initializers.
     let (mut model, _) = FoldConstants {
         max_elements: 1 << 28,

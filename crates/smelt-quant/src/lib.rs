@@ -213,23 +213,11 @@ pub fn quantize(
         calibration_samples: calib.len(),
         ..Default::default()
     };
-    // Old files (IR < 4) also list initializers as graph inputs, which makes them overridable
-    // defaults; the quantized model fixes them as constants, as every runtime treats them.
     let mut model = model;
-    let inits = &model.graph.initializers;
-    let before = model.graph.inputs.len();
-    let kept: Vec<_> = model
-        .graph
-        .inputs
-        .iter()
-        .filter(|v| !inits.contains_key(&v.name))
-        .cloned()
-        .collect();
-    model.graph.inputs = kept;
-    if model.graph.inputs.len() < before {
+    let dropped = model.graph.drop_initializer_inputs();
+    if dropped > 0 {
         man.notes.push(format!(
-            "{} initializers listed as graph inputs are treated as constants",
-            before - model.graph.inputs.len()
+            "{dropped} initializers listed as graph inputs are treated as constants"
         ));
     }
     // Constant nodes become initializers so weights are found wherever they were written.

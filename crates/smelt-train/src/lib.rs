@@ -84,8 +84,7 @@ pub struct Progress {
 /// initializers (what gets trained), and drops initializers that pose as inputs (IR < 4).
 pub fn prepare(model: Model) -> Result<Model> {
     let mut model = model;
-    let inits = model.graph.initializers.clone();
-    model.graph.inputs.retain(|v| !inits.contains_key(&v.name));
+    model.graph.drop_initializer_inputs();
     let fixed_one = model
         .graph
         .runtime_inputs()
@@ -278,9 +277,6 @@ pub fn finetune(
             }
             let mut values: HashMap<String, Tensor> = captured;
             values.insert(input.clone(), x);
-            for (k, t) in &session.model().graph.initializers {
-                values.insert(k.clone(), t.clone());
-            }
             for (k, t) in outs {
                 values.insert(k, t);
             }

@@ -1,8 +1,8 @@
-use crate::args::{load_model, print_json};
+use crate::args::{load_model, print_json, refuse_overwrite};
 use serde_json::json;
 use smelt_ir::Pass;
 use smelt_onnx::{ExternalData, SaveOptions};
-use smelt_tensor::{bail, Result};
+use smelt_tensor::Result;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -30,13 +30,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args, json: bool) -> Result<()> {
-    if !a.force && same_file(&a.model, &a.output) {
-        bail!(
-            Input,
-            "refusing to overwrite the input {} (pass --force)",
-            a.model.display()
-        );
-    }
+    refuse_overwrite(&a.model, &a.output, a.force)?;
     let mut model = load_model(&a.model)?;
     if a.dequantize_weights {
         let (m, rec) = smelt_quant::dequantize_weights(model)?;
@@ -80,11 +74,4 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         );
     }
     Ok(())
-}
-
-pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
 }

@@ -1,5 +1,4 @@
-use crate::args::{load_model, print_json, DataArgs};
-use crate::commands::convert::same_file;
+use crate::args::{load_model, print_json, refuse_overwrite, DataArgs};
 use serde_json::json;
 use smelt_tensor::{bail, Result};
 use smelt_train::optim::{Optimizer, Schedule};
@@ -65,13 +64,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args, json: bool) -> Result<()> {
-    if !a.force && same_file(&a.model, &a.output) {
-        bail!(
-            Input,
-            "refusing to overwrite the input {} (pass --force)",
-            a.model.display()
-        );
-    }
+    refuse_overwrite(&a.model, &a.output, a.force)?;
     if a.data.tokenizer.is_some() {
         bail!(
             Unsupported,

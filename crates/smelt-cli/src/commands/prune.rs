@@ -1,5 +1,4 @@
-use crate::args::{load_model, print_json, DataArgs};
-use crate::commands::convert::same_file;
+use crate::args::{load_model, print_json, refuse_overwrite, DataArgs};
 use serde_json::json;
 use smelt_engine::analysis::{infer_shapes, model_stats, synth_inputs, InputSpec};
 use smelt_engine::Session;
@@ -180,13 +179,7 @@ fn latency_pair(a: &Model, b: &Model, batch: usize, runs: usize) -> Result<(f64,
 }
 
 pub fn run(a: Args, json: bool) -> Result<()> {
-    if !a.force && same_file(&a.model, &a.output) {
-        bail!(
-            Input,
-            "refusing to overwrite the input {} (pass --force)",
-            a.model.display()
-        );
-    }
+    refuse_overwrite(&a.model, &a.output, a.force)?;
     let started = Instant::now();
     let opts = options(&a)?;
     let model = load_model(&a.model)?;

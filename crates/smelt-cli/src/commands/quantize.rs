@@ -1,5 +1,4 @@
-use crate::args::{load_model, print_json, DataArgs};
-use crate::commands::convert::same_file;
+use crate::args::{load_model, print_json, refuse_overwrite, DataArgs};
 use serde_json::json;
 use smelt_quant::inputs::{quantize_inputs, InputPreprocess};
 use smelt_quant::{Clip, Granularity, Mode, ObserverKind, Options, QType, WeightScheme};
@@ -168,13 +167,7 @@ fn options(a: &Args) -> Result<Options> {
 }
 
 pub fn run(a: Args, json: bool) -> Result<()> {
-    if !a.force && same_file(&a.model, &a.output) {
-        bail!(
-            Input,
-            "refusing to overwrite the input {} (pass --force)",
-            a.model.display()
-        );
-    }
+    refuse_overwrite(&a.model, &a.output, a.force)?;
     let started = Instant::now();
     let opts = options(&a)?;
     let model = load_model(&a.model)?;

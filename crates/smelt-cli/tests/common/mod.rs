@@ -136,3 +136,43 @@ pub fn max_rel_diff(a: &[f32], b: &[f32], row: usize) -> f32 {
         })
         .fold(0.0, f32::max)
 }
+
+/// Runs `smelt ARGS PATHS... --json` and returns its JSON; fails the test on a non-zero exit.
+pub fn run_json(args: &[&str], paths: &[&Path]) -> serde_json::Value {
+    let mut c = smelt();
+    c.args(args);
+    for p in paths {
+        c.arg(p);
+    }
+    let out = c.arg("--json").output().unwrap();
+    assert!(
+        out.status.success(),
+        "smelt {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `smelt eval` top-1 accuracy of an MNIST model on the 10,000 test images.
+pub fn smelt_accuracy(model: &Path) -> f64 {
+    let v = run_json(
+        &["eval"],
+        &[model, Path::new("--data"), &assets().join("mnist")],
+    );
+    assert_eq!(v["samples"], 10000);
+    v["accuracy"].as_f64().unwrap()
+}
+
+/// The MiniLM graph with its int8 weights restored to fp32 (`convert --dequantize-weights`).
+pub fn minilm_fp32(dir: &Path) -> PathBuf {
+    let out = dir.join("minilm-fp32.onnx");
+    run_json(
+        &["convert", "--dequantize-weights"],
+        &[
+            &assets().join("minilm-int8/model.onnx"),
+            Path::new("-o"),
+            &out,
+        ],
+    );
+    out
+}

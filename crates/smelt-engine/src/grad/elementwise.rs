@@ -10,29 +10,29 @@ pub fn register(r: &mut GradRegistry) {
     r.insert("Mul", mul);
     r.insert("Div", div);
     r.insert("Pow", pow);
-    r.insert("Neg", |_, i, _, d| unary(i, d, |_, _, g| -g));
-    r.insert("Identity", |_, i, _, d| unary(i, d, |_, _, g| g));
-    r.insert("Relu", |_, i, _, d| {
-        unary(i, d, |x, _, g| if x > 0.0 { g } else { 0.0 })
+    r.insert("Neg", |_, i, o, d| unary(i, o, d, |_, _, g| -g));
+    r.insert("Identity", |_, i, o, d| unary(i, o, d, |_, _, g| g));
+    r.insert("Relu", |_, i, o, d| {
+        unary(i, o, d, |x, _, g| if x > 0.0 { g } else { 0.0 })
     });
     r.insert("LeakyRelu", leaky_relu);
     r.insert("Sigmoid", |_, i, o, d| {
-        unary_y(i, o, d, |_, y, g| g * y * (1.0 - y))
+        unary(i, o, d, |_, y, g| g * y * (1.0 - y))
     });
     r.insert("Tanh", |_, i, o, d| {
-        unary_y(i, o, d, |_, y, g| g * (1.0 - y * y))
+        unary(i, o, d, |_, y, g| g * (1.0 - y * y))
     });
-    r.insert("Exp", |_, i, o, d| unary_y(i, o, d, |_, y, g| g * y));
-    r.insert("Log", |_, i, _, d| unary(i, d, |x, _, g| g / x));
-    r.insert("Sqrt", |_, i, o, d| unary_y(i, o, d, |_, y, g| g * 0.5 / y));
-    r.insert("Erf", |_, i, _, d| {
-        unary(i, d, |x, _, g| {
+    r.insert("Exp", |_, i, o, d| unary(i, o, d, |_, y, g| g * y));
+    r.insert("Log", |_, i, o, d| unary(i, o, d, |x, _, g| g / x));
+    r.insert("Sqrt", |_, i, o, d| unary(i, o, d, |_, y, g| g * 0.5 / y));
+    r.insert("Erf", |_, i, o, d| {
+        unary(i, o, d, |x, _, g| {
             g * std::f32::consts::FRAC_2_SQRT_PI * (-x * x).exp()
         })
     });
     r.insert("HardSigmoid", hard_sigmoid);
-    r.insert("HardSwish", |_, i, _, d| {
-        unary(i, d, |x, _, g| {
+    r.insert("HardSwish", |_, i, o, d| {
+        unary(i, o, d, |x, _, g| {
             if x <= -3.0 {
                 0.0
             } else if x >= 3.0 {
@@ -47,36 +47,18 @@ pub fn register(r: &mut GradRegistry) {
 
 type Grads = Result<Vec<Option<Tensor>>>;
 
-/// Gradient of a one-input op from `f(x, _, dy)`.
+/// Gradient of a one-input op from `f(x, y, dy)`, where y is its output. Other inputs
+/// (Clip's bounds) get no gradient.
 fn unary(
-    inputs: &[Option<&Tensor>],
-    dy: &[Option<&Tensor>],
-    f: impl Fn(f32, f32, f32) -> f32,
-) -> Grads {
-    let x = input(inputs, 0)?;
-    let Some(g) = dy[0] else {
-        return Ok(vec![None]);
-    };
-    let v: Vec<f32> = f32s(x)?
-        .iter()
-        .zip(f32s(g)?)
-        .map(|(&x, &g)| f(x, 0.0, g))
-        .collect();
-    let mut out = vec![Some(Tensor::from_vec(x.shape().to_vec(), v)?)];
-    out.resize(inputs.len(), None);
-    Ok(out)
-}
-
-/// Gradient of a one-input op from `f(x, y, dy)` where y is its output.
-fn unary_y(
     inputs: &[Option<&Tensor>],
     outputs: &[&Tensor],
     dy: &[Option<&Tensor>],
     f: impl Fn(f32, f32, f32) -> f32,
 ) -> Grads {
     let x = input(inputs, 0)?;
+    let mut out = vec![None; inputs.len()];
     let Some(g) = dy[0] else {
-        return Ok(vec![None]);
+        return Ok(out);
     };
     let v: Vec<f32> = f32s(x)?
         .iter()
@@ -84,7 +66,8 @@ fn unary_y(
         .zip(f32s(g)?)
         .map(|((&x, &y), &g)| f(x, y, g))
         .collect();
-    Ok(vec![Some(Tensor::from_vec(x.shape().to_vec(), v)?)])
+    out[0] = Some(Tensor::from_vec(x.shape().to_vec(), v)?);
+    Ok(out)
 }
 
 /// `t` broadcast to `shape`, as a flat vector.
@@ -158,14 +141,14 @@ fn pow(_: &OpCtx, i: &[Option<&Tensor>], _: &[&Tensor], d: &[Option<&Tensor>]) -
     )
 }
 
-fn leaky_relu(ctx: &OpCtx, i: &[Option<&Tensor>], _: &[&Tensor], d: &[Option<&Tensor>]) -> Grads {
+fn leaky_relu(ctx: &OpCtx, i: &[Option<&Tensor>], o: &[&Tensor], d: &[Option<&Tensor>]) -> Grads {
     let alpha = ctx.float("alpha", 0.01)?;
-    unary(i, d, |x, _, g| if x > 0.0 { g } else { alpha * g })
+    unary(i, o, d, |x, _, g| if x > 0.0 { g } else { alpha * g })
 }
 
-fn hard_sigmoid(ctx: &OpCtx, i: &[Option<&Tensor>], _: &[&Tensor], d: &[Option<&Tensor>]) -> Grads {
+fn hard_sigmoid(ctx: &OpCtx, i: &[Option<&Tensor>], o: &[&Tensor], d: &[Option<&Tensor>]) -> Grads {
     let (alpha, beta) = (ctx.float("alpha", 0.2)?, ctx.float("beta", 0.5)?);
-    unary(i, d, |x, _, g| {
+    unary(i, o, d, |x, _, g| {
         let v = alpha * x + beta;
         if v > 0.0 && v < 1.0 {
             g * alpha
@@ -175,7 +158,7 @@ fn hard_sigmoid(ctx: &OpCtx, i: &[Option<&Tensor>], _: &[&Tensor], d: &[Option<&
     })
 }
 
-fn clip(_: &OpCtx, i: &[Option<&Tensor>], _: &[&Tensor], d: &[Option<&Tensor>]) -> Grads {
+fn clip(_: &OpCtx, i: &[Option<&Tensor>], o: &[&Tensor], d: &[Option<&Tensor>]) -> Grads {
     let bound = |k: usize, default: f32| -> Result<f32> {
         match i.get(k).copied().flatten() {
             Some(t) if t.numel() == 1 => Ok(f32s(t)?[0]),
@@ -184,5 +167,5 @@ fn clip(_: &OpCtx, i: &[Option<&Tensor>], _: &[&Tensor], d: &[Option<&Tensor>]) 
         }
     };
     let (lo, hi) = (bound(1, f32::NEG_INFINITY)?, bound(2, f32::INFINITY)?);
-    unary(i, d, |x, _, g| if x >= lo && x <= hi { g } else { 0.0 })
+    unary(i, o, d, |x, _, g| if x >= lo && x <= hi { g } else { 0.0 })
 }

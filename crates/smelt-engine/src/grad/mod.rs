@@ -44,8 +44,9 @@ pub fn differentiable_ops() -> Vec<&'static str> {
 
 /// Gradients of a scalar objective with respect to the values `wrt` (usually weights).
 ///
-/// `values` holds every value of one forward run (inputs, initializers, intermediates and
-/// outputs); `seeds` the objective's gradient with respect to some of them (for a loss
+/// `values` holds the values of one forward run (inputs, intermediates and outputs; the
+/// model's initializers are read from `model`, so a training loop need not copy its weights);
+/// `seeds` the objective's gradient with respect to some of them (for a loss
 /// computed outside the graph: d loss / d output). Nodes that no `wrt` value flows into are
 /// skipped, so frozen parts of the model cost nothing.
 pub fn backward(
@@ -88,12 +89,15 @@ pub fn backward(
             );
         };
         let get = |name: &str| -> Result<&Tensor> {
-            values.get(name).ok_or_else(|| {
-                smelt_tensor::Error::Invalid(format!(
-                    "{}: value '{name}' was not kept by the forward run",
-                    n.label()
-                ))
-            })
+            values
+                .get(name)
+                .or_else(|| g.initializers.get(name))
+                .ok_or_else(|| {
+                    smelt_tensor::Error::Invalid(format!(
+                        "{}: value '{name}' was not kept by the forward run",
+                        n.label()
+                    ))
+                })
         };
         let inputs: Vec<Option<&Tensor>> = n
             .inputs

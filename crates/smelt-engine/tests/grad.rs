@@ -60,6 +60,7 @@ struct Case {
     consts: Vec<Tensor>,
     /// Input slots: Some(i) = x[i], None = next constant.
     order: Option<Vec<Option<usize>>>,
+    opset: i64,
 }
 
 fn case(op: &'static str, attrs: Vec<(&'static str, Attr)>, x: Vec<Tensor>) -> Case {
@@ -69,6 +70,7 @@ fn case(op: &'static str, attrs: Vec<(&'static str, Attr)>, x: Vec<Tensor>) -> C
         x,
         consts: vec![],
         order: None,
+        opset: 13,
     }
 }
 
@@ -116,7 +118,7 @@ fn check(c: Case) {
         ir_version: 8,
         opsets: vec![OpsetImport {
             domain: String::new(),
-            version: 13,
+            version: c.opset,
         }],
         graph: g,
         ..Default::default()
@@ -409,4 +411,146 @@ fn layout_ops() {
     let mut sq = case("Unsqueeze", vec![], vec![r.tensor(&[2, 3], -1.0, 1.0)]);
     sq.consts = vec![Tensor::from_vec(vec![1], vec![1i64]).unwrap()];
     check(sq);
+}
+
+fn i64s(v: &[i64]) -> Tensor {
+    Tensor::from_vec(vec![v.len()], v.to_vec()).unwrap()
+}
+
+#[test]
+fn reductions_and_normalization() {
+    let mut r = Rng(7);
+    check(case(
+        "ReduceMean",
+        vec![("axes", ints(&[1, -1])), ("keepdims", Attr::Int(0))],
+        vec![r.tensor(&[2, 3, 4], -1.0, 1.0)],
+    ));
+    let mut sum = case("ReduceSum", vec![], vec![r.tensor(&[2, 3, 4], -1.0, 1.0)]);
+    sum.consts = vec![i64s(&[1])];
+    check(sum);
+    check(case(
+        "ReduceSum",
+        vec![("keepdims", Attr::Int(0))],
+        vec![r.tensor(&[3, 2], -1.0, 1.0)],
+    ));
+    for (axis, scale_shape) in [(-1, vec![4]), (1, vec![3, 4]), (1, vec![4])] {
+        let mut ln = case(
+            "LayerNormalization",
+            vec![("axis", Attr::Int(axis)), ("epsilon", Attr::Float(1e-3))],
+            vec![
+                r.tensor(&[2, 3, 4], -2.0, 2.0),
+                r.tensor(&scale_shape, 0.5, 1.5),
+                r.tensor(&scale_shape, -0.5, 0.5),
+            ],
+        );
+        ln.opset = 17;
+        check(ln);
+    }
+    for approximate in ["none", "tanh"] {
+        let mut gelu = case(
+            "Gelu",
+            vec![("approximate", Attr::String(approximate.into()))],
+            vec![r.tensor(&[3, 5], -4.0, 4.0)],
+        );
+        gelu.opset = 20;
+        check(gelu);
+    }
+}
+
+#[test]
+fn selection_ops() {
+    let mut r = Rng(8);
+    let mut slice = case("Slice", vec![], vec![r.tensor(&[3, 6, 4], -1.0, 1.0)]);
+    // starts, ends, axes, steps: rows 1.., columns 5 down to 1 by -2.
+    slice.consts = vec![i64s(&[1, 5]), i64s(&[3, 0]), i64s(&[0, 1]), i64s(&[1, -2])];
+    check(slice);
+    // Embedding lookup with a repeated index: both rows add into the same gradient row.
+    let mut gather = case("Gather", vec![], vec![r.tensor(&[5, 3], -1.0, 1.0)]);
+    gather.consts = vec![Tensor::from_vec(vec![2, 2], vec![4i64, 1, 1, -5]).unwrap()];
+    check(gather);
+    let mut gather1 = case(
+        "Gather",
+        vec![("axis", Attr::Int(1))],
+        vec![r.tensor(&[2, 4, 3], -1.0, 1.0)],
+    );
+    gather1.consts = vec![i64s(&[3, 0])];
+    check(gather1);
+    let mut expand = case("Expand", vec![], vec![r.tensor(&[3, 1], -1.0, 1.0)]);
+    expand.consts = vec![i64s(&[2, 3, 4])];
+    check(expand);
+    let mut tile = case("Tile", vec![], vec![r.tensor(&[2, 3], -1.0, 1.0)]);
+    tile.consts = vec![i64s(&[2, 2])];
+    check(tile);
+}
+
+/// DequantizeLinear is smooth in its scale: checked against finite differences. The
+/// QuantizeLinear side rounds, so its straight-through gradient is checked by value.
+#[test]
+fn fake_quantization() {
+    let mut r = Rng(9);
+    let codes = Tensor::from_vec(vec![2, 3], vec![-7i8, 0, 5, 127, -128, 3]).unwrap();
+    let mut dq = case(
+        "DequantizeLinear",
+        vec![("axis", Attr::Int(0))],
+        vec![r.tensor(&[2], 0.05, 0.2)],
+    );
+    dq.consts = vec![codes, Tensor::from_vec(vec![2], vec![1i8, -2]).unwrap()];
+    dq.order = Some(vec![None, Some(0), None]);
+    check(dq);
+
+    // x -> Q -> DQ with scale 0.5, zero point 0, int8: 300 saturates at 127.
+    let mut g = Graph::default();
+    g.inputs
+        .push(ValueInfo::new("x", DType::F32, vec![Dim::Fixed(4)]));
+    g.inputs.push(ValueInfo::new("s", DType::F32, vec![]));
+    g.initializers.insert("z".into(), Tensor::scalar(0i8));
+    g.nodes
+        .push(Node::new("QuantizeLinear", "q", &["x", "s", "z"], &["xq"]));
+    g.nodes.push(Node::new(
+        "DequantizeLinear",
+        "dq",
+        &["xq", "s", "z"],
+        &["y"],
+    ));
+    g.outputs
+        .push(ValueInfo::new("y", DType::F32, vec![Dim::Fixed(4)]));
+    let model = Model {
+        ir_version: 8,
+        opsets: vec![OpsetImport {
+            domain: String::new(),
+            version: 13,
+        }],
+        graph: g,
+        ..Default::default()
+    };
+    let x = Tensor::from_vec(vec![4], vec![1.2f32, -0.3, 300.0, 2.0]).unwrap();
+    let s = Tensor::scalar(0.5f32);
+    let (outs, mut values) = Session::new(model.clone())
+        .unwrap()
+        .run_with(
+            &[("x", x.clone()), ("s", s.clone())],
+            &RunOptions {
+                capture_all: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    values.insert("x".into(), x);
+    values.insert("s".into(), s);
+    values.insert("y".into(), outs[0].1.clone());
+    let dy = Tensor::from_vec(vec![4], vec![1.0f32, 2.0, 3.0, 4.0]).unwrap();
+    let grads = grad::backward(
+        &model,
+        &values,
+        &[("y".into(), dy)],
+        &["x".into(), "s".into()],
+    )
+    .unwrap();
+    // Straight through inside the range, stopped where 300 saturated.
+    assert_eq!(grads["x"].as_slice::<f32>().unwrap(), &[1.0, 2.0, 0.0, 4.0]);
+    // LSQ: sum of dy * ((q - zp) - x / s) inside, dy * (q - zp) at the end of the range.
+    // q = [2, -1 (ties to even: -0.6 -> -1), 127, 4].
+    let want = 1.0 * (2.0 - 2.4) + 2.0 * (-1.0 + 0.6) + 3.0 * 127.0 + 4.0 * (4.0 - 4.0);
+    let got = grads["s"].as_slice::<f32>().unwrap()[0];
+    assert!((got - want).abs() < 1e-3, "scale gradient {got} vs {want}");
 }

@@ -17,6 +17,7 @@ pub mod manifest;
 pub mod observer;
 pub mod params;
 pub mod placement;
+pub mod qat;
 pub mod qdq;
 pub mod scheme;
 pub mod sensitivity;

@@ -43,6 +43,7 @@ pub fn register(r: &mut GradRegistry) {
         })
     });
     r.insert("Clip", clip);
+    r.insert("Gelu", gelu);
 }
 
 type Grads = Result<Vec<Option<Tensor>>>;
@@ -168,4 +169,22 @@ fn clip(_: &OpCtx, i: &[Option<&Tensor>], o: &[&Tensor], d: &[Option<&Tensor>]) 
     };
     let (lo, hi) = (bound(1, f32::NEG_INFINITY)?, bound(2, f32::INFINITY)?);
     unary(i, o, d, |x, _, g| if x >= lo && x <= hi { g } else { 0.0 })
+}
+
+fn gelu(ctx: &OpCtx, i: &[Option<&Tensor>], o: &[&Tensor], d: &[Option<&Tensor>]) -> Grads {
+    let tanh = ctx.string("approximate", "none")? == "tanh";
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    unary(i, o, d, |x, y, g| {
+        let v = x as f64;
+        let slope = if tanh {
+            let t = (c * (v + 0.044715 * v * v * v)).tanh();
+            0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * v * v)
+        } else {
+            // y = x * Phi(x), so Phi(x) = y / x away from 0 (where it is 1/2).
+            let phi_cdf = if v.abs() > 1e-6 { y as f64 / v } else { 0.5 };
+            let pdf = (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            phi_cdf + v * pdf
+        };
+        (g as f64 * slope) as f32
+    })
 }

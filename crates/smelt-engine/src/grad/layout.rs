@@ -1,7 +1,7 @@
 //! Gradients of ops that only move data: the gradient moves back the same way.
 
 use super::{f32s, GradRegistry};
-use crate::ops::{input, norm_axis, OpCtx};
+use crate::ops::{input, lookup, norm_axis, OpCtx};
 use smelt_tensor::{Result, Tensor};
 
 pub fn register(r: &mut GradRegistry) {
@@ -11,6 +11,9 @@ pub fn register(r: &mut GradRegistry) {
     r.insert("Transpose", transpose);
     r.insert("Concat", concat);
     r.insert("Split", split);
+    for op in ["Slice", "Gather", "Expand", "Tile"] {
+        r.insert(op, traced);
+    }
 }
 
 type Grads = Result<Vec<Option<Tensor>>>;
@@ -123,5 +126,30 @@ fn split(ctx: &OpCtx, i: &[Option<&Tensor>], o: &[&Tensor], d: &[Option<&Tensor>
     }
     let mut out = vec![None; i.len()];
     out[0] = Some(Tensor::from_vec(s.to_vec(), dx)?);
+    Ok(out)
+}
+
+/// Gradient of an op that only selects or repeats elements of its first input (Slice,
+/// Gather, Expand, Tile): the forward op run on the positions 0..n instead of the data says
+/// where each output element came from, and the output gradient is added back there. One
+/// rule for every such op, exact whatever its attributes.
+fn traced(ctx: &OpCtx, i: &[Option<&Tensor>], _: &[&Tensor], d: &[Option<&Tensor>]) -> Grads {
+    let x = input(i, 0)?;
+    let mut out = vec![None; i.len()];
+    let Some(g) = d[0] else {
+        return Ok(out);
+    };
+    let Some(forward) = lookup("", &ctx.node.op_type) else {
+        smelt_tensor::bail!(Unsupported, "no forward op {}", ctx.node.op_type);
+    };
+    let positions = Tensor::from_vec(x.shape().to_vec(), (0..x.numel() as i64).collect())?;
+    let mut ins = i.to_vec();
+    ins[0] = Some(&positions);
+    let from = forward(ctx, &ins)?.remove(0);
+    let mut dx = vec![0f32; x.numel()];
+    for (&p, &v) in from.as_slice::<i64>()?.iter().zip(f32s(g)?) {
+        dx[p as usize] += v;
+    }
+    out[0] = Some(Tensor::from_vec(x.shape().to_vec(), dx)?);
     Ok(out)
 }

@@ -9,6 +9,8 @@
 mod elementwise;
 mod layout;
 mod nn;
+mod quant;
+mod reduce;
 
 use crate::ops::OpCtx;
 use smelt_ir::Model;
@@ -31,6 +33,8 @@ fn registry() -> &'static GradRegistry {
         elementwise::register(&mut r);
         layout::register(&mut r);
         nn::register(&mut r);
+        quant::register(&mut r);
+        reduce::register(&mut r);
         r
     })
 }

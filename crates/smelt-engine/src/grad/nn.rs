@@ -1,4 +1,5 @@
-//! Gradients of the layers: convolution, Gemm / MatMul, pooling, BatchNorm, Softmax.
+//! Gradients of the layers: convolution, Gemm / MatMul, pooling, BatchNorm, LayerNorm,
+//! Softmax.
 
 use super::elementwise::expand;
 use super::{f32s, reduce_to, GradRegistry};
@@ -18,6 +19,7 @@ pub fn register(r: &mut GradRegistry) {
     r.insert("GlobalAveragePool", global_avg_grad);
     r.insert("BatchNormalization", batch_norm_grad);
     r.insert("Softmax", softmax_grad);
+    r.insert("LayerNormalization", layer_norm_grad);
 }
 
 type Grads = Result<Vec<Option<Tensor>>>;
@@ -375,4 +377,65 @@ fn softmax_grad(ctx: &OpCtx, i: &[Option<&Tensor>], o: &[&Tensor], d: &[Option<&
         }
     }
     Ok(vec![Some(Tensor::from_vec(s.to_vec(), dx)?)])
+}
+
+/// LayerNormalization over the axes from `axis` on. Statistics are recomputed per row (the
+/// forward's optional Mean / InvStdDev outputs are not trained through).
+fn layer_norm_grad(
+    ctx: &OpCtx,
+    i: &[Option<&Tensor>],
+    _: &[&Tensor],
+    d: &[Option<&Tensor>],
+) -> Grads {
+    let (x, scale) = (input(i, 0)?, input(i, 1)?);
+    let mut out = vec![None; i.len()];
+    if d.iter().skip(1).any(Option::is_some) {
+        bail!(
+            Unsupported,
+            "no gradient through LayerNormalization's Mean / InvStdDev outputs"
+        );
+    }
+    let Some(dy) = d[0] else {
+        return Ok(out);
+    };
+    let axis = norm_axis(ctx.int("axis", -1)?, x.rank())?;
+    let eps = ctx.float("epsilon", 1e-5)? as f64;
+    let tail = x.shape()[axis..].to_vec();
+    let len: usize = tail.iter().product();
+    let s = expand(scale, &tail)?;
+    let (xv, gv) = (f32s(x)?, f32s(dy)?);
+    let mut dx = vec![0f32; x.numel()];
+    let (mut ds, mut db) = (vec![0f32; len], vec![0f32; len]);
+    for ((xr, gr), dxr) in xv
+        .chunks(len.max(1))
+        .zip(gv.chunks(len.max(1)))
+        .zip(dx.chunks_mut(len.max(1)))
+    {
+        let n = len as f64;
+        let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let inv = 1.0 / (var + eps).sqrt();
+        let xhat: Vec<f64> = xr.iter().map(|&v| (v as f64 - mean) * inv).collect();
+        let dxhat: Vec<f64> = gr
+            .iter()
+            .zip(&s)
+            .map(|(&g, &s)| g as f64 * s as f64)
+            .collect();
+        let m1 = dxhat.iter().sum::<f64>() / n;
+        let m2 = dxhat.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / n;
+        for j in 0..len {
+            dxr[j] = (inv * (dxhat[j] - m1 - xhat[j] * m2)) as f32;
+            ds[j] += gr[j] * xhat[j] as f32;
+            db[j] += gr[j];
+        }
+    }
+    out[0] = Some(Tensor::from_vec(x.shape().to_vec(), dx)?);
+    out[1] = Some(reduce_to(
+        &Tensor::from_vec(tail.clone(), ds)?,
+        scale.shape(),
+    )?);
+    if let Some(b) = opt_input(i, 2) {
+        out[2] = Some(reduce_to(&Tensor::from_vec(tail, db)?, b.shape())?);
+    }
+    Ok(out)
 }

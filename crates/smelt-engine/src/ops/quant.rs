@@ -69,7 +69,7 @@ fn int_range(dt: DType) -> Option<(i64, i64)> {
     })
 }
 
-fn quant_range(dt: DType) -> Result<(i64, i64)> {
+pub(crate) fn quant_range(dt: DType) -> Result<(i64, i64)> {
     int_range(dt).ok_or_else(|| {
         Error::Unsupported(format!(
             "quantized type {dt} (supported: uint8, int8, uint16, int16, uint4, int4, uint2, int2)"
@@ -125,7 +125,7 @@ fn promote_float(a: DType, b: DType) -> DType {
 }
 
 /// Integer quantized values as i32 (2/4/8/16-bit and int32 inputs).
-fn int_values(t: &Tensor, what: &str) -> Result<Vec<i32>> {
+pub(crate) fn int_values(t: &Tensor, what: &str) -> Result<Vec<i32>> {
     Ok(match t.data() {
         Data::I8(v) => v.iter().map(|&x| x as i32).collect(),
         Data::U8(v) => v.iter().map(|&x| x as i32).collect(),
@@ -153,7 +153,7 @@ fn float_values(t: &Tensor, what: &str) -> Result<Vec<f64>> {
 
 /// How the elements of a tensor map to quantization parameters (scale / zero point).
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Layout {
+pub(crate) enum Layout {
     PerTensor,
     /// One parameter per index along an axis; `inner` is the product of the later dims.
     PerAxis {
@@ -173,7 +173,12 @@ impl Layout {
     /// The parameter layout for `param_shape` against data of shape `shape`, following
     /// ONNX's rules: a single value is per-tensor, a 1-D tensor is per-axis, and with
     /// `block_size` the parameters have the data's rank with the axis divided into blocks.
-    fn new(shape: &[usize], param_shape: &[usize], axis: i64, block: i64) -> Result<Layout> {
+    pub(crate) fn new(
+        shape: &[usize],
+        param_shape: &[usize],
+        axis: i64,
+        block: i64,
+    ) -> Result<Layout> {
         let pn: usize = param_shape.iter().product();
         if pn == 1 {
             return Ok(Layout::PerTensor);
@@ -217,7 +222,7 @@ impl Layout {
     }
 
     #[inline]
-    fn index(&self, i: usize) -> usize {
+    pub(crate) fn index(&self, i: usize) -> usize {
         match *self {
             Layout::PerTensor => 0,
             Layout::PerAxis { len, inner } => (i / inner) % len,

@@ -193,7 +193,7 @@ fn reduce_slice<T: Element>(x: &[T], bases: &[usize], offs: &Offsets, kind: Red)
 
 /// Axes of a Reduce op: an input from opset 13 (ReduceSum) or 18 (the rest), an attribute
 /// before. Either form is accepted whatever the opset, as long as only one is given.
-fn reduce_axes(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Option<Vec<i64>>> {
+pub(crate) fn reduce_axes(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Option<Vec<i64>>> {
     let axes = match opt_input(inputs, 1) {
         Some(t) => Some(t.to_i64_vec()?),
         None => ctx.ints("axes")?,

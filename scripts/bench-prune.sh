@@ -13,11 +13,11 @@ while [ $# -gt 0 ]; do case $1 in
 esac; done
 ASSETS=$(scripts/fetch-assets.sh)
 PY=$(scripts/setup-python.sh)
-cargo build --release -q -p smelt-cli --bin smelt --example residual_cnn
+cargo build --release -q -p smelt-cli --bin smelt --example nets
 SMELT=target/release/smelt
 WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
 $SMELT convert "$ASSETS/mnist-8/model.onnx" -o "$WORK/mnist8.onnx" --dynamic-batch --json >/dev/null
-target/release/examples/residual_cnn "$WORK/cnn.onnx"
+target/release/examples/nets residual "$WORK/cnn.onnx"
 ort_ms() { "$PY" scripts/ort_bench.py "$1" --batch "$BATCH" --threads "$THREADS" --runs "$RUNS" |
            "$PY" -c 'import json,sys; print(json.load(sys.stdin)["median_ms"])'; }
 printf '%-8s %8s %12s %12s %12s %12s %9s\n' model flops smelt_ms smelt_pr_ms ort_ms ort_pr_ms speedups

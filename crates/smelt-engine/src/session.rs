@@ -36,14 +36,29 @@ impl Session {
     /// Checks the graph (ordering, every op known) and plans the run. Constant subgraphs
     /// (e.g. int8 weights cast and scaled to f32) are evaluated once here, not on every run.
     pub fn new(model: Model) -> Result<Session> {
+        Session::build(model, true)
+    }
+
+    /// A session whose every initializer stays one: nothing is folded, so a training loop
+    /// can update weights that feed computation (a weight behind fake quantization).
+    pub fn unfolded(model: Model) -> Result<Session> {
+        Session::build(model, false)
+    }
+
+    fn build(model: Model, fold: bool) -> Result<Session> {
         let opset = model.onnx_opset();
         model.graph.topo_order()?;
         check_ops(&model.graph)?;
-        // In memory only, so large folded tensors (a dequantized embedding table) are fine.
-        let fold = FoldConstants {
-            max_elements: 1 << 26,
+        let model = if fold {
+            // In memory only, so large folded tensors (a dequantized embedding table) are fine.
+            FoldConstants {
+                max_elements: 1 << 26,
+            }
+            .run(model)?
+            .0
+        } else {
+            model
         };
-        let (model, _) = fold.run(model)?;
         let order = model.graph.topo_order()?;
         let mut plan = Vec::with_capacity(order.len());
         let mut last_use = HashMap::new();

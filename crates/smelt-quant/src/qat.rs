@@ -81,7 +81,7 @@ pub fn to_training(mut model: Model) -> Result<(Model, TrainingForm)> {
             g.nodes.remove(i);
             for x in &n.inputs {
                 if g.consumers(x).is_empty() {
-                    g.initializers.remove(x);
+                    g.initializers.shift_remove(x);
                 }
             }
             form.biases.push(name);
@@ -104,7 +104,7 @@ pub fn to_training(mut model: Model) -> Result<(Model, TrainingForm)> {
             }
         }
         g.initializers.insert(name.clone(), float);
-        g.initializers.remove(&n.inputs[0]);
+        g.initializers.shift_remove(&n.inputs[0]);
         let ins: Vec<&str> = q_inputs.iter().map(String::as_str).collect();
         let mut q = Node::new(
             "QuantizeLinear",
@@ -165,7 +165,7 @@ pub fn to_qdq(mut model: Model, form: &TrainingForm) -> Result<Model> {
         g.initializers.insert(n.outputs[0].clone(), codes);
         g.nodes.remove(i);
         if g.consumers(&n.inputs[0]).is_empty() {
-            g.initializers.remove(&n.inputs[0]);
+            g.initializers.shift_remove(&n.inputs[0]);
         }
     }
     for b in &form.biases {
@@ -221,7 +221,7 @@ pub fn to_qdq(mut model: Model, form: &TrainingForm) -> Result<Model> {
             g.nodes.push(dq);
         }
         if model.graph.consumers(b).is_empty() {
-            model.graph.initializers.remove(b);
+            model.graph.initializers.shift_remove(b);
         }
     }
     model.graph.sort()?;

@@ -4,7 +4,9 @@
 //! Layout: `loss` (cross-entropy, distillation, MSE), `optim` (SGD with momentum, AdamW,
 //! learning-rate schedules); [`finetune`] is the loop: seeded shuffling, forward with the
 //! values backward needs, `smelt_engine::grad::backward`, the update, pruning masks enforced
-//! after every step, validation each epoch and the best model kept.
+//! after every step, validation each epoch and the best model kept. With [`Qat`] the model is
+//! quantized first and trained in its fake-quantized form (`smelt_quant::qat`), then written
+//! back as QDQ.
 
 pub mod loss;
 pub mod optim;
@@ -45,6 +47,17 @@ pub struct Options {
     pub masks: Option<Masks>,
     /// Stop after this many steps in all (a time budget for long runs).
     pub max_steps: Option<usize>,
+    /// Quantization-aware training: quantize first, train through fake quantization.
+    pub qat: Option<Qat>,
+}
+
+pub struct Qat {
+    /// The static quantization to train for (its weights and activation types).
+    pub quant: smelt_quant::Options,
+    /// Training samples that calibrate activation ranges before training starts.
+    pub calib: usize,
+    /// Learn the scales too (LSQ); otherwise they stay as calibrated.
+    pub learn_scales: bool,
 }
 
 impl Default for Options {
@@ -60,6 +73,7 @@ impl Default for Options {
             distill: None,
             masks: None,
             max_steps: None,
+            qat: None,
         }
     }
 }
@@ -99,19 +113,30 @@ pub fn prepare(model: Model) -> Result<Model> {
     .0)
 }
 
-/// The trainable weights: float initializers every reader of which has a gradient.
+/// The trainable weights: float initializers every reader of which has a gradient. Scalars
+/// are constants of the computation (an input scaling, an epsilon, a Pow exponent, a
+/// quantization scale), not weights, and so are a Pow's exponents and quantization scales.
 pub fn trainable(model: &Model) -> Vec<String> {
     let ops: HashSet<&str> = grad::differentiable_ops().into_iter().collect();
     let g = &model.graph;
+    let not_weight = |r: usize, name: &str| {
+        let n = &g.nodes[r];
+        let slot = n.inputs.iter().position(|x| x == name);
+        match n.op_type.as_str() {
+            "Pow" => slot == Some(1),
+            "QuantizeLinear" | "DequantizeLinear" => slot != Some(0),
+            _ => false,
+        }
+    };
     g.initializers
         .iter()
         .filter(|(name, t)| {
-            t.dtype() == DType::F32 && {
+            t.dtype() == DType::F32 && t.numel() > 1 && {
                 let readers = g.consumers(name);
                 !readers.is_empty()
                     && readers
                         .iter()
-                        .all(|&r| ops.contains(g.nodes[r].op_type.as_str()))
+                        .all(|&r| ops.contains(g.nodes[r].op_type.as_str()) && !not_weight(r, name))
             }
         })
         .map(|(k, _)| k.clone())
@@ -198,7 +223,23 @@ pub fn finetune(
     }
     let mut model = prepare(model)?;
     let input = input_name(&model)?;
-    let params = trainable(&model);
+    if let Some(m) = &opts.masks {
+        m.apply(&mut model.graph)?;
+    }
+    let mut form = None;
+    if let Some(q) = &opts.qat {
+        let (m, f) = fake_quantize(model, q, train, &input, opts)?;
+        model = m;
+        form = Some(f);
+    }
+    let mut params = trainable(&model);
+    let mut scales = HashSet::new();
+    if let (Some(f), Some(q)) = (&form, &opts.qat) {
+        if q.learn_scales {
+            scales.extend(f.scales.iter().cloned());
+            params.extend(f.scales.iter().cloned());
+        }
+    }
     if params.is_empty() {
         bail!(Unsupported, "the model has no trainable float weights");
     }
@@ -211,7 +252,6 @@ pub fn finetune(
                 );
             }
         }
-        m.apply(&mut model.graph)?;
     }
     let teacher = match &opts.distill {
         Some(d) => {
@@ -220,7 +260,7 @@ pub fn finetune(
         }
         None => None,
     };
-    let mut session = Session::new(model.clone())?;
+    let mut session = Session::unfolded(model.clone())?;
     let mut states: HashMap<String, State> = HashMap::new();
     let n = train.y.len();
     let batch = opts.batch.max(1);
@@ -308,6 +348,10 @@ pub fn finetune(
                 if let Some(m) = &opts.masks {
                     enforce(m, name, wv);
                 }
+                if scales.contains(name) {
+                    // A learned step size must stay positive.
+                    wv.iter_mut().for_each(|s| *s = s.max(1e-12));
+                }
                 session.set_initializer(name, w)?;
             }
             loss_sum += loss * chunk.len() as f64;
@@ -343,7 +387,35 @@ pub fn finetune(
     if let Some(m) = &opts.masks {
         m.apply(&mut out.graph)?;
     }
+    if let Some(f) = &form {
+        out = smelt_quant::qat::to_qdq(out, f)?;
+    }
     Ok((out, history))
+}
+
+/// Quantizes `model` statically, calibrated on `q.calib` training samples drawn with the
+/// run's seed, and returns its training form.
+fn fake_quantize(
+    model: Model,
+    q: &Qat,
+    train: &Samples,
+    input: &str,
+    opts: &Options,
+) -> Result<(Model, smelt_quant::qat::TrainingForm)> {
+    if q.quant.mode != smelt_quant::Mode::Static {
+        bail!(
+            Unsupported,
+            "quantization-aware training needs static quantization"
+        );
+    }
+    let n = train.y.len();
+    let pick = shuffle(n, opts.seed ^ 0x9e37_79b9_7f4a_7c15);
+    let calib: Vec<smelt_engine::Feed> = pick[..q.calib.clamp(1, n)]
+        .chunks(opts.batch.max(1))
+        .map(|idx| Ok(vec![(input.to_string(), rows(train.x, idx)?)]))
+        .collect::<Result<_>>()?;
+    let (m, _) = smelt_quant::quantize(model, &q.quant, &calib, |_, _, _| {})?;
+    smelt_quant::qat::to_training(m)
 }
 
 #[cfg(test)]

@@ -1,8 +1,10 @@
+use super::quantize::observer_kind;
 use crate::args::{load_model, print_json, refuse_overwrite, DataArgs};
 use serde_json::json;
+use smelt_quant::{QType, WeightScheme};
 use smelt_tensor::{bail, Result};
 use smelt_train::optim::{Optimizer, Schedule};
-use smelt_train::{Distill, Options, Samples};
+use smelt_train::{Distill, Options, Qat, Samples};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -58,6 +60,20 @@ pub struct Args {
     /// Stop after this many steps in all.
     #[arg(long)]
     max_steps: Option<usize>,
+    /// Quantization-aware training: quantize statically first, then train through fake
+    /// quantization; the output is a QDQ model. w8a8: int8 weights per channel, uint8
+    /// activations; w4a8: int4 weights per channel.
+    #[arg(long, value_parser = ["w8a8", "w4a8"])]
+    qat: Option<String>,
+    /// Training samples that calibrate the activation ranges for --qat.
+    #[arg(long, default_value_t = 500)]
+    qat_calib: usize,
+    /// Learn the quantization scales as well (LSQ); best with --optimizer adamw.
+    #[arg(long)]
+    learn_scales: bool,
+    /// Observer that sets the activation ranges for --qat.
+    #[arg(long, default_value = "minmax", value_parser = ["minmax", "percentile", "entropy", "mse"])]
+    observer: String,
     /// Allow writing over the input file.
     #[arg(long)]
     force: bool,
@@ -122,6 +138,25 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             .map(smelt_prune::Masks::load)
             .transpose()?,
         max_steps: a.max_steps,
+        qat: match a.qat.as_deref() {
+            Some(scheme) => Some(Qat {
+                quant: smelt_quant::Options {
+                    weights: WeightScheme {
+                        qtype: if scheme == "w4a8" {
+                            QType::I4
+                        } else {
+                            QType::I8
+                        },
+                        ..WeightScheme::default()
+                    },
+                    observer: observer_kind(&a.observer, 99.999, 2048)?,
+                    ..smelt_quant::Options::default()
+                },
+                calib: a.qat_calib,
+                learn_scales: a.learn_scales,
+            }),
+            None => None,
+        },
     };
     let samples = Samples { x: &train.x, y: &y };
     let val_y = val.as_ref().and_then(|v| v.y.clone());

@@ -113,24 +113,7 @@ fn options(a: &Args) -> Result<Options> {
         .granularity
         .clone()
         .unwrap_or_else(|| if qtype.bits() < 8 { "block" } else { "channel" }.into());
-    let observer = match a.observer.as_str() {
-        "minmax" => ObserverKind::MinMax,
-        "percentile" => {
-            if !(a.percentile > 50.0 && a.percentile <= 100.0) {
-                bail!(
-                    Input,
-                    "--percentile must be in (50, 100], got {}",
-                    a.percentile
-                );
-            }
-            ObserverKind::Percentile(a.percentile)
-        }
-        "entropy" => ObserverKind::Entropy { bins: a.bins },
-        _ => ObserverKind::Mse { bins: a.bins },
-    };
-    if a.bins < 128 {
-        bail!(Input, "--bins must be at least 128, got {}", a.bins);
-    }
+    let observer = observer_kind(&a.observer, a.percentile, a.bins)?;
     Ok(Options {
         mode,
         weights: WeightScheme {
@@ -367,4 +350,23 @@ fn run_sensitivity(
             smelt_quant::sensitivity::analyze(model, opts, calib, "cosine to float", eval)
         }
     }
+}
+
+/// The calibration observer named on the command line.
+pub fn observer_kind(name: &str, percentile: f64, bins: usize) -> Result<ObserverKind> {
+    if bins < 128 {
+        bail!(Input, "--bins must be at least 128, got {bins}");
+    }
+    Ok(match name {
+        "minmax" => ObserverKind::MinMax,
+        "percentile" => {
+            if !(percentile > 50.0 && percentile <= 100.0) {
+                bail!(Input, "--percentile must be in (50, 100], got {percentile}");
+            }
+            ObserverKind::Percentile(percentile)
+        }
+        "entropy" => ObserverKind::Entropy { bins },
+        "mse" => ObserverKind::Mse { bins },
+        _ => bail!(Input, "unknown observer '{name}'"),
+    })
 }

@@ -176,3 +176,18 @@ pub fn minilm_fp32(dir: &Path) -> PathBuf {
     );
     out
 }
+
+/// onnxruntime's top-1 accuracy of an MNIST model on the 10,000 test images.
+pub fn ort_mnist_accuracy(model: &Path) -> f64 {
+    let o = Command::new(python())
+        .arg(repo_root().join("scripts/ort_eval.py"))
+        .arg(model)
+        .args(["--task", "mnist", "--data"])
+        .arg(assets().join("mnist"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["samples"], 10000);
+    r["accuracy"].as_f64().unwrap()
+}

@@ -36,6 +36,40 @@ struct Builder {
 }
 
 impl Builder {
+    /// An empty graph with input `x` of shape [batch, c, h, w] and output `logits` [batch, 10].
+    fn new(name: &str, [c, h, w]: [usize; 3], seed: u64) -> Builder {
+        let batch = || Dim::Sym("batch".into());
+        Builder {
+            g: Graph {
+                name: name.into(),
+                inputs: vec![ValueInfo::new(
+                    "x",
+                    DType::F32,
+                    vec![batch(), Dim::Fixed(c), Dim::Fixed(h), Dim::Fixed(w)],
+                )],
+                outputs: vec![ValueInfo::new(
+                    "logits",
+                    DType::F32,
+                    vec![batch(), Dim::Fixed(10)],
+                )],
+                ..Default::default()
+            },
+            rng: Rng::new(seed),
+            n: 0,
+        }
+    }
+    fn model(self) -> Model {
+        Model {
+            ir_version: 8,
+            opsets: vec![OpsetImport {
+                domain: String::new(),
+                version: 13,
+            }],
+            producer_name: "smelt tests".into(),
+            graph: self.g,
+            ..Default::default()
+        }
+    }
     fn name(&mut self, p: &str) -> String {
         self.n += 1;
         format!("{p}{}", self.n)
@@ -54,14 +88,28 @@ impl Builder {
         self.g.nodes.push(n);
         out
     }
-    /// Conv (+ bias) with He-uniform weights.
+    /// Conv (+ bias, uniform in +-0.1) with He-uniform weights.
     fn conv(&mut self, x: &str, cin: usize, cout: usize, k: usize, group: usize) -> String {
+        self.conv_grouped(x, cin, cout, k, group, 0.1)
+    }
+    fn conv_k(&mut self, x: &str, cin: usize, cout: usize, k: usize, bias: f32) -> String {
+        self.conv_grouped(x, cin, cout, k, 1, bias)
+    }
+    fn conv_grouped(
+        &mut self,
+        x: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        group: usize,
+        bias: f32,
+    ) -> String {
         let fan_in = (cin / group * k * k) as f32;
         let w = self
             .rng
             .tensor(&[cout, cin / group, k, k], (6.0 / fan_in).sqrt(), 0.0);
         let w = self.init("w", w);
-        let b = self.rng.tensor(&[cout], 0.1, 0.0);
+        let b = self.rng.tensor(&[cout], bias, 0.0);
         let b = self.init("b", b);
         let p = (k / 2) as i64;
         self.node(
@@ -97,29 +145,7 @@ impl Builder {
 /// a residual Add), global average pooling, Flatten and a Gemm classifier to 10 classes.
 /// Random weights from `seed`. The residual Adds are named `block{i}_add`.
 pub fn residual_cnn(seed: u64, blocks: usize) -> Model {
-    let mut b = Builder {
-        g: Graph {
-            name: "residual_cnn".into(),
-            inputs: vec![ValueInfo::new(
-                "x",
-                DType::F32,
-                vec![
-                    Dim::Sym("batch".into()),
-                    Dim::Fixed(3),
-                    Dim::Fixed(32),
-                    Dim::Fixed(32),
-                ],
-            )],
-            outputs: vec![ValueInfo::new(
-                "logits",
-                DType::F32,
-                vec![Dim::Sym("batch".into()), Dim::Fixed(10)],
-            )],
-            ..Default::default()
-        },
-        rng: Rng::new(seed),
-        n: 0,
-    };
+    let mut b = Builder::new("residual_cnn", [3, 32, 32], seed);
     let (c, e) = (32, 96);
     let x = b.conv("x", 3, c, 3, 1);
     let x = b.bn(&x, c);
@@ -160,14 +186,39 @@ pub fn residual_cnn(seed: u64, blocks: usize) -> Model {
         Node::new("Gemm", "classifier", &[&f, &w, &bias], &["logits"])
             .with_attr("transB", Attr::Int(1)),
     );
-    Model {
-        ir_version: 8,
-        opsets: vec![OpsetImport {
-            domain: String::new(),
-            version: 13,
-        }],
-        producer_name: "smelt tests".into(),
-        graph: b.g,
-        ..Default::default()
+    b.model()
+}
+
+/// A LeNet-style MNIST classifier on raw [batch, 1, 28, 28] pixels in 0..255, initialised at
+/// random (He-uniform convolutions, a 1/sqrt(fan-in) classifier, zero biases): scaled to
+/// 0..1, Conv 5x5 to 8 channels, ReLU, max pool, Conv 5x5 to 16, ReLU, max pool, Flatten and a
+/// Gemm to 10 classes. The model trained from scratch in the fine-tuning tests.
+pub fn mnist_cnn(seed: u64) -> Model {
+    let mut b = Builder::new("mnist_cnn", [1, 28, 28], seed);
+    let k = b.init("inv255", Tensor::scalar(1.0f32 / 255.0));
+    let mut x = b.node("Mul", &["x", &k], vec![]);
+    for (cin, cout) in [(1, 8), (8, 16)] {
+        let h = b.conv_k(&x, cin, cout, 5, 0.0);
+        let h = b.relu(&h);
+        x = b.node(
+            "MaxPool",
+            &[&h],
+            vec![
+                ("kernel_shape", Attr::Ints(vec![2, 2])),
+                ("strides", Attr::Ints(vec![2, 2])),
+            ],
+        );
     }
+    let f = b.node("Flatten", &[&x], vec![("axis", Attr::Int(1))]);
+    let fan_in = 16 * 7 * 7;
+    let w = b
+        .rng
+        .tensor(&[10, fan_in], 1.0 / (fan_in as f32).sqrt(), 0.0);
+    let w = b.init("fc_w", w);
+    let bias = b.init("fc_b", Tensor::zeros(DType::F32, vec![10]));
+    b.g.nodes.push(
+        Node::new("Gemm", "classifier", &[&f, &w, &bias], &["logits"])
+            .with_attr("transB", Attr::Int(1)),
+    );
+    b.model()
 }

@@ -13,7 +13,7 @@ use smelt_ir::{Model, Node};
 use smelt_tensor::{bail, DType, Result, Tensor};
 
 /// What [`to_training`] changed: the names a training loop needs.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct TrainingForm {
     /// Float weights read by a QuantizeLinear: trained through the straight-through estimator.
     pub weights: Vec<String>,

@@ -8,11 +8,13 @@
 //! quantized first and trained in its fake-quantized form (`smelt_quant::qat`), then written
 //! back as QDQ.
 
+pub mod checkpoint;
 pub mod loss;
 pub mod optim;
 
-use optim::{Optimizer, Schedule, State};
-use serde::Serialize;
+use checkpoint::Checkpoint;
+use optim::{Optimizer, Schedule};
+use serde::{Deserialize, Serialize};
 use smelt_engine::passes::FoldConstants;
 use smelt_engine::{grad, RunOptions, Session};
 use smelt_ir::{Dim, Model, Pass};
@@ -49,6 +51,10 @@ pub struct Options {
     pub max_steps: Option<usize>,
     /// Quantization-aware training: quantize first, train through fake quantization.
     pub qat: Option<Qat>,
+    /// Write a checkpoint here after every epoch ([`checkpoint`]).
+    pub checkpoint: Option<std::path::PathBuf>,
+    /// Continue from the latest checkpoint in `checkpoint` (run with the same options).
+    pub resume: bool,
 }
 
 pub struct Qat {
@@ -74,11 +80,13 @@ impl Default for Options {
             masks: None,
             max_steps: None,
             qat: None,
+            checkpoint: None,
+            resume: false,
         }
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Epoch {
     pub epoch: usize,
     pub train_loss: f64,
@@ -221,16 +229,34 @@ pub fn finetune(
             "the training set is empty or its labels do not match its samples"
         );
     }
-    let mut model = prepare(model)?;
-    let input = input_name(&model)?;
+    let resumed = match (&opts.checkpoint, opts.resume) {
+        (Some(dir), true) => match Checkpoint::latest(dir)? {
+            Some(c) => Some(c),
+            None => bail!(Input, "no checkpoint to resume in {}", dir.display()),
+        },
+        (None, true) => bail!(Input, "resuming needs the checkpoint folder"),
+        _ => None,
+    };
+    let (mut model, form, input) = match &resumed {
+        // The checkpoint holds the model as it was being trained (prepared, quantized).
+        Some(c) => (c.model.clone(), c.form.clone(), input_name(&c.model)?),
+        None => {
+            let mut model = prepare(model)?;
+            let input = input_name(&model)?;
+            let mut form = None;
+            if let Some(m) = &opts.masks {
+                m.apply(&mut model.graph)?;
+            }
+            if let Some(q) = &opts.qat {
+                let (m, f) = fake_quantize(model, q, train, &input, opts)?;
+                model = m;
+                form = Some(f);
+            }
+            (model, form, input)
+        }
+    };
     if let Some(m) = &opts.masks {
         m.apply(&mut model.graph)?;
-    }
-    let mut form = None;
-    if let Some(q) = &opts.qat {
-        let (m, f) = fake_quantize(model, q, train, &input, opts)?;
-        model = m;
-        form = Some(f);
     }
     let mut params = trainable(&model);
     let mut scales = HashSet::new();
@@ -261,7 +287,6 @@ pub fn finetune(
         None => None,
     };
     let mut session = Session::unfolded(model.clone())?;
-    let mut states: HashMap<String, State> = HashMap::new();
     let n = train.y.len();
     let batch = opts.batch.max(1);
     let steps_per_epoch = n.div_ceil(batch);
@@ -269,11 +294,12 @@ pub fn finetune(
         .max_steps
         .unwrap_or(usize::MAX)
         .min(steps_per_epoch * opts.epochs);
-    let mut history = Vec::new();
-    let mut best: Option<(f64, Model)> = None;
-    let mut step = 0usize;
+    let (mut history, mut best, mut states, mut step, first) = match resumed {
+        Some(c) => (c.history, c.best, c.states, c.step, c.epochs_done),
+        None => (Vec::new(), None, HashMap::new(), 0usize, 0),
+    };
     let output = model.graph.outputs[0].name.clone();
-    for epoch in 0..opts.epochs {
+    for epoch in first..opts.epochs {
         if step >= total {
             break;
         }
@@ -380,8 +406,27 @@ pub fn finetune(
             val_accuracy,
             samples_per_second: seen as f64 / secs.max(1e-9),
         });
+        if let Some(dir) = &opts.checkpoint {
+            let c = Checkpoint {
+                epochs_done: epoch + 1,
+                step,
+                model: session.model().clone(),
+                best,
+                states,
+                history,
+                form: form.clone(),
+            };
+            c.save(dir)?;
+            (best, states, history) = (c.best, c.states, c.history);
+        }
     }
-    let (_, mut out) = best.expect("at least one epoch ran");
+    let Some((_, mut out)) = best else {
+        bail!(
+            Input,
+            "no epoch left to run (the checkpoint has all {} epochs)",
+            opts.epochs
+        );
+    };
     // Training starts from the prepared model; keep the original's metadata.
     out.producer_name = "smelt".into();
     if let Some(m) = &opts.masks {

@@ -27,9 +27,9 @@ impl Optimizer {
 /// Optimizer state for one parameter.
 #[derive(Clone, Debug, Default)]
 pub struct State {
-    m: Vec<f32>,
-    v: Vec<f32>,
-    step: u32,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub step: u32,
 }
 
 /// One update of `w` from its gradient `g`.

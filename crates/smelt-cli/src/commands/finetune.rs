@@ -74,6 +74,13 @@ pub struct Args {
     /// Observer that sets the activation ranges for --qat.
     #[arg(long, default_value = "minmax", value_parser = ["minmax", "percentile", "entropy", "mse"])]
     observer: String,
+    /// Write a checkpoint into this folder after every epoch (`epoch-N/`, older ones removed).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Continue an interrupted run from the latest checkpoint in --checkpoint; give the same
+    /// flags as the first run.
+    #[arg(long, requires = "checkpoint")]
+    resume: bool,
     /// Allow writing over the input file.
     #[arg(long)]
     force: bool,
@@ -157,6 +164,8 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             }),
             None => None,
         },
+        checkpoint: a.checkpoint.clone(),
+        resume: a.resume,
     };
     let samples = Samples { x: &train.x, y: &y };
     let val_y = val.as_ref().and_then(|v| v.y.clone());

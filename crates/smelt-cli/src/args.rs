@@ -266,3 +266,9 @@ pub fn run_feed(s: &Session, feed: &Feed) -> Result<Vec<(String, Tensor)>> {
 pub fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
+
+/// Where masks go by default: beside the model, `NAME.masks.safetensors`.
+pub fn masks_beside(model: &Path) -> PathBuf {
+    let stem = model.file_stem().unwrap_or_default().to_string_lossy();
+    model.with_file_name(format!("{stem}.masks.safetensors"))
+}

@@ -245,6 +245,56 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     );
 }
 
+/// Gradual pruning inside the loop reaches its sparsity exactly, writes the masks beside the
+/// output, and the output's zeros are exactly the masked weights.
+#[test]
+fn gradual_pruning_while_training() {
+    let a = assets();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("g50.onnx");
+    let v = run_json(
+        &[
+            "finetune",
+            "--split",
+            "train",
+            "--limit",
+            "1280",
+            "--epochs",
+            "1",
+            "--lr",
+            "3e-5",
+            "--prune-to",
+            "0.5",
+            "--prune-every",
+            "5",
+            "--prune-until",
+            "0.5",
+        ],
+        &[
+            &a.join("mnist-8/model.onnx"),
+            Path::new("-o"),
+            &out,
+            Path::new("--data"),
+            &a.join("mnist"),
+        ],
+    );
+    assert_eq!(v["sparsity"].as_f64().unwrap(), 0.5);
+    let masks = dir.path().join("g50.masks.safetensors");
+    assert_eq!(v["masks"].as_str().unwrap(), masks.display().to_string());
+    let m = smelt_prune::Masks::load(&masks).unwrap();
+    assert_eq!(m.0.len(), 3, "two convolutions and the classifier");
+    let t = smelt_onnx::load(&out).unwrap();
+    for (name, mask) in &m.0 {
+        let w = t.graph.initializers[name].as_slice::<f32>().unwrap();
+        for (x, k) in w.iter().zip(&mask.keep) {
+            assert_eq!(*x == 0.0, !*k, "{name}");
+        }
+    }
+    let acc = smelt_accuracy(&out);
+    eprintln!("mnist-8 gradual 50% over 10 steps of 64, 10 more: {acc}");
+    assert!(acc > 0.95, "{acc}");
+}
+
 #[test]
 fn finetune_refuses_bad_input() {
     let a = assets();

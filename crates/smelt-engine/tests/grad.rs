@@ -458,6 +458,24 @@ fn reductions_and_normalization() {
 }
 
 #[test]
+fn where_and_cast() {
+    let mut r = Rng(10);
+    let mut w = case(
+        "Where",
+        vec![],
+        vec![r.tensor(&[2, 3], -1.0, 1.0), r.tensor(&[3], -1.0, 1.0)],
+    );
+    w.consts = vec![Tensor::from_vec(vec![2, 1], vec![true, false]).unwrap()];
+    w.order = Some(vec![None, Some(0), Some(1)]);
+    check(w);
+    check(case(
+        "Cast",
+        vec![("to", Attr::Int(1))],
+        vec![r.tensor(&[4], -1.0, 1.0)],
+    ));
+}
+
+#[test]
 fn selection_ops() {
     let mut r = Rng(8);
     let mut slice = case("Slice", vec![], vec![r.tensor(&[3, 6, 4], -1.0, 1.0)]);

@@ -1,7 +1,8 @@
 //! Checkpoints: what a run needs to continue after an interruption, written after every epoch.
 //!
 //! A checkpoint is a folder `epoch-N` (N epochs done) holding the model being trained
-//! (`model.onnx`, in its training form), the best model so far (`best.onnx`) and
+//! (`model.onnx`, in its training form), the best model so far (`best.onnx`), the masks held
+//! (`masks.safetensors`) and
 //! `state.safetensors`: the optimizer's moments per weight plus, in its metadata, the step
 //! counter, the history and the QAT form. It is written under a temporary name and renamed
 //! into place when complete, so killing a run leaves the previous checkpoint intact; older
@@ -12,6 +13,7 @@ use crate::optim::State;
 use crate::Epoch;
 use serde::{Deserialize, Serialize};
 use smelt_ir::Model;
+use smelt_prune::Masks;
 use smelt_quant::qat::TrainingForm;
 use smelt_tensor::{bail, Error, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -25,6 +27,8 @@ pub struct Checkpoint {
     pub states: HashMap<String, State>,
     pub history: Vec<Epoch>,
     pub form: Option<TrainingForm>,
+    /// The masks held (given or made by gradual pruning).
+    pub masks: Option<Masks>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -96,6 +100,11 @@ impl Checkpoint {
         let json = serde_json::to_string(&meta).map_err(|e| Error::Invalid(e.to_string()))?;
         let bytes = safetensors::serialize(views, Some(HashMap::from([(META_KEY.into(), json)])))
             .map_err(|e| Error::Invalid(format!("writing checkpoint: {e}")))?;
+        if let Some(m) = &self.masks {
+            let masks = tmp.join("masks.safetensors");
+            std::fs::write(&masks, m.to_safetensors()?)
+                .map_err(|e| io("cannot write", &masks, e))?;
+        }
         let state = tmp.join("state.safetensors");
         std::fs::write(&state, bytes).map_err(|e| io("cannot write", &state, e))?;
         let done = dir.join(&name);
@@ -155,6 +164,12 @@ impl Checkpoint {
             Some(score) => Some((score, smelt_onnx::load(&path.join("best.onnx"))?)),
             None => None,
         };
+        let masks = path.join("masks.safetensors");
+        let masks = if masks.is_file() {
+            Some(Masks::load(&masks)?)
+        } else {
+            None
+        };
         if meta.history.len() != meta.epochs_done {
             bail!(Input, "checkpoint {}: inconsistent history", path.display());
         }
@@ -166,6 +181,7 @@ impl Checkpoint {
             states,
             history: meta.history,
             form: meta.form,
+            masks,
         })
     }
 }

@@ -55,6 +55,30 @@ pub struct Options {
     pub checkpoint: Option<std::path::PathBuf>,
     /// Continue from the latest checkpoint in `checkpoint` (run with the same options).
     pub resume: bool,
+    /// Prune while training, gradually.
+    pub gradual: Option<Gradual>,
+}
+
+/// Gradual magnitude pruning inside the loop (Zhu & Gupta, 2017): the sparsity of the
+/// prunable weights (Conv, Gemm, MatMul) rises along a cubic from 0 at step `start` to
+/// `sparsity` at step `end`; every `every` steps the masks are recomputed from the current
+/// weights, and they are held from then on, so the network adapts as it loses weights.
+#[derive(Clone, Debug)]
+pub struct Gradual {
+    pub sparsity: f64,
+    pub scope: smelt_prune::unstructured::Scope,
+    pub start: usize,
+    pub end: usize,
+    pub every: usize,
+}
+
+/// A finished run.
+pub struct Trained {
+    /// The best model (by validation accuracy; the last one without validation data).
+    pub model: Model,
+    pub history: Vec<Epoch>,
+    /// The masks held at the end (given, or made by gradual pruning).
+    pub masks: Option<Masks>,
 }
 
 pub struct Qat {
@@ -82,6 +106,7 @@ impl Default for Options {
             qat: None,
             checkpoint: None,
             resume: false,
+            gradual: None,
         }
     }
 }
@@ -214,15 +239,14 @@ fn enforce(masks: &Masks, name: &str, v: &mut [f32]) {
     }
 }
 
-/// Fine-tunes `model` on `train` (classification). Returns the model with the best validation
-/// accuracy (the last one without `val`) and one record per epoch.
+/// Fine-tunes `model` on `train` (classification).
 pub fn finetune(
     model: Model,
     train: &Samples,
     val: Option<&Samples>,
     opts: &Options,
     mut progress: impl FnMut(&Progress),
-) -> Result<(Model, Vec<Epoch>)> {
+) -> Result<Trained> {
     if train.y.is_empty() || train.x.shape().first() != Some(&train.y.len()) {
         bail!(
             Input,
@@ -255,7 +279,11 @@ pub fn finetune(
             (model, form, input)
         }
     };
-    if let Some(m) = &opts.masks {
+    let mut masks = match &resumed {
+        Some(c) => c.masks.clone(),
+        None => opts.masks.clone(),
+    };
+    if let Some(m) = &masks {
         m.apply(&mut model.graph)?;
     }
     let mut params = trainable(&model);
@@ -294,6 +322,16 @@ pub fn finetune(
         .max_steps
         .unwrap_or(usize::MAX)
         .min(steps_per_epoch * opts.epochs);
+    let prunable = match &opts.gradual {
+        Some(_) => {
+            let ops: Vec<String> = smelt_prune::targets::DEFAULT_OPS
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            smelt_prune::targets::find(&model.graph, &ops, &[])?
+        }
+        None => vec![],
+    };
     let (mut history, mut best, mut states, mut step, first) = match resumed {
         Some(c) => (c.history, c.best, c.states, c.step, c.epochs_done),
         None => (Vec::new(), None, HashMap::new(), 0usize, 0),
@@ -309,6 +347,17 @@ pub fn finetune(
         for chunk in order.chunks(batch) {
             if step >= total {
                 break;
+            }
+            if let Some(gp) = &opts.gradual {
+                if step >= gp.start && step <= gp.end && (step - gp.start) % gp.every.max(1) == 0 {
+                    let m = gradual_masks(&session, &prunable, gp, step, opts.masks.as_ref())?;
+                    for name in m.0.keys() {
+                        let mut w = session.model().graph.initializers[name].clone();
+                        enforce(&m, name, w.as_mut_slice::<f32>()?);
+                        session.set_initializer(name, w)?;
+                    }
+                    masks = Some(m);
+                }
             }
             let x = rows(train.x, chunk)?;
             let y: Vec<i64> = chunk.iter().map(|&i| train.y[i]).collect();
@@ -357,7 +406,7 @@ pub fn finetune(
                 let Some(g) = grads.get(name) else { continue };
                 let mut g = g.as_slice::<f32>()?.to_vec();
                 let mut w = session.model().graph.initializers[name].clone();
-                if let Some(m) = &opts.masks {
+                if let Some(m) = &masks {
                     enforce(m, name, &mut g);
                 }
                 // Decay only matrices and kernels, not biases and norm parameters.
@@ -371,7 +420,7 @@ pub fn finetune(
                     lr,
                     wd,
                 );
-                if let Some(m) = &opts.masks {
+                if let Some(m) = &masks {
                     enforce(m, name, wv);
                 }
                 if scales.contains(name) {
@@ -415,6 +464,7 @@ pub fn finetune(
                 states,
                 history,
                 form: form.clone(),
+                masks: masks.clone(),
             };
             c.save(dir)?;
             (best, states, history) = (c.best, c.states, c.history);
@@ -429,13 +479,62 @@ pub fn finetune(
     };
     // Training starts from the prepared model; keep the original's metadata.
     out.producer_name = "smelt".into();
-    if let Some(m) = &opts.masks {
+    if let Some(m) = &masks {
         m.apply(&mut out.graph)?;
     }
     if let Some(f) = &form {
         out = smelt_quant::qat::to_qdq(out, f)?;
     }
-    Ok((out, history))
+    Ok(Trained {
+        model: out,
+        history,
+        masks,
+    })
+}
+
+/// Magnitude masks at the schedule's sparsity for `step`, over the current weights; weights
+/// that `fixed` masks (given by the user) stay cut.
+fn gradual_masks(
+    session: &Session,
+    targets: &[smelt_prune::targets::WeightTarget],
+    gp: &Gradual,
+    step: usize,
+    fixed: Option<&Masks>,
+) -> Result<Masks> {
+    let s = smelt_prune::unstructured::cubic_schedule(step, gp.start, gp.end, 0.0, gp.sparsity);
+    let g = &session.model().graph;
+    let scores: Vec<Vec<f32>> = targets
+        .iter()
+        .map(|t| {
+            let w = g.initializers[&t.weight].as_slice::<f32>()?;
+            let cut = fixed.and_then(|f| f.0.get(&t.weight));
+            Ok(w.iter()
+                .enumerate()
+                .map(|(i, x)| match cut {
+                    Some(m) if !m.keep[i] => -1.0,
+                    _ => x.abs(),
+                })
+                .collect())
+        })
+        .collect::<Result<_>>()?;
+    let mut m = smelt_prune::unstructured::masks(
+        targets,
+        &scores,
+        gp.scope,
+        s,
+        &vec![None; targets.len()],
+    )?;
+    if let Some(f) = fixed {
+        for (k, fm) in &f.0 {
+            match m.0.get_mut(k) {
+                Some(mm) => mm.keep.iter_mut().zip(&fm.keep).for_each(|(a, &b)| *a &= b),
+                None => {
+                    m.0.insert(k.clone(), fm.clone());
+                }
+            }
+        }
+    }
+    Ok(m)
 }
 
 /// Quantizes `model` statically, calibrated on `q.calib` training samples drawn with the

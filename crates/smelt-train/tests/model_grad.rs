@@ -1,5 +1,5 @@
-//! Gradients of a whole real model (MNIST-8, every op it uses chained) against finite
-//! differences of the training loss, for sampled weights of every layer.
+//! Gradients of whole real models against finite differences: MNIST-8 (every op it uses
+//! chained, through the training loss) and MiniLM (the transformer's ops chained).
 
 use smelt_engine::{grad, RunOptions, Session};
 use smelt_tensor::Tensor;
@@ -99,4 +99,119 @@ fn mnist8_gradients_match_finite_differences() {
         }
         assert!(checked >= 2, "{p}: only {checked} smooth points");
     }
+}
+
+/// The transformer chain: MiniLM (embeddings through Gather, fused LayerNormalization,
+/// attention with Softmax and the mask's Where, Gelu through Erf) with weights in float.
+/// The objective is a fixed random projection of the last hidden state; sampled elements of
+/// a spread of weights, the word embeddings included, are checked against finite differences.
+#[test]
+fn minilm_gradients_match_finite_differences() {
+    let int8 = smelt_onnx::load(&assets().join("minilm-int8/model.onnx")).unwrap();
+    let (model, _) = smelt_quant::dequantize_weights(int8).unwrap();
+    let model = smelt_train::prepare(model).unwrap();
+    let mut params = smelt_train::trainable(&model);
+    params.sort();
+    assert!(params.len() > 100, "{}", params.len());
+    let g = &model.graph;
+    let embedding = params
+        .iter()
+        .find(|p| {
+            g.consumers(p)
+                .iter()
+                .any(|&c| g.nodes[c].op_type == "Gather")
+                && g.initializers[*p].shape()[0] > 30000
+        })
+        .expect("word embeddings are trainable")
+        .clone();
+    let ids = [101i64, 2023, 2003, 1037, 3231, 6251, 1012, 102];
+    let seq = ids.len();
+    let feeds = vec![
+        (
+            "input_ids",
+            Tensor::from_vec(vec![1, seq], ids.to_vec()).unwrap(),
+        ),
+        (
+            "attention_mask",
+            Tensor::from_vec(vec![1, seq], vec![1i64, 1, 1, 1, 1, 1, 1, 0]).unwrap(),
+        ),
+        (
+            "token_type_ids",
+            Tensor::from_vec(vec![1, seq], vec![0i64; seq]).unwrap(),
+        ),
+    ];
+    let mut s = Session::unfolded(model.clone()).unwrap();
+    let out_name = g.outputs[0].name.clone();
+    let (outs, cap) = s
+        .run_with(
+            &feeds,
+            &RunOptions {
+                capture_all: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let n_out = outs[0].1.numel();
+    let r: Vec<f32> = (0..n_out)
+        .map(|i| ((i as u64 * 2654435761 % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    let objective = |s: &Session| -> f64 {
+        let y = s.run(&feeds).unwrap().remove(0).1;
+        y.as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .zip(&r)
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum()
+    };
+    let mut values: HashMap<String, Tensor> = cap;
+    for (k, t) in &feeds {
+        values.insert(k.to_string(), t.clone());
+    }
+    values.extend(outs.clone());
+    let seed = Tensor::from_vec(outs[0].1.shape().to_vec(), r.clone()).unwrap();
+    // A spread of weights: every 12th (LayerNorm scales and biases, projections, FFN) and the
+    // word embeddings.
+    let mut chosen: Vec<String> = params.iter().step_by(12).cloned().collect();
+    chosen.push(embedding.clone());
+    let grads = grad::backward(&model, &values, &[(out_name, seed)], &chosen).unwrap();
+    let mut checked = 0;
+    for p in &chosen {
+        let w0 = model.graph.initializers[p].clone();
+        let gv = grads[p].as_slice::<f32>().unwrap().to_vec();
+        assert_eq!(gv.len(), w0.numel(), "{p}");
+        // The two largest-gradient elements: small ones drown in float32 rounding.
+        let mut order: Vec<usize> = (0..gv.len()).collect();
+        order.sort_by(|&a, &b| gv[b].abs().total_cmp(&gv[a].abs()));
+        for &j in order.iter().take(2) {
+            let h = 1e-2 * w0.as_slice::<f32>().unwrap()[j].abs().max(0.05);
+            let mut num = 0f64;
+            for sign in [1.0f32, -1.0] {
+                let mut w = w0.clone();
+                w.as_mut_slice::<f32>().unwrap()[j] += sign * h;
+                s.set_initializer(p, w).unwrap();
+                num += sign as f64 * objective(&s);
+            }
+            s.set_initializer(p, w0.clone()).unwrap();
+            let num = num / (2.0 * h as f64);
+            let a = gv[j] as f64;
+            assert!(
+                (a - num).abs() <= 2e-2 + 3e-2 * a.abs().max(num.abs()),
+                "{p}[{j}]: analytic {a} vs numeric {num}"
+            );
+            checked += 1;
+        }
+    }
+    // Rows of the embedding table no token reads get nothing.
+    let emb = grads[&embedding].as_slice::<f32>().unwrap();
+    let width = model.graph.initializers[&embedding].shape()[1];
+    assert!(
+        emb[..width].iter().all(|v| *v == 0.0),
+        "row 0 ([PAD]) is not read"
+    );
+    assert!(emb[101 * width..102 * width].iter().any(|v| *v != 0.0));
+    eprintln!(
+        "minilm: {checked} weight elements checked in {} tensors",
+        chosen.len()
+    );
 }

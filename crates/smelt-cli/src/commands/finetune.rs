@@ -1,10 +1,11 @@
 use super::quantize::observer_kind;
 use crate::args::{load_model, print_json, refuse_overwrite, DataArgs};
 use serde_json::json;
+use smelt_prune::Scope;
 use smelt_quant::{QType, WeightScheme};
 use smelt_tensor::{bail, Result};
 use smelt_train::optim::{Optimizer, Schedule};
-use smelt_train::{Distill, Options, Qat, Samples};
+use smelt_train::{Distill, Gradual, Options, Qat, Samples};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -81,6 +82,19 @@ pub struct Args {
     /// flags as the first run.
     #[arg(long, requires = "checkpoint")]
     resume: bool,
+    /// Prune while training: raise the sparsity of the Conv/Gemm/MatMul weights gradually
+    /// (cubic schedule, magnitude) to this fraction; the masks are written beside the output.
+    #[arg(long)]
+    prune_to: Option<f64>,
+    /// layer (every layer the same fraction) or global (one ranking) for --prune-to.
+    #[arg(long, default_value = "global", value_parser = ["layer", "global"])]
+    prune_scope: String,
+    /// Fraction of the run's steps by which --prune-to is reached (then held).
+    #[arg(long, default_value_t = 0.6)]
+    prune_until: f64,
+    /// Recompute the masks every this many steps while the sparsity rises.
+    #[arg(long, default_value_t = 50)]
+    prune_every: usize,
     /// Allow writing over the input file.
     #[arg(long)]
     force: bool,
@@ -166,6 +180,32 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         },
         checkpoint: a.checkpoint.clone(),
         resume: a.resume,
+        gradual: match a.prune_to {
+            Some(s) => {
+                if !(0.0..1.0).contains(&s) || !(0.0..=1.0).contains(&a.prune_until) {
+                    bail!(
+                        Input,
+                        "--prune-to must be in [0, 1) and --prune-until in [0, 1]"
+                    );
+                }
+                let total = a
+                    .max_steps
+                    .unwrap_or(usize::MAX)
+                    .min(steps_per_epoch * a.epochs);
+                Some(Gradual {
+                    sparsity: s,
+                    scope: if a.prune_scope == "layer" {
+                        Scope::Layer
+                    } else {
+                        Scope::Global
+                    },
+                    start: 0,
+                    end: (total as f64 * a.prune_until) as usize,
+                    every: a.prune_every.max(1),
+                })
+            }
+            None => None,
+        },
     };
     let samples = Samples { x: &train.x, y: &y };
     let val_y = val.as_ref().and_then(|v| v.y.clone());
@@ -174,35 +214,57 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         .zip(val_y.as_deref())
         .map(|(v, y)| Samples { x: &v.x, y });
     let mut last = Instant::now();
-    let (tuned, history) =
-        smelt_train::finetune(model, &samples, val_samples.as_ref(), &opts, |p| {
-            if !json && (p.step == p.steps || last.elapsed().as_secs_f64() > 0.5) {
-                eprint!(
-                    "\repoch {} step {}/{} loss {:.4}   ",
-                    p.epoch + 1,
-                    p.step,
-                    p.steps,
-                    p.loss
-                );
-                last = Instant::now();
-            }
-        })?;
+    let trained = smelt_train::finetune(model, &samples, val_samples.as_ref(), &opts, |p| {
+        if !json && (p.step == p.steps || last.elapsed().as_secs_f64() > 0.5) {
+            eprint!(
+                "\repoch {} step {}/{} loss {:.4}   ",
+                p.epoch + 1,
+                p.step,
+                p.steps,
+                p.loss
+            );
+            last = Instant::now();
+        }
+    })?;
     if !json {
         eprintln!();
     }
-    smelt_onnx::save(&tuned, &a.output)?;
+    smelt_onnx::save(&trained.model, &a.output)?;
+    // Masks made here (gradual pruning) go beside the output, as `smelt prune` writes them.
+    let masks_path = match (&trained.masks, a.prune_to) {
+        (Some(m), Some(_)) => {
+            let p = crate::args::masks_beside(&a.output);
+            smelt_onnx::write_atomic(&p, &m.to_safetensors()?)?;
+            Some(p)
+        }
+        _ => None,
+    };
+    let sparsity = trained.masks.as_ref().map(|m| {
+        let (cut, all) = m.0.values().fold((0, 0), |(c, n), m| {
+            (c + m.keep.iter().filter(|k| !**k).count(), n + m.keep.len())
+        });
+        cut as f64 / all.max(1) as f64
+    });
     let seconds = started.elapsed().as_secs_f64();
     if json {
         print_json(&json!({
             "input": a.model.display().to_string(),
             "output": a.output.display().to_string(),
-            "epochs": history,
+            "epochs": trained.history,
+            "masks": masks_path.as_ref().map(|p| p.display().to_string()),
+            "sparsity": sparsity,
             "seconds": seconds,
         }));
         return Ok(());
     }
     println!("fine-tuned {} -> {}", a.model.display(), a.output.display());
-    for e in &history {
+    if let Some(p) = &masks_path {
+        println!("masks      {}", p.display());
+    }
+    if let Some(s) = sparsity {
+        println!("sparsity   {:.1}% of the masked weights", 100.0 * s);
+    }
+    for e in &trained.history {
         let v = e
             .val_accuracy
             .map(|v| format!(", val accuracy {v:.4}"))

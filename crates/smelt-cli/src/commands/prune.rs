@@ -202,10 +202,10 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     let masks_path = if masks.0.is_empty() {
         None
     } else {
-        let p = a.masks.clone().unwrap_or_else(|| {
-            let stem = a.output.file_stem().unwrap_or_default().to_string_lossy();
-            a.output.with_file_name(format!("{stem}.masks.safetensors"))
-        });
+        let p = a
+            .masks
+            .clone()
+            .unwrap_or_else(|| crate::args::masks_beside(&a.output));
         smelt_onnx::write_atomic(&p, &masks.to_safetensors()?)?;
         Some(p)
     };

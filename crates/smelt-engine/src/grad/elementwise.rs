@@ -44,6 +44,8 @@ pub fn register(r: &mut GradRegistry) {
     });
     r.insert("Clip", clip);
     r.insert("Gelu", gelu);
+    r.insert("Where", where_grad);
+    r.insert("Cast", cast_grad);
 }
 
 type Grads = Result<Vec<Option<Tensor>>>;
@@ -187,4 +189,52 @@ fn gelu(ctx: &OpCtx, i: &[Option<&Tensor>], o: &[&Tensor], d: &[Option<&Tensor>]
         };
         (g as f64 * slope) as f32
     })
+}
+
+/// Where(c, x, y): the gradient goes to x where c holds and to y elsewhere.
+fn where_grad(_: &OpCtx, i: &[Option<&Tensor>], _: &[&Tensor], d: &[Option<&Tensor>]) -> Grads {
+    let (c, x, y) = (input(i, 0)?, input(i, 1)?, input(i, 2)?);
+    let Some(g) = d[0] else {
+        return Ok(vec![None; 3]);
+    };
+    let shape = g.shape().to_vec();
+    let strides = smelt_tensor::broadcast_strides(c.shape(), &shape);
+    let cv = c.as_slice::<bool>()?;
+    let gv = f32s(g)?;
+    let (mut dx, mut dy) = (vec![0f32; gv.len()], vec![0f32; gv.len()]);
+    let mut idx = vec![0usize; shape.len()];
+    for k in 0..gv.len() {
+        let off: usize = idx.iter().zip(&strides).map(|(i, s)| i * s).sum();
+        if cv[off] {
+            dx[k] = gv[k];
+        } else {
+            dy[k] = gv[k];
+        }
+        for a in (0..shape.len()).rev() {
+            idx[a] += 1;
+            if idx[a] < shape[a] {
+                break;
+            }
+            idx[a] = 0;
+        }
+    }
+    let back = |v: Vec<f32>, like: &Tensor| -> Result<Option<Tensor>> {
+        if !like.dtype().is_float() {
+            return Ok(None);
+        }
+        Ok(Some(reduce_to(
+            &Tensor::from_vec(shape.clone(), v)?,
+            like.shape(),
+        )?))
+    };
+    Ok(vec![None, back(dx, x)?, back(dy, y)?])
+}
+
+/// A cast between float types passes the gradient through; from integers there is none.
+fn cast_grad(_: &OpCtx, i: &[Option<&Tensor>], _: &[&Tensor], d: &[Option<&Tensor>]) -> Grads {
+    let x = input(i, 0)?;
+    match d[0] {
+        Some(g) if x.dtype().is_float() => Ok(vec![Some(g.cast(smelt_tensor::DType::F32)?)]),
+        _ => Ok(vec![None]),
+    }
 }

@@ -3,6 +3,7 @@
 
 mod args;
 mod commands;
+mod progress;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -17,6 +17,11 @@ pub enum Criterion {
     Wanda,
     /// Seeded uniform scores: the baseline every criterion must beat.
     Random { seed: u64 },
+    /// First-order Taylor |w x dL/dw| summed over labelled batches (Molchanov et al.): the
+    /// loss change removing the weight would cause, to first order. The caller computes the
+    /// scores (they need a loss and labels: `smelt_train::taylor_scores`) and passes them in
+    /// `Options::gradient_scores`.
+    Taylor,
 }
 
 impl Criterion {
@@ -26,11 +31,7 @@ impl Criterion {
             "l2" => Criterion::L2,
             "wanda" => Criterion::Wanda,
             "random" => Criterion::Random { seed },
-            "taylor" => bail!(
-                Unsupported,
-                "the taylor criterion (|w x grad|) needs gradients, which arrive with fine-tuning; \
-                 use magnitude, l2, wanda or random"
-            ),
+            "taylor" => Criterion::Taylor,
             _ => bail!(
                 Input,
                 "unknown criterion '{s}' (expected magnitude, l1, l2, wanda, random or taylor)"
@@ -44,11 +45,37 @@ impl Criterion {
             Criterion::L2 => "l2",
             Criterion::Wanda => "wanda",
             Criterion::Random { .. } => "random",
+            Criterion::Taylor => "taylor",
         }
     }
 
     pub fn needs_data(self) -> bool {
         self == Criterion::Wanda
+    }
+}
+
+/// Per-element scores computed outside this crate (Taylor), by weight name.
+pub type Scores = HashMap<String, Vec<f32>>;
+
+/// The given scores of `weight`, which must cover its `len` elements.
+pub fn given_scores<'a>(given: Option<&'a Scores>, weight: &str, len: usize) -> Result<&'a [f32]> {
+    let Some(g) = given else {
+        bail!(
+            Input,
+            "the taylor criterion needs gradient scores (labelled --calib data)"
+        );
+    };
+    match g.get(weight) {
+        Some(v) if v.len() == len => Ok(v),
+        Some(v) => bail!(
+            Shape,
+            "gradient scores of '{weight}' have {} elements, the weight {len}",
+            v.len()
+        ),
+        None => bail!(
+            Input,
+            "no gradient scores for '{weight}' (is it trainable?)"
+        ),
     }
 }
 
@@ -73,8 +100,10 @@ pub fn element_scores(
     t: &WeightTarget,
     w: &[f32],
     norms: Option<&[f32]>,
+    given: Option<&Scores>,
 ) -> Result<Vec<f32>> {
     Ok(match c {
+        Criterion::Taylor => given_scores(given, &t.weight, w.len())?.to_vec(),
         Criterion::L1 => w.iter().map(|x| x.abs()).collect(),
         Criterion::L2 => w.iter().map(|x| x * x).collect(),
         Criterion::Random { seed } => (0..w.len())

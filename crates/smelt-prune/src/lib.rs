@@ -53,6 +53,8 @@ pub struct Options {
     /// Attention heads to remove from every attention layer (channel pruning), instead of
     /// `sparsity` of them.
     pub heads: Option<usize>,
+    /// Per-element scores for [`Criterion::Taylor`], by weight name.
+    pub gradient_scores: Option<std::sync::Arc<importance::Scores>>,
 }
 
 impl Default for Options {
@@ -66,6 +68,7 @@ impl Default for Options {
             exclude: vec![],
             remove_blocks: vec![],
             heads: None,
+            gradient_scores: None,
         }
     }
 }
@@ -191,7 +194,13 @@ pub fn prune(model: Model, opts: &Options, calib: &[Feed]) -> Result<(Model, Mas
             for t in &ts {
                 let w = model.graph.initializers[&t.weight].to_f32_vec()?;
                 let n = norms.get(&t.input).map(Vec::as_slice);
-                scores.push(importance::element_scores(opts.criterion, t, &w, n)?);
+                scores.push(importance::element_scores(
+                    opts.criterion,
+                    t,
+                    &w,
+                    n,
+                    opts.gradient_scores.as_deref(),
+                )?);
             }
             if opts.criterion == Criterion::Wanda
                 && opts.method == Method::Unstructured(Scope::Global)
@@ -352,7 +361,12 @@ fn prune_channels(
             let cons = structured::consumers(&model.graph, grp);
             structured::activation_scores(&model.graph, grp, &cons, &act_norms)?
         } else {
-            structured::channel_scores(&model.graph, grp, opts.criterion)?
+            structured::channel_scores(
+                &model.graph,
+                grp,
+                opts.criterion,
+                opts.gradient_scores.as_deref(),
+            )?
         };
         let cut = structured::lowest(&scores, k);
         applied.push((grp, cut.clone()));

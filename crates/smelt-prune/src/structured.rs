@@ -757,7 +757,12 @@ fn overlap(a: &Member, ca: usize, b: &Member, cb: usize) -> bool {
 
 /// Channel importance within a group: the norm of every weight slice the channel owns,
 /// summed over the group's weights (rank >= 2 constants; biases and norms excluded).
-pub fn channel_scores(g: &Graph, grp: &Group, c: Criterion) -> Result<Vec<f32>> {
+pub fn channel_scores(
+    g: &Graph,
+    grp: &Group,
+    c: Criterion,
+    given: Option<&crate::importance::Scores>,
+) -> Result<Vec<f32>> {
     let mut scores = vec![0f64; grp.channels];
     if let Criterion::Random { seed } = c {
         return Ok((0..grp.channels)
@@ -775,7 +780,10 @@ pub fn channel_scores(g: &Graph, grp: &Group, c: Criterion) -> Result<Vec<f32>> 
         if t.rank() < 2 || t.dtype() != DType::F32 {
             continue;
         }
-        let w = t.as_slice::<f32>()?;
+        let w = match c {
+            Criterion::Taylor => crate::importance::given_scores(given, &m.name, t.numel())?,
+            _ => t.as_slice::<f32>()?,
+        };
         let (d, inner) = (
             t.shape()[m.axis],
             t.shape()[m.axis + 1..].iter().product::<usize>(),
@@ -783,7 +791,7 @@ pub fn channel_scores(g: &Graph, grp: &Group, c: Criterion) -> Result<Vec<f32>> 
         let mut per_index = vec![0f64; d];
         for (i, x) in w.iter().enumerate() {
             let x = *x as f64;
-            per_index[(i / inner) % d] += if c == Criterion::L1 { x.abs() } else { x * x };
+            per_index[(i / inner) % d] += if c == Criterion::L2 { x * x } else { x.abs() };
         }
         for (k, s) in scores.iter_mut().enumerate() {
             *s += m

@@ -57,6 +57,10 @@ pub struct Options {
     pub resume: bool,
     /// Prune while training, gradually.
     pub gradual: Option<Gradual>,
+    /// The label loss is computed on logits divided by this: for models trained to very
+    /// large logits (a few confidently wrong samples would otherwise make the whole gradient).
+    /// Predictions do not change with it.
+    pub loss_temperature: f32,
 }
 
 /// Gradual magnitude pruning inside the loop (Zhu & Gupta, 2017): the sparsity of the
@@ -107,6 +111,7 @@ impl Default for Options {
             checkpoint: None,
             resume: false,
             gradual: None,
+            loss_temperature: 1.0,
         }
     }
 }
@@ -336,7 +341,6 @@ pub fn finetune(
         Some(c) => (c.history, c.best, c.states, c.step, c.epochs_done),
         None => (Vec::new(), None, HashMap::new(), 0usize, 0),
     };
-    let output = model.graph.outputs[0].name.clone();
     for epoch in first..opts.epochs {
         if step >= total {
             break;
@@ -361,46 +365,31 @@ pub fn finetune(
             }
             let x = rows(train.x, chunk)?;
             let y: Vec<i64> = chunk.iter().map(|&i| train.y[i]).collect();
-            let (outs, captured) = session.run_with(
-                &[(input.as_str(), x.clone())],
-                &RunOptions {
-                    capture_all: true,
-                    ..Default::default()
-                },
-            )?;
-            let logits = &outs[0].1;
-            let (mut loss, mut dlogits) = loss::cross_entropy(logits, &y)?;
-            if let (Some((ts, tin)), Some(d)) = (&teacher, &opts.distill) {
-                let t = ts.run(&[(tin.as_str(), x.clone())])?.remove(0).1;
-                let (kl, dk) = loss::distill(logits, &t, d.temperature)?;
-                loss = (1.0 - d.alpha as f64) * loss + d.alpha as f64 * kl;
-                let (a, b) = (1.0 - d.alpha, d.alpha);
-                let dv: Vec<f32> = dlogits
-                    .as_slice::<f32>()?
-                    .iter()
-                    .zip(dk.as_slice::<f32>()?)
-                    .map(|(h, s)| a * h + b * s)
-                    .collect();
-                dlogits = Tensor::from_vec(logits.shape().to_vec(), dv)?;
-            }
-            if !loss.is_finite() {
-                bail!(
-                    Invalid,
-                    "the loss became {loss} at step {step}: lower --lr (it is {})",
-                    opts.lr
-                );
-            }
-            let mut values: HashMap<String, Tensor> = captured;
-            values.insert(input.clone(), x);
-            for (k, t) in outs {
-                values.insert(k, t);
-            }
-            let grads = grad::backward(
-                session.model(),
-                &values,
-                &[(output.clone(), dlogits)],
-                &params,
-            )?;
+            let (loss, grads) = batch_gradients(&session, &input, &x, &params, |logits| {
+                let (mut loss, mut dlogits) =
+                    loss::cross_entropy_scaled(logits, &y, opts.loss_temperature)?;
+                if let (Some((ts, tin)), Some(d)) = (&teacher, &opts.distill) {
+                    let t = ts.run(&[(tin.as_str(), x.clone())])?.remove(0).1;
+                    let (kl, dk) = loss::distill(logits, &t, d.temperature)?;
+                    loss = (1.0 - d.alpha as f64) * loss + d.alpha as f64 * kl;
+                    let (a, b) = (1.0 - d.alpha, d.alpha);
+                    let dv: Vec<f32> = dlogits
+                        .as_slice::<f32>()?
+                        .iter()
+                        .zip(dk.as_slice::<f32>()?)
+                        .map(|(h, s)| a * h + b * s)
+                        .collect();
+                    dlogits = Tensor::from_vec(logits.shape().to_vec(), dv)?;
+                }
+                if !loss.is_finite() {
+                    bail!(
+                        Invalid,
+                        "the loss became {loss} at step {step}: lower --lr (it is {})",
+                        opts.lr
+                    );
+                }
+                Ok((loss, dlogits))
+            })?;
             let lr = opts.schedule.rate(opts.lr, step, total);
             for name in &params {
                 let Some(g) = grads.get(name) else { continue };
@@ -535,6 +524,68 @@ fn gradual_masks(
         }
     }
     Ok(m)
+}
+
+/// One forward and backward pass on `x`: `objective` maps the first output to (loss,
+/// d loss / d output); returns the loss and the gradients of `params`.
+fn batch_gradients(
+    session: &Session,
+    input: &str,
+    x: &Tensor,
+    params: &[String],
+    objective: impl FnOnce(&Tensor) -> Result<(f64, Tensor)>,
+) -> Result<(f64, HashMap<String, Tensor>)> {
+    let (outs, mut values) = session.run_with(
+        &[(input, x.clone())],
+        &RunOptions {
+            capture_all: true,
+            ..Default::default()
+        },
+    )?;
+    let (loss, d) = objective(&outs[0].1)?;
+    let output = outs[0].0.clone();
+    values.insert(input.to_string(), x.clone());
+    values.extend(outs);
+    let grads = grad::backward(session.model(), &values, &[(output, d)], params)?;
+    Ok((loss, grads))
+}
+
+/// First-order Taylor importance of every trainable weight element: |w x dL/dw| of the
+/// cross-entropy, summed over `data` in batches of `batch` (Molchanov et al., 2019). What
+/// `smelt_prune::Criterion::Taylor` ranks by.
+pub fn taylor_scores(
+    model: Model,
+    data: &Samples,
+    batch: usize,
+    temperature: f32,
+) -> Result<HashMap<String, Vec<f32>>> {
+    if data.y.is_empty() || data.x.shape().first() != Some(&data.y.len()) {
+        bail!(
+            Input,
+            "the taylor criterion needs labelled samples; the data is empty or unlabelled"
+        );
+    }
+    let model = prepare(model)?;
+    let input = input_name(&model)?;
+    let params = trainable(&model);
+    let session = Session::unfolded(model)?;
+    let mut scores: HashMap<String, Vec<f32>> = HashMap::new();
+    let idx: Vec<usize> = (0..data.y.len()).collect();
+    for chunk in idx.chunks(batch.max(1)) {
+        let x = rows(data.x, chunk)?;
+        let y: Vec<i64> = chunk.iter().map(|&i| data.y[i]).collect();
+        let (_, grads) = batch_gradients(&session, &input, &x, &params, |logits| {
+            loss::cross_entropy_scaled(logits, &y, temperature)
+        })?;
+        for (name, g) in grads {
+            let w = session.model().graph.initializers[&name].as_slice::<f32>()?;
+            let acc = scores.entry(name).or_insert_with(|| vec![0.0; w.len()]);
+            for ((a, &w), &g) in acc.iter_mut().zip(w).zip(g.as_slice::<f32>()?) {
+                *a += (w * g).abs();
+            }
+        }
+    }
+    Ok(scores)
 }
 
 /// Quantizes `model` statically, calibrated on `q.calib` training samples drawn with the

@@ -27,6 +27,17 @@ pub fn cross_entropy(logits: &Tensor, labels: &[i64]) -> Result<(f64, Tensor)> {
     Ok((total / n as f64, Tensor::from_vec(vec![n, c], grad)?))
 }
 
+/// Cross-entropy on `logits / t` (with its gradient with respect to the unscaled logits).
+pub fn cross_entropy_scaled(logits: &Tensor, labels: &[i64], t: f32) -> Result<(f64, Tensor)> {
+    if t == 1.0 {
+        return cross_entropy(logits, labels);
+    }
+    let scaled: Vec<f32> = logits.as_slice::<f32>()?.iter().map(|v| v / t).collect();
+    let (l, d) = cross_entropy(&Tensor::from_vec(logits.shape().to_vec(), scaled)?, labels)?;
+    let d: Vec<f32> = d.as_slice::<f32>()?.iter().map(|v| v / t).collect();
+    Ok((l, Tensor::from_vec(logits.shape().to_vec(), d)?))
+}
+
 /// Knowledge distillation (Hinton et al.): KL(teacher || student) on logits softened by
 /// temperature `t`, scaled by t^2 so its gradient keeps the size of a hard-label loss.
 pub fn distill(student: &Tensor, teacher: &Tensor, t: f32) -> Result<(f64, Tensor)> {

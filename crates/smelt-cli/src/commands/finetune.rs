@@ -82,6 +82,10 @@ pub struct Args {
     /// flags as the first run.
     #[arg(long, requires = "checkpoint")]
     resume: bool,
+    /// Compute the label loss on logits / T: for models with very large logits (MNIST-8 takes
+    /// raw 0..255 pixels), where a few confidently wrong samples would make the whole gradient.
+    #[arg(long, default_value_t = 1.0)]
+    loss_temperature: f32,
     /// Prune while training: raise the sparsity of the Conv/Gemm/MatMul weights gradually
     /// (cubic schedule, magnitude) to this fraction; the masks are written beside the output.
     #[arg(long)]
@@ -180,6 +184,11 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         },
         checkpoint: a.checkpoint.clone(),
         resume: a.resume,
+        loss_temperature: if a.loss_temperature > 0.0 && a.loss_temperature.is_finite() {
+            a.loss_temperature
+        } else {
+            bail!(Input, "--loss-temperature must be positive");
+        },
         gradual: match a.prune_to {
             Some(s) => {
                 if !(0.0..1.0).contains(&s) || !(0.0..=1.0).contains(&a.prune_until) {
@@ -213,22 +222,22 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         .as_ref()
         .zip(val_y.as_deref())
         .map(|(v, y)| Samples { x: &v.x, y });
-    let mut last = Instant::now();
+    let mut bar = crate::progress::Progress::new(json);
+    let batch = a.batch.max(1);
+    let mut epoch_start = (usize::MAX, Instant::now());
     let trained = smelt_train::finetune(model, &samples, val_samples.as_ref(), &opts, |p| {
-        if !json && (p.step == p.steps || last.elapsed().as_secs_f64() > 0.5) {
-            eprint!(
-                "\repoch {} step {}/{} loss {:.4}   ",
-                p.epoch + 1,
-                p.step,
-                p.steps,
-                p.loss
-            );
-            last = Instant::now();
+        if epoch_start.0 != p.epoch {
+            epoch_start = (p.epoch, Instant::now());
         }
+        let rate = (p.step * batch) as f64 / epoch_start.1.elapsed().as_secs_f64().max(1e-9);
+        bar.update(
+            &format!("epoch {}", p.epoch + 1),
+            p.step,
+            p.steps,
+            format!("loss {:.4}, {rate:.0} samples/s", p.loss),
+        );
     })?;
-    if !json {
-        eprintln!();
-    }
+    bar.finish();
     smelt_onnx::save(&trained.model, &a.output)?;
     // Masks made here (gradual pruning) go beside the output, as `smelt prune` writes them.
     let masks_path = match (&trained.masks, a.prune_to) {

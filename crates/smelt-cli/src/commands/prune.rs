@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long, default_value = "layer", value_parser = ["layer", "global"])]
     scope: String,
     /// Importance: magnitude (= l1), l2, wanda (|w| x input norm, needs --calib), random, or
-    /// taylor (needs gradients: not yet).
+    /// taylor (|w x dL/dw| of the cross-entropy, needs labelled --calib data).
     #[arg(long, default_value = "magnitude")]
     criterion: String,
     /// Seed for --criterion random.
@@ -112,6 +112,7 @@ fn options(a: &Args) -> Result<Options> {
         exclude: a.exclude.clone(),
         remove_blocks: a.remove_block.clone(),
         heads: a.heads,
+        gradient_scores: None,
     })
 }
 
@@ -181,8 +182,28 @@ fn latency_pair(a: &Model, b: &Model, batch: usize, runs: usize) -> Result<(f64,
 pub fn run(a: Args, json: bool) -> Result<()> {
     refuse_overwrite(&a.model, &a.output, a.force)?;
     let started = Instant::now();
-    let opts = options(&a)?;
+    let mut opts = options(&a)?;
     let model = load_model(&a.model)?;
+    if opts.criterion == Criterion::Taylor {
+        if a.data.data.is_none() {
+            bail!(
+                Input,
+                "--criterion taylor needs labelled calibration data: pass --calib DATA"
+            );
+        }
+        let mut d = a.data.clone();
+        d.limit = d.limit.or(Some(1024));
+        let ds = d.dataset(&model)?;
+        let Some(y) = &ds.y else {
+            bail!(
+                Input,
+                "--criterion taylor needs labels in the calibration data"
+            );
+        };
+        let samples = smelt_train::Samples { x: &ds.x, y };
+        let scores = smelt_train::taylor_scores(model.clone(), &samples, a.batch, 1.0)?;
+        opts.gradient_scores = Some(std::sync::Arc::new(scores));
+    }
     let calib = if opts.criterion.needs_data() {
         if a.data.data.is_none() {
             bail!(

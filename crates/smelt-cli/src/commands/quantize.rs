@@ -170,17 +170,12 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         Vec::new()
     };
     let calib_time = started.elapsed().as_secs_f64();
-    let mut last_shown = Instant::now();
+    let mut bar = crate::progress::Progress::new(json);
     let (mut qmodel, mut manifest) =
         smelt_quant::quantize(model.clone(), &opts, &calib, |stage, d, n| {
-            if !json && (d == n || last_shown.elapsed().as_secs_f64() > 1.0) {
-                eprint!("\r{stage}: {d}/{n} batches");
-                if d == n {
-                    eprintln!();
-                }
-                last_shown = Instant::now();
-            }
+            bar.update(stage, d, n, "batches".into())
         })?;
+    bar.finish();
     if a.quantize_inputs {
         let pre = InputPreprocess {
             scale: a.data.scale,

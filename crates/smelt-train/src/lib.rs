@@ -538,7 +538,7 @@ fn batch_gradients(
     let (outs, mut values) = session.run_with(
         &[(input, x.clone())],
         &RunOptions {
-            capture_all: true,
+            capture: grad::needed_values(session.model(), params)?,
             ..Default::default()
         },
     )?;

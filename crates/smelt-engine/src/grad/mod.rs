@@ -138,6 +138,30 @@ pub fn backward(
         .collect())
 }
 
+/// The values a forward run must keep for [`backward`] to differentiate with respect to
+/// `wrt`: the inputs and outputs of every node a `wrt` value flows through (initializers
+/// aside, which backward reads from the model). Capturing only these, rather than every
+/// value, is what keeps training's memory to what backward needs.
+pub fn needed_values(model: &Model, wrt: &[String]) -> Result<Vec<String>> {
+    let g = &model.graph;
+    let mut live: HashSet<&str> = wrt.iter().map(String::as_str).collect();
+    let mut needed: Vec<String> = Vec::new();
+    let mut seen: HashSet<&str> = HashSet::new();
+    for i in g.topo_order()? {
+        let n = &g.nodes[i];
+        if !n.inputs.iter().any(|x| live.contains(x.as_str())) {
+            continue;
+        }
+        live.extend(n.outputs.iter().map(String::as_str));
+        for v in n.inputs.iter().chain(&n.outputs) {
+            if !v.is_empty() && !g.initializers.contains_key(v) && seen.insert(v) {
+                needed.push(v.clone());
+            }
+        }
+    }
+    Ok(needed)
+}
+
 fn accumulate(grads: &mut HashMap<String, Tensor>, name: &str, d: Tensor) -> Result<()> {
     match grads.get_mut(name) {
         Some(acc) => {

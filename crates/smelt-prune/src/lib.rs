@@ -38,6 +38,31 @@ pub enum Method {
     None,
 }
 
+impl Method {
+    /// `unstructured` (with `scope` layer or global), `N:M` such as 2:4, `channels` or `none`.
+    pub fn parse(pattern: &str, scope: &str) -> Result<Method> {
+        Ok(match pattern {
+            "unstructured" => Method::Unstructured(match scope {
+                "global" => Scope::Global,
+                "layer" => Scope::Layer,
+                s => bail!(Input, "unknown scope '{s}' (expected layer or global)"),
+            }),
+            "channels" => Method::Channels,
+            "none" => Method::None,
+            p => match p.split_once(':') {
+                Some((n, m)) => match (n.parse(), m.parse()) {
+                    (Ok(n), Ok(m)) => Method::NOfM(n, m),
+                    _ => bail!(Input, "pattern '{p}': N:M needs two integers, e.g. 2:4"),
+                },
+                None => bail!(
+                    Input,
+                    "unknown pattern '{p}' (expected unstructured, N:M such as 2:4, channels or none)"
+                ),
+            },
+        })
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Options {
     pub method: Method,

@@ -145,6 +145,26 @@ pub struct WeightScheme {
     pub clip: Clip,
 }
 
+impl WeightScheme {
+    /// The scheme named on a command line or in a recipe: `weight_type` defaults to int8
+    /// (int4 for weight-only), `granularity` to per-channel (blocks of `block_size` below 8
+    /// bits); symmetric, min-max clipping.
+    pub fn parse(
+        weight_only: bool,
+        weight_type: Option<&str>,
+        granularity: Option<&str>,
+        block_size: usize,
+    ) -> Result<WeightScheme> {
+        let qtype = QType::parse(weight_type.unwrap_or(if weight_only { "int4" } else { "int8" }))?;
+        let gran = granularity.unwrap_or(if qtype.bits() < 8 { "block" } else { "channel" });
+        Ok(WeightScheme {
+            qtype,
+            granularity: Granularity::parse(gran, block_size)?,
+            ..WeightScheme::default()
+        })
+    }
+}
+
 impl Default for WeightScheme {
     fn default() -> Self {
         WeightScheme {

@@ -1,10 +1,9 @@
 use crate::args::{load_model, print_json, refuse_overwrite, DataArgs};
 use serde_json::json;
-use smelt_engine::analysis::{infer_shapes, model_stats, synth_inputs, InputSpec};
-use smelt_engine::Session;
-use smelt_ir::{Model, Pass};
-use smelt_prune::{Criterion, Method, Options, Scope};
-use smelt_tensor::{bail, Result, Tensor};
+use smelt_compress::measure::{latency_pair, Measure};
+use smelt_ir::Model;
+use smelt_prune::{Criterion, Method, Options};
+use smelt_tensor::{bail, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -75,24 +74,7 @@ pub struct Args {
 }
 
 fn options(a: &Args) -> Result<Options> {
-    let method = match a.pattern.as_str() {
-        "unstructured" => Method::Unstructured(match a.scope.as_str() {
-            "global" => Scope::Global,
-            _ => Scope::Layer,
-        }),
-        "channels" => Method::Channels,
-        "none" => Method::None,
-        p => match p.split_once(':') {
-            Some((n, m)) => match (n.parse(), m.parse()) {
-                (Ok(n), Ok(m)) => Method::NOfM(n, m),
-                _ => bail!(Input, "--pattern '{p}': N:M needs two integers, e.g. 2:4"),
-            },
-            None => bail!(
-                Input,
-                "unknown --pattern '{p}' (expected unstructured, N:M such as 2:4, channels or none)"
-            ),
-        },
-    };
+    let method = Method::parse(&a.pattern, &a.scope)?;
     let mut overrides = Vec::new();
     for l in &a.layers {
         let Some((p, f)) = l.rsplit_once('=') else {
@@ -116,67 +98,11 @@ fn options(a: &Args) -> Result<Options> {
     })
 }
 
-/// What the summary compares before and after.
-struct Measure {
-    params: u64,
-    nonzero: u64,
-    flops: u64,
-    bytes: u64,
-}
-
+/// The model measured, with the size of its file as written.
 fn measure(model: &Model, path: &Path) -> Result<Measure> {
-    let s = Session::new(model.clone())?;
-    let shapes = infer_shapes(&s, &InputSpec::default())?;
-    let st = model_stats(model, &shapes);
-    Ok(Measure {
-        params: st.params,
-        nonzero: st.params - st.zero_params,
-        flops: st.flops,
-        bytes: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
-    })
-}
-
-/// Median latency of both models at `batch`, timed in alternation so that machine noise hits
-/// both alike. Fixed-batch models are made batch-dynamic for the measurement when needed.
-fn latency_pair(a: &Model, b: &Model, batch: usize, runs: usize) -> Result<(f64, f64)> {
-    let prep = |m: &Model| -> Result<Session> {
-        let m = if batch > 1 {
-            smelt_ir::passes::DynamicBatch::default()
-                .run(m.clone())
-                .map(|r| r.0)
-                .unwrap_or_else(|_| m.clone())
-        } else {
-            m.clone()
-        };
-        Session::new(m)
-    };
-    let (sa, sb) = (prep(a)?, prep(b)?);
-    let spec = InputSpec {
-        batch,
-        ..Default::default()
-    };
-    let feed = |s: &Session| -> Vec<(String, Tensor)> { synth_inputs(s.graph(), &spec) };
-    let (fa, fb) = (feed(&sa), feed(&sb));
-    let run = |s: &Session, f: &[(String, Tensor)]| -> Result<f64> {
-        let inputs: Vec<(&str, Tensor)> = f.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        let t = Instant::now();
-        s.run(&inputs)?;
-        Ok(t.elapsed().as_secs_f64() * 1e3)
-    };
-    for _ in 0..2 {
-        run(&sa, &fa)?;
-        run(&sb, &fb)?;
-    }
-    let (mut ta, mut tb) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        ta.push(run(&sa, &fa)?);
-        tb.push(run(&sb, &fb)?);
-    }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    Ok((median(ta), median(tb)))
+    let mut m = smelt_compress::measure::measure(model, None)?;
+    m.bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(m.bytes);
+    Ok(m)
 }
 
 pub fn run(a: Args, json: bool) -> Result<()> {

@@ -1,7 +1,7 @@
 use crate::args::{load_model, print_json, refuse_overwrite, DataArgs};
 use serde_json::json;
 use smelt_quant::inputs::{quantize_inputs, InputPreprocess};
-use smelt_quant::{Clip, Granularity, Mode, ObserverKind, Options, QType, WeightScheme};
+use smelt_quant::{Clip, Mode, ObserverKind, Options, QType, WeightScheme};
 use smelt_tensor::{bail, Result};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -100,31 +100,23 @@ pub struct Args {
 
 fn options(a: &Args) -> Result<Options> {
     let mode = Mode::parse(&a.mode)?;
-    let wt = a.weight_type.clone().unwrap_or_else(|| {
-        if mode == Mode::WeightOnly {
-            "int4"
-        } else {
-            "int8"
-        }
-        .into()
-    });
-    let qtype = QType::parse(&wt)?;
-    let gran = a
-        .granularity
-        .clone()
-        .unwrap_or_else(|| if qtype.bits() < 8 { "block" } else { "channel" }.into());
+    let scheme = WeightScheme::parse(
+        mode == Mode::WeightOnly,
+        a.weight_type.as_deref(),
+        a.granularity.as_deref(),
+        a.block_size,
+    )?;
     let observer = observer_kind(&a.observer, a.percentile, a.bins)?;
     Ok(Options {
         mode,
         weights: WeightScheme {
-            qtype,
-            granularity: Granularity::parse(&gran, a.block_size)?,
             symmetric: !a.weight_asym,
             clip: if a.weight_clip == "mse" {
                 Clip::Mse
             } else {
                 Clip::MinMax
             },
+            ..scheme
         },
         act_qtype: QType::parse(&a.act_type)?,
         act_symmetric: a.act_sym,

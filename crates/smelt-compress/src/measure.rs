@@ -1,0 +1,91 @@
+//! What a compression changes, measured: accuracy, parameters (and how many are zero), FLOPs,
+//! file size, and latency timed side by side.
+
+use serde::Serialize;
+use smelt_engine::analysis::{infer_shapes, model_stats, synth_inputs, InputSpec};
+use smelt_engine::Session;
+use smelt_ir::{Model, Pass};
+use smelt_tensor::{Result, Tensor};
+use smelt_train::Samples;
+use std::time::Instant;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Measure {
+    /// Top-1 accuracy on the validation data, when there is some.
+    pub accuracy: Option<f64>,
+    pub params: u64,
+    pub nonzero: u64,
+    pub flops: u64,
+    /// Size of the ONNX file.
+    pub bytes: u64,
+}
+
+/// Measures `model` (batch-1 shapes for FLOPs); accuracy on `val` when given.
+pub fn measure(model: &Model, val: Option<&Samples>) -> Result<Measure> {
+    let s = Session::new(model.clone())?;
+    let shapes = infer_shapes(&s, &InputSpec::default())?;
+    let st = model_stats(model, &shapes);
+    let accuracy = match val {
+        Some(v) => {
+            let input = model
+                .graph
+                .runtime_inputs()
+                .next()
+                .map(|v| v.name.clone())
+                .unwrap_or_default();
+            let m = smelt_train::prepare(model.clone())?;
+            Some(smelt_train::accuracy(&Session::new(m)?, &input, v, 256)?)
+        }
+        None => None,
+    };
+    Ok(Measure {
+        accuracy,
+        params: st.params,
+        nonzero: st.params - st.zero_params,
+        flops: st.flops,
+        bytes: smelt_onnx::encode(model)?.len() as u64,
+    })
+}
+
+/// Median latency in ms of both models at `batch`, timed in alternation so that machine noise
+/// hits both alike. Fixed-batch models are made batch-dynamic for the measurement when needed.
+pub fn latency_pair(a: &Model, b: &Model, batch: usize, runs: usize) -> Result<(f64, f64)> {
+    let prep = |m: &Model| -> Result<Session> {
+        let m = if batch > 1 {
+            smelt_ir::passes::DynamicBatch::default()
+                .run(m.clone())
+                .map(|r| r.0)
+                .unwrap_or_else(|_| m.clone())
+        } else {
+            m.clone()
+        };
+        Session::new(m)
+    };
+    let (sa, sb) = (prep(a)?, prep(b)?);
+    let spec = InputSpec {
+        batch,
+        ..Default::default()
+    };
+    let feed = |s: &Session| -> Vec<(String, Tensor)> { synth_inputs(s.graph(), &spec) };
+    let (fa, fb) = (feed(&sa), feed(&sb));
+    let run = |s: &Session, f: &[(String, Tensor)]| -> Result<f64> {
+        let inputs: Vec<(&str, Tensor)> = f.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let t = Instant::now();
+        s.run(&inputs)?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    for _ in 0..2 {
+        run(&sa, &fa)?;
+        run(&sb, &fb)?;
+    }
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for _ in 0..runs.max(1) {
+        ta.push(run(&sa, &fa)?);
+        tb.push(run(&sb, &fb)?);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok((median(ta), median(tb)))
+}

@@ -28,6 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Compress a bundled model (MNIST-8) with the default recipe and report: offline.
+    Demo(commands::demo::Args),
     /// Ops, parameters, bytes, FLOPs and sparsity of a model.
     Inspect(commands::inspect::Args),
     /// Accuracy on labelled data, or fidelity against a reference model.
@@ -44,6 +46,8 @@ enum Cmd {
     Prune(Box<commands::prune::Args>),
     /// Fine-tune weights on labelled data (keeps pruning masks; can distill from a teacher).
     Finetune(Box<commands::finetune::Args>),
+    /// Apply a recipe (prune, fine-tune, quantize stages), measure before and after, report.
+    Compress(Box<commands::compress::Args>),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
     }));
     let json = cli.json;
     let result = std::panic::catch_unwind(move || match cli.cmd {
+        Cmd::Demo(a) => commands::demo::run(a, json),
         Cmd::Inspect(a) => commands::inspect::run(a, json),
         Cmd::Eval(a) => commands::eval::run(a, json),
         Cmd::Bench(a) => commands::bench::run(a, json),
@@ -71,6 +76,7 @@ fn main() -> ExitCode {
         Cmd::Quantize(a) => commands::quantize::run(*a, json),
         Cmd::Prune(a) => commands::prune::run(*a, json),
         Cmd::Finetune(a) => commands::finetune::run(*a, json),
+        Cmd::Compress(a) => commands::compress::run(*a, json),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

@@ -2,6 +2,8 @@
 //! and after, and a report that proves (or disproves) each gain.
 
 pub mod measure;
+pub mod pipeline;
 pub mod recipe;
+pub mod report;
 
 pub use recipe::{Recipe, Stage};

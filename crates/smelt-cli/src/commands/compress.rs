@@ -1,0 +1,174 @@
+use crate::args::{load_model, print_json, refuse_overwrite, DataArgs};
+use smelt_compress::pipeline::{self, Data};
+use smelt_compress::report::{Latency, Report};
+use smelt_compress::Recipe;
+use smelt_ir::Model;
+use smelt_tensor::{bail, Result};
+use smelt_train::Samples;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The float ONNX model to compress.
+    model: PathBuf,
+    /// Where to write the compressed model.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// The stages to apply (TOML; see recipes/ for ready ones).
+    #[arg(long)]
+    recipe: PathBuf,
+    /// Labelled training data: calibration and fine-tuning (same forms as `eval --data`).
+    #[command(flatten)]
+    data: DataArgs,
+    /// Labelled validation data, for the accuracy before, after each stage and after.
+    #[arg(long)]
+    val: Option<PathBuf>,
+    #[arg(long, default_value_t = 2000)]
+    val_limit: usize,
+    /// Write the report (report.html with charts, report.json, summary.md) into this folder.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Seed of shuffles and random choices.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Timed runs of each model, side by side, at batch 1 and 32 (0 skips the latency).
+    #[arg(long, default_value_t = 20)]
+    bench_runs: usize,
+    /// Allow writing over the input file.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(a: Args, json: bool) -> Result<()> {
+    refuse_overwrite(&a.model, &a.output, a.force)?;
+    let recipe = Recipe::load(&a.recipe)?;
+    let model = load_model(&a.model)?;
+    let train = a.data.dataset(&model)?;
+    let Some(train_y) = train.y.clone() else {
+        bail!(Input, "the training data has no labels");
+    };
+    let val = match &a.val {
+        Some(p) => {
+            let mut d = a.data.clone();
+            d.data = Some(p.clone());
+            d.split = "test".into();
+            d.limit = Some(a.val_limit);
+            d.skip = 0;
+            let ds = d.dataset(&model)?;
+            if ds.y.is_none() {
+                bail!(Input, "--val data has no labels");
+            }
+            Some(ds)
+        }
+        None => None,
+    };
+    let val_y = val.as_ref().and_then(|v| v.y.clone());
+    let data = Data {
+        train: Samples {
+            x: &train.x,
+            y: &train_y,
+        },
+        val: val
+            .as_ref()
+            .zip(val_y.as_deref())
+            .map(|(v, y)| Samples { x: &v.x, y }),
+    };
+    let name = a.model.display().to_string();
+    compress(
+        model,
+        &name,
+        &recipe,
+        &data,
+        &a.output,
+        a.report.as_deref(),
+        a.seed,
+        a.bench_runs,
+        json,
+    )
+}
+
+/// Runs the recipe, writes the model (and masks, report), prints the before/after table.
+#[allow(clippy::too_many_arguments)]
+pub fn compress(
+    model: Model,
+    name: &str,
+    recipe: &Recipe,
+    data: &Data,
+    output: &Path,
+    report_dir: Option<&Path>,
+    seed: u64,
+    bench_runs: usize,
+    json: bool,
+) -> Result<()> {
+    let mut bar = crate::progress::Progress::new(json);
+    let out = pipeline::run(model.clone(), recipe, data, seed, |stage, d, n| {
+        bar.update(stage, d, n, String::new())
+    })?;
+    bar.finish();
+    smelt_onnx::save(&out.model, output)?;
+    if let Some(m) = &out.masks {
+        smelt_onnx::write_atomic(&crate::args::masks_beside(output), &m.to_safetensors()?)?;
+    }
+    let mut latency = Vec::new();
+    if bench_runs > 0 {
+        for batch in [1, 32] {
+            let (b, a) =
+                smelt_compress::measure::latency_pair(&model, &out.model, batch, bench_runs)?;
+            latency.push(Latency {
+                batch,
+                before_ms: b,
+                after_ms: a,
+                speedup: b / a.max(1e-12),
+            });
+        }
+    }
+    let report = Report::new(
+        name.to_string(),
+        recipe.clone(),
+        out.before,
+        out.stages,
+        latency,
+    );
+    if let Some(dir) = report_dir {
+        report.write(dir)?;
+    }
+    if json {
+        let mut v = serde_json::to_value(&report)
+            .map_err(|e| smelt_tensor::Error::Invalid(format!("report: {e}")))?;
+        v["output"] = output.display().to_string().into();
+        v["report_dir"] = report_dir.map(|d| d.display().to_string()).into();
+        print_json(&v);
+        return Ok(());
+    }
+    println!(
+        "compressed {name} -> {} (recipe {})",
+        output.display(),
+        recipe.name
+    );
+    for (i, st) in report.stages.iter().enumerate() {
+        println!(
+            "  {}. {:<9} {:>6.1} s  {}",
+            i + 1,
+            st.kind,
+            st.seconds,
+            st.summary
+        );
+    }
+    println!();
+    let rows = report.table();
+    let w0 = rows.iter().map(|r| r[0].len()).max().unwrap_or(6).max(6);
+    println!(
+        "{:<w0$}  {:>14}  {:>14}  {:>14}",
+        "", "before", "after", "change"
+    );
+    for r in &rows {
+        println!("{:<w0$}  {:>14}  {:>14}  {:>14}", r[0], r[1], r[2], r[3]);
+    }
+    for w in &report.warnings {
+        println!("warning: {w}");
+    }
+    if let Some(dir) = report_dir {
+        println!("report     {}", dir.join("report.html").display());
+    }
+    Ok(())
+}

@@ -1,0 +1,262 @@
+//! Running a recipe: each stage calls the library that owns it (smelt-prune, smelt-train,
+//! smelt-quant) on the previous stage's model, and the model is measured after every stage.
+
+use crate::measure::{measure, Measure};
+use crate::recipe::{Recipe, Stage};
+use serde::Serialize;
+use smelt_engine::Feed;
+use smelt_ir::Model;
+use smelt_prune::{Criterion, Masks, Method};
+use smelt_quant::{Mode, ObserverKind, WeightScheme};
+use smelt_tensor::{bail, Result, Tensor};
+use smelt_train::optim::{Optimizer, Schedule};
+use smelt_train::{Distill, Qat, Samples};
+use std::time::Instant;
+
+/// Labelled data for a run: `train` feeds calibration and fine-tuning, `val` the measurements.
+pub struct Data<'a> {
+    pub train: Samples<'a>,
+    pub val: Option<Samples<'a>>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StageRecord {
+    pub kind: &'static str,
+    /// What the stage did, in a line.
+    pub summary: String,
+    pub seconds: f64,
+    /// The model measured after the stage.
+    pub after: Measure,
+}
+
+pub struct Outcome {
+    pub model: Model,
+    pub before: Measure,
+    pub stages: Vec<StageRecord>,
+    /// Pruning masks still held at the end.
+    pub masks: Option<Masks>,
+}
+
+fn input_name(model: &Model) -> Result<String> {
+    match model.graph.runtime_inputs().next() {
+        Some(v) => Ok(v.name.clone()),
+        None => bail!(Input, "the model has no input"),
+    }
+}
+
+/// The first `n` rows of `x`.
+fn head_rows(x: &Tensor, n: usize) -> Result<Tensor> {
+    let inner: usize = x.shape()[1..].iter().product();
+    let mut shape = x.shape().to_vec();
+    shape[0] = n.min(shape[0]);
+    Tensor::from_vec(
+        shape.clone(),
+        x.as_slice::<f32>()?[..shape[0] * inner].to_vec(),
+    )
+}
+
+/// The first `n` training samples as engine feeds of `batch` rows.
+fn feeds(model: &Model, data: &Samples, n: usize, batch: usize) -> Result<Vec<Feed>> {
+    let input = input_name(model)?;
+    let x = data.x;
+    let rows = n.min(data.y.len());
+    let inner: usize = x.shape()[1..].iter().product();
+    let v = x.as_slice::<f32>()?;
+    (0..rows)
+        .step_by(batch.max(1))
+        .map(|s| {
+            let e = (s + batch).min(rows);
+            let mut shape = x.shape().to_vec();
+            shape[0] = e - s;
+            let t = Tensor::from_vec(shape, v[s * inner..e * inner].to_vec())?;
+            Ok(vec![(input.clone(), t)])
+        })
+        .collect()
+}
+
+/// Applies `recipe` to `model`. `progress(stage, done, total)` reports fine-tuning steps.
+pub fn run(
+    model: Model,
+    recipe: &Recipe,
+    data: &Data,
+    seed: u64,
+    mut progress: impl FnMut(&str, usize, usize),
+) -> Result<Outcome> {
+    let original = model.clone();
+    let before = measure(&model, data.val.as_ref())?;
+    let mut model = model;
+    let mut masks: Option<Masks> = None;
+    let mut stages = Vec::new();
+    for (i, stage) in recipe.stages.iter().enumerate() {
+        let started = Instant::now();
+        let label = format!("{} {}", i + 1, stage.kind());
+        let summary = match stage {
+            Stage::Prune {
+                pattern,
+                sparsity,
+                scope,
+                criterion,
+            } => {
+                let mut opts = smelt_prune::Options {
+                    method: Method::parse(pattern, scope)?,
+                    criterion: Criterion::parse(criterion, seed)?,
+                    sparsity: *sparsity,
+                    ..Default::default()
+                };
+                if opts.criterion == Criterion::Taylor {
+                    let n = data.train.y.len().min(1024);
+                    let x = head_rows(data.train.x, n)?;
+                    let part = Samples {
+                        x: &x,
+                        y: &data.train.y[..n],
+                    };
+                    let scores = smelt_train::taylor_scores(model.clone(), &part, 64, 1.0)?;
+                    opts.gradient_scores = Some(std::sync::Arc::new(scores));
+                }
+                let calib = if opts.criterion.needs_data() {
+                    feeds(&model, &data.train, 128, 32)?
+                } else {
+                    vec![]
+                };
+                let (m, mk, report) = smelt_prune::prune(model, &opts, &calib)?;
+                model = m;
+                // Channel pruning changes shapes: earlier masks no longer fit.
+                masks = match (opts.method, masks.take()) {
+                    (Method::Channels, _) => None,
+                    (_, Some(mut old)) => {
+                        old.0.extend(mk.0);
+                        Some(old)
+                    }
+                    (_, None) => (!mk.0.is_empty()).then_some(mk),
+                };
+                format!(
+                    "{}, {} importance: {:.1}% removed",
+                    report.method,
+                    report.criterion,
+                    100.0 * sparsity
+                )
+            }
+            Stage::Finetune {
+                epochs,
+                lr,
+                batch,
+                optimizer,
+                max_steps,
+                loss_temperature,
+                distill,
+                qat,
+            } => {
+                let opts = smelt_train::Options {
+                    epochs: *epochs,
+                    batch: *batch,
+                    lr: *lr,
+                    optimizer: Optimizer::parse(optimizer, 0.9)?,
+                    schedule: Schedule::Cosine { warmup: 0 },
+                    seed,
+                    distill: (*distill > 0.0).then(|| Distill {
+                        teacher: original.clone(),
+                        temperature: 4.0,
+                        alpha: *distill,
+                    }),
+                    masks: masks.clone(),
+                    max_steps: *max_steps,
+                    qat: match qat.as_deref() {
+                        None => None,
+                        Some(s) => Some(Qat {
+                            quant: smelt_quant::Options {
+                                weights: WeightScheme::parse(
+                                    false,
+                                    Some(match s {
+                                        "w8a8" => "int8",
+                                        "w4a8" => "int4",
+                                        _ => {
+                                            bail!(Input, "unknown qat scheme '{s}' (w8a8 or w4a8)")
+                                        }
+                                    }),
+                                    Some("channel"),
+                                    128,
+                                )?,
+                                ..Default::default()
+                            },
+                            calib: 500,
+                            learn_scales: false,
+                        }),
+                    },
+                    loss_temperature: *loss_temperature,
+                    ..Default::default()
+                };
+                let t = smelt_train::finetune(model, &data.train, data.val.as_ref(), &opts, |p| {
+                    progress(&label, p.step, p.steps)
+                })?;
+                model = t.model;
+                masks = t.masks;
+                let last = t.history.last();
+                format!(
+                    "{} epoch(s), lr {lr}, final train loss {:.4}{}",
+                    t.history.len(),
+                    last.map_or(f64::NAN, |e| e.train_loss),
+                    qat.as_ref()
+                        .map(|q| format!(", QAT {q}"))
+                        .unwrap_or_default()
+                )
+            }
+            Stage::Quantize {
+                mode,
+                weight_type,
+                granularity,
+                block_size,
+                observer,
+                calib,
+            } => {
+                let mode = Mode::parse(mode)?;
+                let opts = smelt_quant::Options {
+                    mode,
+                    weights: WeightScheme::parse(
+                        mode == Mode::WeightOnly,
+                        weight_type.as_deref(),
+                        granularity.as_deref(),
+                        *block_size,
+                    )?,
+                    observer: match observer.as_str() {
+                        "minmax" => ObserverKind::MinMax,
+                        "percentile" => ObserverKind::Percentile(99.999),
+                        "entropy" => ObserverKind::Entropy { bins: 2048 },
+                        "mse" => ObserverKind::Mse { bins: 2048 },
+                        o => bail!(Input, "unknown observer '{o}'"),
+                    },
+                    ..Default::default()
+                };
+                let feeds = if mode == Mode::Static {
+                    feeds(&model, &data.train, *calib, 32)?
+                } else {
+                    vec![]
+                };
+                let (m, man) =
+                    smelt_quant::quantize(model, &opts, &feeds, |_, d, n| progress(&label, d, n))?;
+                model = m;
+                // Integer weights cannot be masked any more; their zeros are kept exactly.
+                masks = None;
+                format!(
+                    "{} {}, {} nodes quantized, {} left in float",
+                    mode.name(),
+                    opts.weights.qtype.name(),
+                    man.nodes_quantized,
+                    man.fallbacks.len()
+                )
+            }
+        };
+        let after = measure(&model, data.val.as_ref())?;
+        stages.push(StageRecord {
+            kind: stage.kind(),
+            summary,
+            seconds: started.elapsed().as_secs_f64(),
+            after,
+        });
+    }
+    Ok(Outcome {
+        model,
+        before,
+        stages,
+        masks,
+    })
+}

@@ -1,0 +1,255 @@
+//! The report of a run: a JSON manifest, a Markdown summary and a self-contained HTML page
+//! whose charts are inline SVG (drawn by plotters, no fonts or external assets needed).
+
+use crate::measure::Measure;
+use crate::pipeline::StageRecord;
+use crate::recipe::Recipe;
+use plotters::prelude::*;
+use serde::Serialize;
+use smelt_tensor::{Error, Result};
+use std::path::Path;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Latency {
+    pub batch: usize,
+    pub before_ms: f64,
+    pub after_ms: f64,
+    /// before / after: above 1 is faster.
+    pub speedup: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub model: String,
+    pub recipe: Recipe,
+    pub before: Measure,
+    pub stages: Vec<StageRecord>,
+    pub after: Measure,
+    /// Measured side by side in smelt's engine, on this machine.
+    pub latency: Vec<Latency>,
+    /// Gains that did not happen: a smaller model that is not faster, accuracy lost.
+    pub warnings: Vec<String>,
+}
+
+impl Report {
+    pub fn new(
+        model: String,
+        recipe: Recipe,
+        before: Measure,
+        stages: Vec<StageRecord>,
+        latency: Vec<Latency>,
+    ) -> Report {
+        let after = stages.last().map_or(before.clone(), |s| s.after.clone());
+        let mut warnings = Vec::new();
+        for l in &latency {
+            if l.speedup < 1.0 {
+                warnings.push(format!(
+                    "not faster: at batch {} the result takes {:.3} ms, the original {:.3} ms \
+                     ({:.2}x) in smelt's engine",
+                    l.batch, l.after_ms, l.before_ms, l.speedup
+                ));
+            }
+        }
+        if after.bytes >= before.bytes {
+            warnings.push("not smaller: the file did not shrink".into());
+        }
+        if let (Some(a), Some(b)) = (after.accuracy, before.accuracy) {
+            if a < b - 0.01 {
+                warnings.push(format!(
+                    "accuracy fell by {:.2} points ({b:.4} -> {a:.4})",
+                    100.0 * (b - a)
+                ));
+            }
+        }
+        Report {
+            model,
+            recipe,
+            before,
+            stages,
+            after,
+            latency,
+            warnings,
+        }
+    }
+
+    /// Rows of the before/after table: (metric, before, after, change).
+    pub fn table(&self) -> Vec<[String; 4]> {
+        let (b, a) = (&self.before, &self.after);
+        let ratio = |x: f64, y: f64| {
+            if x > 0.0 {
+                format!("x{:.2}", y / x)
+            } else {
+                "-".into()
+            }
+        };
+        let mut rows = Vec::new();
+        if let (Some(x), Some(y)) = (b.accuracy, a.accuracy) {
+            rows.push([
+                "accuracy".into(),
+                format!("{x:.4}"),
+                format!("{y:.4}"),
+                format!("{:+.2} pt", 100.0 * (y - x)),
+            ]);
+        }
+        let int = |label: &str, x: u64, y: u64| {
+            [
+                label.to_string(),
+                x.to_string(),
+                y.to_string(),
+                ratio(x as f64, y as f64),
+            ]
+        };
+        rows.push(int("params", b.params, a.params));
+        rows.push(int("non-zero params", b.nonzero, a.nonzero));
+        rows.push(int("FLOPs (batch 1)", b.flops, a.flops));
+        rows.push(int("file bytes", b.bytes, a.bytes));
+        for l in &self.latency {
+            rows.push([
+                format!("latency, batch {} (ms)", l.batch),
+                format!("{:.3}", l.before_ms),
+                format!("{:.3}", l.after_ms),
+                format!("{:.2}x faster", l.speedup),
+            ]);
+        }
+        rows
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = format!(
+            "# smelt report: {}\n\nRecipe `{}`: {}\n\n| metric | before | after | change |\n|---|---|---|---|\n",
+            self.model,
+            self.recipe.name,
+            self.recipe.description
+        );
+        for r in self.table() {
+            s += &format!("| {} | {} | {} | {} |\n", r[0], r[1], r[2], r[3]);
+        }
+        s += "\n## Stages\n\n";
+        for (i, st) in self.stages.iter().enumerate() {
+            s += &format!(
+                "{}. **{}** ({:.1} s): {}{}\n",
+                i + 1,
+                st.kind,
+                st.seconds,
+                st.summary,
+                st.after
+                    .accuracy
+                    .map(|a| format!("; accuracy {a:.4}"))
+                    .unwrap_or_default()
+            );
+        }
+        if !self.warnings.is_empty() {
+            s += "\n## Warnings\n\n";
+            for w in &self.warnings {
+                s += &format!("- {w}\n");
+            }
+        }
+        s
+    }
+
+    /// Writes `report.json`, `summary.md` and `report.html` into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Input(format!("cannot create {}: {e}", dir.display())))?;
+        let json = serde_json::to_string_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?;
+        smelt_onnx::write_atomic(&dir.join("report.json"), json.as_bytes())?;
+        smelt_onnx::write_atomic(&dir.join("summary.md"), self.markdown().as_bytes())?;
+        smelt_onnx::write_atomic(&dir.join("report.html"), self.html()?.as_bytes())?;
+        Ok(())
+    }
+
+    fn html(&self) -> Result<String> {
+        let mut rows = String::new();
+        for r in self.table() {
+            rows += &format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+                esc(&r[0]),
+                esc(&r[1]),
+                esc(&r[2]),
+                esc(&r[3])
+            );
+        }
+        let mut stages = String::new();
+        for st in &self.stages {
+            stages += &format!(
+                "<li><b>{}</b> ({:.1} s): {}</li>\n",
+                esc(st.kind),
+                st.seconds,
+                esc(&st.summary)
+            );
+        }
+        let warnings: String = self
+            .warnings
+            .iter()
+            .map(|w| format!("<li class=\"warn\">{}</li>\n", esc(w)))
+            .collect();
+        Ok(format!(
+            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>smelt report: {model}</title>\n\
+             <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}\
+             table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .8em;text-align:right}}\
+             td:first-child{{text-align:left}}.warn{{color:#b00}}figure{{display:inline-block;margin:1em}}</style>\n\
+             </head><body>\n<h1>smelt report: {model}</h1>\n<p>Recipe <code>{recipe}</code>: {desc}</p>\n\
+             <table><tr><th>metric</th><th>before</th><th>after</th><th>change</th></tr>\n{rows}</table>\n\
+             <h2>Stages</h2>\n<ol>\n{stages}</ol>\n<h2>Warnings</h2>\n<ul>\n{warnings}</ul>\n\
+             <h2>Trade-off</h2>\n<figure>{size_chart}<figcaption>accuracy vs file size, after each stage</figcaption></figure>\n\
+             <figure>{flops_chart}<figcaption>accuracy vs FLOPs, after each stage</figcaption></figure>\n\
+             </body></html>\n",
+            model = esc(&self.model),
+            recipe = esc(&self.recipe.name),
+            desc = esc(&self.recipe.description),
+            size_chart = self.chart("file size (KiB)", |m| m.bytes as f64 / 1024.0)?,
+            flops_chart = self.chart("MFLOPs", |m| m.flops as f64 / 1e6)?,
+        ))
+    }
+
+    /// Accuracy against `x(measure)` for the original and after each stage, as inline SVG.
+    fn chart(&self, x_label: &str, x: impl Fn(&Measure) -> f64) -> Result<String> {
+        let points: Vec<(f64, f64, String)> = std::iter::once(("original", &self.before))
+            .chain(self.stages.iter().map(|s| (s.kind, &s.after)))
+            .filter_map(|(k, m)| m.accuracy.map(|a| (x(m), a, k.to_string())))
+            .collect();
+        let mut svg = String::new();
+        if points.is_empty() {
+            return Ok("<p>(no validation data: no accuracy to plot)</p>".into());
+        }
+        let fail = |e: String| Error::Invalid(format!("chart: {e}"));
+        {
+            let root = SVGBackend::with_string(&mut svg, (480, 320)).into_drawing_area();
+            root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+            let (xmax, ymin) = points
+                .iter()
+                .fold((0f64, 1f64), |(a, b), p| (a.max(p.0), b.min(p.1)));
+            let mut chart = ChartBuilder::on(&root)
+                .margin(12)
+                .x_label_area_size(36)
+                .y_label_area_size(48)
+                .build_cartesian_2d(0.0..xmax * 1.1 + 1e-9, (ymin - 0.02).max(0.0)..1.0)
+                .map_err(|e| fail(e.to_string()))?;
+            chart
+                .configure_mesh()
+                .x_desc(x_label)
+                .y_desc("accuracy")
+                .draw()
+                .map_err(|e| fail(e.to_string()))?;
+            chart
+                .draw_series(LineSeries::new(points.iter().map(|p| (p.0, p.1)), &BLUE))
+                .map_err(|e| fail(e.to_string()))?;
+            chart
+                .draw_series(points.iter().map(|p| {
+                    EmptyElement::at((p.0, p.1))
+                        + Circle::new((0, 0), 4, BLUE.filled())
+                        + Text::new(p.2.clone(), (6, -14), ("sans-serif", 12))
+                }))
+                .map_err(|e| fail(e.to_string()))?;
+            root.present().map_err(|e| fail(e.to_string()))?;
+        }
+        Ok(svg)
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}

@@ -25,7 +25,8 @@ fn demo_runs_offline_and_writes_the_report() {
         assert!(stdout.contains(row), "{row} missing from:\n{stdout}");
     }
     let html = std::fs::read_to_string(out.join("report/report.html")).unwrap();
-    assert_eq!(html.matches("<svg").count(), 2, "two charts");
+    // Two trade-off charts and one ablation chart per MNIST-8 convolution.
+    assert_eq!(html.matches("<svg").count(), 4, "four charts");
     assert!(
         html.matches("<circle").count() >= 8,
         "a point per stage in each chart"
@@ -37,6 +38,22 @@ fn demo_runs_offline_and_writes_the_report() {
     assert!(after["accuracy"].as_f64().unwrap() > 0.96);
     assert!(after["bytes"].as_u64().unwrap() * 2 < before["bytes"].as_u64().unwrap());
     assert_eq!(v["stages"].as_array().unwrap().len(), 3);
+    let ablation = v["ablation"].as_array().unwrap();
+    assert_eq!(ablation.len(), 2, "both convolutions ranked and ablated");
+    for a in ablation {
+        let curves = a["curves"].as_array().unwrap();
+        assert_eq!(curves.len(), 3);
+        // Removing the most important half of the second convolution's channels hurts more
+        // than removing the least important half.
+        if a["channels"] == 16 {
+            let last = |c: usize| {
+                curves[c]["points"].as_array().unwrap().last().unwrap()[1]
+                    .as_f64()
+                    .unwrap()
+            };
+            assert!(last(0) < last(2), "{a}");
+        }
+    }
     // The compressed model is a valid model onnxruntime runs.
     let m = smelt_onnx::load(&out.join("mnist-8-compressed.onnx")).unwrap();
     assert!(m.graph.nodes.iter().any(|n| n.op_type == "QuantizeLinear"));

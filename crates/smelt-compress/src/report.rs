@@ -1,6 +1,7 @@
 //! The report of a run: a JSON manifest, a Markdown summary and a self-contained HTML page
 //! whose charts are inline SVG (drawn by plotters, no fonts or external assets needed).
 
+use crate::ablation::LayerAblation;
 use crate::measure::Measure;
 use crate::pipeline::StageRecord;
 use crate::recipe::Recipe;
@@ -27,8 +28,11 @@ pub struct Report {
     pub after: Measure,
     /// Measured side by side in smelt's engine, on this machine.
     pub latency: Vec<Latency>,
-    /// Gains that did not happen: a smaller model that is not faster, accuracy lost.
+    /// Gains that did not happen: a smaller model that is not faster, accuracy lost; and
+    /// importance rankings that did no better than random.
     pub warnings: Vec<String>,
+    /// Channel importance of the original model, checked by ablation.
+    pub ablation: Vec<LayerAblation>,
 }
 
 impl Report {
@@ -69,7 +73,21 @@ impl Report {
             after,
             latency,
             warnings,
+            ablation: vec![],
         }
+    }
+
+    pub fn with_ablation(mut self, ablation: Vec<LayerAblation>) -> Report {
+        for a in &ablation {
+            if !a.better_than_random {
+                self.warnings.push(format!(
+                    "the {} ranking of {}'s channels does no better than random under ablation",
+                    a.criterion, a.layer
+                ));
+            }
+        }
+        self.ablation = ablation;
+        self
     }
 
     /// Rows of the before/after table: (metric, before, after, change).
@@ -138,6 +156,44 @@ impl Report {
                     .unwrap_or_default()
             );
         }
+        if !self.ablation.is_empty() {
+            s += "\n## Channel importance, checked by ablation\n\n\
+                  | layer | channels | most important (score) | least important | accuracy after removing k: most / random / least important first |\n|---|---|---|---|---|\n";
+            for a in &self.ablation {
+                let top: Vec<String> = a
+                    .ranking
+                    .iter()
+                    .take(3)
+                    .map(|(c, s)| format!("{c} ({s:.3})"))
+                    .collect();
+                let bottom: Vec<String> = a
+                    .ranking
+                    .iter()
+                    .rev()
+                    .take(3)
+                    .map(|(c, _)| c.to_string())
+                    .collect();
+                let ends: Vec<String> = (1..a.curves[0].points.len())
+                    .map(|i| {
+                        format!(
+                            "k={}: {:.3} / {:.3} / {:.3}",
+                            a.curves[0].points[i].0,
+                            a.curves[0].points[i].1,
+                            a.curves[1].points[i].1,
+                            a.curves[2].points[i].1
+                        )
+                    })
+                    .collect();
+                s += &format!(
+                    "| {} | {} | {} | {} | {} |\n",
+                    a.layer,
+                    a.channels,
+                    top.join(", "),
+                    bottom.join(", "),
+                    ends.join("; ")
+                );
+            }
+        }
         if !self.warnings.is_empty() {
             s += "\n## Warnings\n\n";
             for w in &self.warnings {
@@ -193,13 +249,52 @@ impl Report {
              <h2>Stages</h2>\n<ol>\n{stages}</ol>\n<h2>Warnings</h2>\n<ul>\n{warnings}</ul>\n\
              <h2>Trade-off</h2>\n<figure>{size_chart}<figcaption>accuracy vs file size, after each stage</figcaption></figure>\n\
              <figure>{flops_chart}<figcaption>accuracy vs FLOPs, after each stage</figcaption></figure>\n\
-             </body></html>\n",
+             {ablation}</body></html>\n",
             model = esc(&self.model),
             recipe = esc(&self.recipe.name),
             desc = esc(&self.recipe.description),
             size_chart = self.chart("file size (KiB)", |m| m.bytes as f64 / 1024.0)?,
             flops_chart = self.chart("MFLOPs", |m| m.flops as f64 / 1e6)?,
+            ablation = self.ablation_html()?,
         ))
+    }
+
+    fn ablation_html(&self) -> Result<String> {
+        if self.ablation.is_empty() {
+            return Ok(String::new());
+        }
+        let mut s = String::from(
+            "<h2>Channel importance, checked by ablation</h2>\n<p>Accuracy after removing the k \
+             most important, k random and k least important channels of each layer (by the \
+             original model's scores). A true ranking keeps the green curve high and the red one \
+             low.</p>\n",
+        );
+        for a in &self.ablation {
+            let top: Vec<String> = a
+                .ranking
+                .iter()
+                .take(5)
+                .map(|(c, v)| format!("{c} ({v:.3})"))
+                .collect();
+            let low: Vec<String> = a
+                .ranking
+                .iter()
+                .rev()
+                .take(5)
+                .map(|(c, v)| format!("{c} ({v:.3})"))
+                .collect();
+            s += &format!(
+                "<figure>{}<figcaption>{} ({} channels, {}){}<br>most important: {}<br>least important: {}</figcaption></figure>\n",
+                ablation_chart(a)?,
+                esc(&a.layer),
+                a.channels,
+                esc(&a.criterion),
+                if a.better_than_random { "" } else { " <span class=\"warn\">no better than random</span>" },
+                esc(&top.join(", ")),
+                esc(&low.join(", "))
+            );
+        }
+        Ok(s)
     }
 
     /// Accuracy against `x(measure)` for the original and after each stage, as inline SVG.
@@ -245,6 +340,53 @@ impl Report {
         }
         Ok(svg)
     }
+}
+
+/// Accuracy against channels removed, one line per removal order, as inline SVG.
+fn ablation_chart(a: &LayerAblation) -> Result<String> {
+    let fail = |e: String| Error::Invalid(format!("chart: {e}"));
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (420, 300)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+        let kmax = a
+            .curves
+            .iter()
+            .flat_map(|c| c.points.iter().map(|p| p.0))
+            .max()
+            .unwrap_or(1) as f64;
+        let mut chart = ChartBuilder::on(&root)
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(0.0..kmax, 0.0..1.0)
+            .map_err(|e| fail(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc("channels removed")
+            .y_desc("accuracy")
+            .draw()
+            .map_err(|e| fail(e.to_string()))?;
+        for (c, colour) in a.curves.iter().zip([RED, BLACK, GREEN]) {
+            chart
+                .draw_series(LineSeries::new(
+                    c.points.iter().map(|p| (p.0 as f64, p.1)),
+                    colour.stroke_width(2),
+                ))
+                .map_err(|e| fail(e.to_string()))?
+                .label(c.order)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerLeft)
+            .draw()
+            .map_err(|e| fail(e.to_string()))?;
+        root.present().map_err(|e| fail(e.to_string()))?;
+    }
+    Ok(svg)
 }
 
 fn esc(s: &str) -> String {

@@ -3,6 +3,7 @@ use smelt_compress::pipeline::{self, Data};
 use smelt_compress::report::{Latency, Report};
 use smelt_compress::Recipe;
 use smelt_ir::Model;
+use smelt_prune::Criterion;
 use smelt_tensor::{bail, Result};
 use smelt_train::Samples;
 use std::path::{Path, PathBuf};
@@ -34,9 +35,27 @@ pub struct Args {
     /// Timed runs of each model, side by side, at batch 1 and 32 (0 skips the latency).
     #[arg(long, default_value_t = 20)]
     bench_runs: usize,
+    /// Also rank each layer's channels by importance and check the ranking by ablation
+    /// (removing the most / random / least important channels), in the report.
+    #[arg(long)]
+    ablation: bool,
+    /// Importance for --ablation: magnitude, l2, taylor (uses the training data) or random.
+    #[arg(long, default_value = "magnitude")]
+    ablation_criterion: String,
     /// Allow writing over the input file.
     #[arg(long)]
     force: bool,
+}
+
+/// Where and how [`compress`] runs.
+pub struct Run<'a> {
+    pub name: &'a str,
+    pub output: &'a Path,
+    pub report_dir: Option<&'a Path>,
+    pub seed: u64,
+    pub bench_runs: usize,
+    /// Check channel importance by ablation with this criterion.
+    pub ablation: Option<Criterion>,
 }
 
 pub fn run(a: Args, json: bool) -> Result<()> {
@@ -74,32 +93,31 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             .map(|(v, y)| Samples { x: &v.x, y }),
     };
     let name = a.model.display().to_string();
+    let ablation = if a.ablation {
+        Some(Criterion::parse(&a.ablation_criterion, a.seed)?)
+    } else {
+        None
+    };
     compress(
         model,
-        &name,
         &recipe,
         &data,
-        &a.output,
-        a.report.as_deref(),
-        a.seed,
-        a.bench_runs,
+        &Run {
+            name: &name,
+            output: &a.output,
+            report_dir: a.report.as_deref(),
+            seed: a.seed,
+            bench_runs: a.bench_runs,
+            ablation,
+        },
         json,
     )
 }
 
 /// Runs the recipe, writes the model (and masks, report), prints the before/after table.
-#[allow(clippy::too_many_arguments)]
-pub fn compress(
-    model: Model,
-    name: &str,
-    recipe: &Recipe,
-    data: &Data,
-    output: &Path,
-    report_dir: Option<&Path>,
-    seed: u64,
-    bench_runs: usize,
-    json: bool,
-) -> Result<()> {
+pub fn compress(model: Model, recipe: &Recipe, data: &Data, r: &Run, json: bool) -> Result<()> {
+    let (name, output, report_dir) = (r.name, r.output, r.report_dir);
+    let (seed, bench_runs) = (r.seed, r.bench_runs);
     let mut bar = crate::progress::Progress::new(json);
     let out = pipeline::run(model.clone(), recipe, data, seed, |stage, d, n| {
         bar.update(stage, d, n, String::new())
@@ -122,13 +140,48 @@ pub fn compress(
             });
         }
     }
+    let ablation = match r.ablation {
+        Some(c) => {
+            let Some(val) = &data.val else {
+                bail!(Input, "--ablation needs labelled validation data (--val)");
+            };
+            let scores = if c == Criterion::Taylor {
+                let n = data.train.y.len().min(1024);
+                let inner: usize = data.train.x.shape()[1..].iter().product();
+                let mut shape = data.train.x.shape().to_vec();
+                shape[0] = n;
+                let x = smelt_tensor::Tensor::from_vec(
+                    shape,
+                    data.train.x.as_slice::<f32>()?[..n * inner].to_vec(),
+                )?;
+                let part = Samples {
+                    x: &x,
+                    y: &data.train.y[..n],
+                };
+                Some(smelt_train::taylor_scores(model.clone(), &part, 64, 1.0)?)
+            } else {
+                None
+            };
+            smelt_compress::ablation::ablate(
+                &model,
+                c,
+                scores.as_ref(),
+                val,
+                &[0.125, 0.25, 0.5],
+                4,
+                seed,
+            )?
+        }
+        None => vec![],
+    };
     let report = Report::new(
         name.to_string(),
         recipe.clone(),
         out.before,
         out.stages,
         latency,
-    );
+    )
+    .with_ablation(ablation);
     if let Some(dir) = report_dir {
         report.write(dir)?;
     }

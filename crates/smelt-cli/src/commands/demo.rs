@@ -2,10 +2,11 @@
 //! The bundle (crates/smelt-cli/demo/, licences in its README) is MNIST-8 and the first
 //! 1,000 MNIST training and test images.
 
-use super::compress::compress;
+use super::compress::{compress, Run};
 use smelt_compress::pipeline::Data;
 use smelt_compress::Recipe;
 use smelt_data::{load_idx_dir, Preprocess, Split};
+use smelt_prune::Criterion;
 use smelt_tensor::{bail, Result};
 use smelt_train::Samples;
 use std::path::PathBuf;
@@ -72,13 +73,16 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     };
     compress(
         model,
-        "MNIST-8 (bundled demo)",
         &recipe,
         &data,
-        &a.out.join("mnist-8-compressed.onnx"),
-        Some(&a.out.join("report")),
-        0,
-        a.bench_runs,
+        &Run {
+            name: "MNIST-8 (bundled demo)",
+            output: &a.out.join("mnist-8-compressed.onnx"),
+            report_dir: Some(&a.out.join("report")),
+            seed: 0,
+            bench_runs: a.bench_runs,
+            ablation: Some(Criterion::L1),
+        },
         json,
     )
 }

@@ -104,6 +104,25 @@ impl DataArgs {
         })
     }
 
+    /// Labelled validation data from `path` (its test split), read with these flags.
+    pub fn labelled_val(
+        &self,
+        model: &Model,
+        path: &Path,
+        limit: Option<usize>,
+    ) -> Result<Dataset> {
+        let mut d = self.clone();
+        d.data = Some(path.to_path_buf());
+        d.split = "test".into();
+        d.limit = limit;
+        d.skip = 0;
+        let ds = d.dataset(model)?;
+        if ds.y.is_none() {
+            bail!(Input, "--val data has no labels");
+        }
+        Ok(ds)
+    }
+
     /// The samples themselves (not batched): images with their labels, preprocessed for
     /// `model` (raw bytes for a model that takes uint8), `--skip` and `--limit` applied.
     pub fn dataset(&self, model: &Model) -> Result<Dataset> {

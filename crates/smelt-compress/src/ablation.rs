@@ -5,6 +5,7 @@
 //! important go and most when the most important go. One that does no better than random is
 //! flagged.
 
+use crate::measure::accuracy;
 use serde::Serialize;
 use smelt_engine::analysis::{infer_shapes, InputSpec};
 use smelt_engine::Session;
@@ -33,17 +34,6 @@ pub struct LayerAblation {
     pub curves: Vec<Curve>,
     /// The ranking beats random at both ends (mean accuracy over the removal sizes).
     pub better_than_random: bool,
-}
-
-fn accuracy(model: &Model, val: &Samples) -> Result<f64> {
-    let input = model
-        .graph
-        .runtime_inputs()
-        .next()
-        .map(|v| v.name.clone())
-        .unwrap_or_default();
-    let m = smelt_train::prepare(model.clone())?;
-    smelt_train::accuracy(&Session::new(m)?, &input, val, 256)
 }
 
 /// Ablation curves for every channel group of at least `min_channels`, removing the

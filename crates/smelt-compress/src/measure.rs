@@ -25,19 +25,7 @@ pub fn measure(model: &Model, val: Option<&Samples>) -> Result<Measure> {
     let s = Session::new(model.clone())?;
     let shapes = infer_shapes(&s, &InputSpec::default())?;
     let st = model_stats(model, &shapes);
-    let accuracy = match val {
-        Some(v) => {
-            let input = model
-                .graph
-                .runtime_inputs()
-                .next()
-                .map(|v| v.name.clone())
-                .unwrap_or_default();
-            let m = smelt_train::prepare(model.clone())?;
-            Some(smelt_train::accuracy(&Session::new(m)?, &input, v, 256)?)
-        }
-        None => None,
-    };
+    let accuracy = val.map(|v| accuracy(model, v)).transpose()?;
     Ok(Measure {
         accuracy,
         params: st.params,
@@ -45,6 +33,18 @@ pub fn measure(model: &Model, val: Option<&Samples>) -> Result<Measure> {
         flops: st.flops,
         bytes: smelt_onnx::encode(model)?.len() as u64,
     })
+}
+
+/// Top-1 accuracy of `model` on `val` (batches of 256; a fixed batch of 1 is made dynamic).
+pub fn accuracy(model: &Model, val: &Samples) -> Result<f64> {
+    let input = model
+        .graph
+        .runtime_inputs()
+        .next()
+        .map(|v| v.name.clone())
+        .unwrap_or_default();
+    let m = smelt_train::prepare(model.clone())?;
+    smelt_train::accuracy(&Session::new(m)?, &input, val, 256)
 }
 
 /// Median latency in ms of both models at `batch`, timed in alternation so that machine noise

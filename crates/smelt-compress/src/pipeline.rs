@@ -55,6 +55,17 @@ fn head_rows(x: &Tensor, n: usize) -> Result<Tensor> {
     )
 }
 
+/// Taylor importance over the first 1,024 training samples.
+pub fn taylor(model: &Model, train: &Samples) -> Result<smelt_prune::importance::Scores> {
+    let n = train.y.len().min(1024);
+    let x = head_rows(train.x, n)?;
+    let part = Samples {
+        x: &x,
+        y: &train.y[..n],
+    };
+    smelt_train::taylor_scores(model.clone(), &part, 64, 1.0)
+}
+
 /// The first `n` training samples as engine feeds of `batch` rows.
 fn feeds(model: &Model, data: &Samples, n: usize, batch: usize) -> Result<Vec<Feed>> {
     let input = input_name(model)?;
@@ -104,14 +115,7 @@ pub fn run(
                     ..Default::default()
                 };
                 if opts.criterion == Criterion::Taylor {
-                    let n = data.train.y.len().min(1024);
-                    let x = head_rows(data.train.x, n)?;
-                    let part = Samples {
-                        x: &x,
-                        y: &data.train.y[..n],
-                    };
-                    let scores = smelt_train::taylor_scores(model.clone(), &part, 64, 1.0)?;
-                    opts.gradient_scores = Some(std::sync::Arc::new(scores));
+                    opts.gradient_scores = Some(std::sync::Arc::new(taylor(&model, &data.train)?));
                 }
                 let calib = if opts.criterion.needs_data() {
                     feeds(&model, &data.train, 128, 32)?

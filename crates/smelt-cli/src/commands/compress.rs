@@ -67,18 +67,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         bail!(Input, "the training data has no labels");
     };
     let val = match &a.val {
-        Some(p) => {
-            let mut d = a.data.clone();
-            d.data = Some(p.clone());
-            d.split = "test".into();
-            d.limit = Some(a.val_limit);
-            d.skip = 0;
-            let ds = d.dataset(&model)?;
-            if ds.y.is_none() {
-                bail!(Input, "--val data has no labels");
-            }
-            Some(ds)
-        }
+        Some(p) => Some(a.data.labelled_val(&model, p, Some(a.val_limit))?),
         None => None,
     };
     let val_y = val.as_ref().and_then(|v| v.y.clone());
@@ -146,19 +135,7 @@ pub fn compress(model: Model, recipe: &Recipe, data: &Data, r: &Run, json: bool)
                 bail!(Input, "--ablation needs labelled validation data (--val)");
             };
             let scores = if c == Criterion::Taylor {
-                let n = data.train.y.len().min(1024);
-                let inner: usize = data.train.x.shape()[1..].iter().product();
-                let mut shape = data.train.x.shape().to_vec();
-                shape[0] = n;
-                let x = smelt_tensor::Tensor::from_vec(
-                    shape,
-                    data.train.x.as_slice::<f32>()?[..n * inner].to_vec(),
-                )?;
-                let part = Samples {
-                    x: &x,
-                    y: &data.train.y[..n],
-                };
-                Some(smelt_train::taylor_scores(model.clone(), &part, 64, 1.0)?)
+                Some(pipeline::taylor(&model, &data.train)?)
             } else {
                 None
             };

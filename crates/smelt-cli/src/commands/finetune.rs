@@ -119,18 +119,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         bail!(Input, "the training data has no labels");
     };
     let val = match &a.val {
-        Some(p) => {
-            let mut d = a.data.clone();
-            d.data = Some(p.clone());
-            d.split = "test".into();
-            d.limit = a.val_limit;
-            d.skip = 0;
-            let ds = d.dataset(&model)?;
-            if ds.y.is_none() {
-                bail!(Input, "--val data has no labels");
-            }
-            Some(ds)
-        }
+        Some(p) => Some(a.data.labelled_val(&model, p, a.val_limit)?),
         None => None,
     };
     let steps_per_epoch = y.len().div_ceil(a.batch.max(1));

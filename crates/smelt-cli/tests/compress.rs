@@ -141,3 +141,54 @@ fn bad_recipes_are_refused() {
         assert!(!out.exists());
     }
 }
+
+/// Without a recipe a budget chooses: every ready recipe is tried and measured, the smallest
+/// that keeps the accuracy wins; an impossible budget writes nothing.
+#[test]
+fn budget_search_keeps_the_smallest_candidate_that_meets_it() {
+    let a = assets();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("b.onnx");
+    let common = |extra: &[&str]| {
+        let mut c = smelt();
+        c.arg("compress")
+            .arg(a.join("mnist-8/model.onnx"))
+            .arg("-o")
+            .arg(&out)
+            .arg("--data")
+            .arg(a.join("mnist"))
+            .arg("--val")
+            .arg(a.join("mnist"))
+            .args(["--split", "train", "--limit", "2000", "--val-limit", "2000"])
+            .args(["--bench-runs", "3", "--json"])
+            .args(extra);
+        c.output().unwrap()
+    };
+    let o = common(&["--max-accuracy-drop", "0.5"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let cands = v["candidates"].as_array().unwrap();
+    assert_eq!(cands.len(), 4, "{cands:?}");
+    let accepted: Vec<&serde_json::Value> =
+        cands.iter().filter(|c| c["accepted"] == true).collect();
+    assert!(!accepted.is_empty());
+    // The chosen one is the smallest accepted, and within the budget.
+    let smallest = accepted
+        .iter()
+        .min_by_key(|c| c["after"]["bytes"].as_u64().unwrap())
+        .unwrap();
+    assert_eq!(v["recipe"]["name"], smallest["recipe"]);
+    let drop = v["before"]["accuracy"].as_f64().unwrap() - v["after"]["accuracy"].as_f64().unwrap();
+    assert!(drop <= 0.005 + 1e-9, "{drop}");
+    for c in cands.iter().filter(|c| c["accepted"] == false) {
+        assert!(
+            c["verdict"].as_str().unwrap().starts_with("rejected"),
+            "{c}"
+        );
+    }
+    std::fs::remove_file(&out).unwrap();
+    let o = common(&["--target-size", "100"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no candidate met the budget"));
+    assert!(!out.exists(), "nothing written");
+}

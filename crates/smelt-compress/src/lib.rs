@@ -6,5 +6,6 @@ pub mod measure;
 pub mod pipeline;
 pub mod recipe;
 pub mod report;
+pub mod search;
 
 pub use recipe::{Recipe, Stage};

@@ -69,6 +69,14 @@ pub fn taylor(model: &Model, train: &Samples) -> Result<smelt_prune::importance:
 /// The first `n` training samples as engine feeds of `batch` rows.
 fn feeds(model: &Model, data: &Samples, n: usize, batch: usize) -> Result<Vec<Feed>> {
     let input = input_name(model)?;
+    // A model with a fixed batch of 1 is calibrated one sample at a time.
+    let fixed_one = model
+        .graph
+        .runtime_inputs()
+        .next()
+        .and_then(|v| v.shape.as_ref()?.first().cloned())
+        == Some(smelt_ir::Dim::Fixed(1));
+    let batch = if fixed_one { 1 } else { batch };
     let x = data.x;
     let rows = n.min(data.y.len());
     let inner: usize = x.shape()[1..].iter().product();

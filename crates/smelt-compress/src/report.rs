@@ -5,6 +5,7 @@ use crate::ablation::LayerAblation;
 use crate::measure::Measure;
 use crate::pipeline::StageRecord;
 use crate::recipe::Recipe;
+use crate::search::{Budget, Candidate};
 use plotters::prelude::*;
 use serde::Serialize;
 use smelt_tensor::{Error, Result};
@@ -33,6 +34,9 @@ pub struct Report {
     pub warnings: Vec<String>,
     /// Channel importance of the original model, checked by ablation.
     pub ablation: Vec<LayerAblation>,
+    /// With a budget: what it was, and every candidate tried.
+    pub budget: Option<Budget>,
+    pub candidates: Vec<Candidate>,
 }
 
 impl Report {
@@ -74,7 +78,15 @@ impl Report {
             latency,
             warnings,
             ablation: vec![],
+            budget: None,
+            candidates: vec![],
         }
+    }
+
+    pub fn with_search(mut self, budget: Budget, candidates: Vec<Candidate>) -> Report {
+        self.budget = Some(budget);
+        self.candidates = candidates;
+        self
     }
 
     pub fn with_ablation(mut self, ablation: Vec<LayerAblation>) -> Report {
@@ -155,6 +167,28 @@ impl Report {
                     .map(|a| format!("; accuracy {a:.4}"))
                     .unwrap_or_default()
             );
+        }
+        if !self.candidates.is_empty() {
+            s += "\n## Candidates (budget search)\n\n| recipe | accuracy | bytes | latency (ms, original / candidate) | verdict |\n|---|---|---|---|---|\n";
+            for c in &self.candidates {
+                s += &format!(
+                    "| {} | {} | {} | {} | {} |\n",
+                    c.recipe,
+                    c.after
+                        .as_ref()
+                        .and_then(|m| m.accuracy)
+                        .map(|a| format!("{a:.4}"))
+                        .unwrap_or("-".into()),
+                    c.after
+                        .as_ref()
+                        .map(|m| m.bytes.to_string())
+                        .unwrap_or("-".into()),
+                    c.latency_ms
+                        .map(|(b, a)| format!("{b:.3} / {a:.3}"))
+                        .unwrap_or("-".into()),
+                    c.verdict
+                );
+            }
         }
         if !self.ablation.is_empty() {
             s += "\n## Channel importance, checked by ablation\n\n\
@@ -249,13 +283,43 @@ impl Report {
              <h2>Stages</h2>\n<ol>\n{stages}</ol>\n<h2>Warnings</h2>\n<ul>\n{warnings}</ul>\n\
              <h2>Trade-off</h2>\n<figure>{size_chart}<figcaption>accuracy vs file size, after each stage</figcaption></figure>\n\
              <figure>{flops_chart}<figcaption>accuracy vs FLOPs, after each stage</figcaption></figure>\n\
-             {ablation}</body></html>\n",
+             {candidates}{ablation}</body></html>\n",
             model = esc(&self.model),
             recipe = esc(&self.recipe.name),
             desc = esc(&self.recipe.description),
             size_chart = self.chart("file size (KiB)", |m| m.bytes as f64 / 1024.0)?,
             flops_chart = self.chart("MFLOPs", |m| m.flops as f64 / 1e6)?,
             ablation = self.ablation_html()?,
+            candidates = self.candidates_html()?,
+        ))
+    }
+
+    fn candidates_html(&self) -> Result<String> {
+        if self.candidates.is_empty() {
+            return Ok(String::new());
+        }
+        let mut rows = String::new();
+        for c in &self.candidates {
+            let m = c.after.as_ref();
+            rows += &format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td{}>{}</td></tr>\n",
+                esc(&c.recipe),
+                m.and_then(|m| m.accuracy)
+                    .map(|a| format!("{a:.4}"))
+                    .unwrap_or("-".into()),
+                m.map(|m| m.bytes.to_string()).unwrap_or("-".into()),
+                c.latency_ms
+                    .map(|(b, a)| format!("{b:.3} / {a:.3}"))
+                    .unwrap_or("-".into()),
+                if c.accepted { "" } else { " class=\"warn\"" },
+                esc(&c.verdict)
+            );
+        }
+        Ok(format!(
+            "<h2>Candidates (budget search)</h2>\n<table><tr><th>recipe</th><th>accuracy</th>\
+             <th>bytes</th><th>latency ms (original / candidate)</th><th>verdict</th></tr>\n{rows}</table>\n\
+             <figure>{}<figcaption>accuracy vs file size of every candidate (green: meets the budget)</figcaption></figure>\n",
+            candidates_chart(&self.before, &self.candidates)?
         ))
     }
 
@@ -340,6 +404,62 @@ impl Report {
         }
         Ok(svg)
     }
+}
+
+/// Accuracy against file size for the original and every measured candidate, as inline SVG.
+fn candidates_chart(before: &Measure, cands: &[Candidate]) -> Result<String> {
+    let fail = |e: String| Error::Invalid(format!("chart: {e}"));
+    let pts: Vec<(f64, f64, String, RGBColor)> = std::iter::once(before.accuracy.map(|a| {
+        (
+            before.bytes as f64 / 1024.0,
+            a,
+            "original".to_string(),
+            BLUE,
+        )
+    }))
+    .flatten()
+    .chain(cands.iter().filter_map(|c| {
+        let m = c.after.as_ref()?;
+        Some((
+            m.bytes as f64 / 1024.0,
+            m.accuracy?,
+            c.recipe.clone(),
+            if c.accepted { GREEN } else { RED },
+        ))
+    }))
+    .collect();
+    if pts.is_empty() {
+        return Ok(String::new());
+    }
+    let (xmax, ymin) = pts
+        .iter()
+        .fold((0f64, 1f64), |(a, b), p| (a.max(p.0), b.min(p.1)));
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (480, 320)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+        let mut chart = ChartBuilder::on(&root)
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(0.0..xmax * 1.15 + 1e-9, (ymin - 0.02).max(0.0)..1.0)
+            .map_err(|e| fail(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc("file size (KiB)")
+            .y_desc("accuracy")
+            .draw()
+            .map_err(|e| fail(e.to_string()))?;
+        chart
+            .draw_series(pts.iter().map(|p| {
+                EmptyElement::at((p.0, p.1))
+                    + Circle::new((0, 0), 4, p.3.filled())
+                    + Text::new(p.2.clone(), (6, -14), ("sans-serif", 11))
+            }))
+            .map_err(|e| fail(e.to_string()))?;
+        root.present().map_err(|e| fail(e.to_string()))?;
+    }
+    Ok(svg)
 }
 
 /// Accuracy against channels removed, one line per removal order, as inline SVG.

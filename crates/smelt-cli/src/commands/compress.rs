@@ -1,6 +1,7 @@
 use crate::args::{load_model, print_json, refuse_overwrite, DataArgs};
 use smelt_compress::pipeline::{self, Data};
 use smelt_compress::report::{Latency, Report};
+use smelt_compress::search::Budget;
 use smelt_compress::Recipe;
 use smelt_ir::Model;
 use smelt_prune::Criterion;
@@ -15,9 +16,27 @@ pub struct Args {
     /// Where to write the compressed model.
     #[arg(short, long)]
     output: PathBuf,
-    /// The stages to apply (TOML; see recipes/ for ready ones).
+    /// The stages to apply (TOML; see recipes/ for ready ones). Without it, a budget
+    /// (--max-accuracy-drop, --target-size, --target-latency) chooses among candidates.
     #[arg(long)]
-    recipe: PathBuf,
+    recipe: Option<PathBuf>,
+    /// Budget: accuracy the result may lose, in points (0.5 = half a percentage point).
+    #[arg(long)]
+    max_accuracy_drop: Option<f64>,
+    /// Budget: the largest acceptable file, in bytes, or as a fraction of the original ("0.3x").
+    #[arg(long)]
+    target_size: Option<String>,
+    /// Budget: the slowest acceptable latency in ms at --latency-batch, in smelt's engine.
+    #[arg(long)]
+    target_latency: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    latency_batch: usize,
+    /// Candidate recipes for the budget search (default: the ready ones, gentlest first).
+    #[arg(long, value_delimiter = ',')]
+    candidates: Vec<PathBuf>,
+    /// Start no new candidate after this many seconds (the best so far is kept).
+    #[arg(long, default_value_t = 600.0)]
+    time_limit: f64,
     /// Labelled training data: calibration and fine-tuning (same forms as `eval --data`).
     #[command(flatten)]
     data: DataArgs,
@@ -47,6 +66,31 @@ pub struct Args {
     force: bool,
 }
 
+/// What to apply: one recipe, or the best of several candidates within a budget.
+pub enum How {
+    Recipe(Recipe),
+    Search(Budget, Vec<Recipe>),
+}
+
+/// Bytes, or a fraction of `original` written "0.3x".
+fn parse_size(s: &str, original: u64) -> Result<u64> {
+    let bad = || {
+        smelt_tensor::Error::Input(format!(
+            "--target-size '{s}': give bytes or a fraction like 0.3x"
+        ))
+    };
+    match s.strip_suffix('x') {
+        Some(f) => {
+            let f: f64 = f.parse().map_err(|_| bad())?;
+            if !(f > 0.0) {
+                return Err(bad());
+            }
+            Ok((f * original as f64) as u64)
+        }
+        None => s.parse().map_err(|_| bad()),
+    }
+}
+
 /// Where and how [`compress`] runs.
 pub struct Run<'a> {
     pub name: &'a str,
@@ -60,7 +104,6 @@ pub struct Run<'a> {
 
 pub fn run(a: Args, json: bool) -> Result<()> {
     refuse_overwrite(&a.model, &a.output, a.force)?;
-    let recipe = Recipe::load(&a.recipe)?;
     let model = load_model(&a.model)?;
     let train = a.data.dataset(&model)?;
     let Some(train_y) = train.y.clone() else {
@@ -87,9 +130,45 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     } else {
         None
     };
+    let budget = Budget {
+        max_accuracy_drop: a.max_accuracy_drop,
+        target_bytes: match a.target_size.as_deref() {
+            None => None,
+            Some(t) => Some(parse_size(
+                t,
+                std::fs::metadata(&a.model).map(|m| m.len()).unwrap_or(0),
+            )?),
+        },
+        target_latency_ms: a.target_latency,
+        batch: a.latency_batch,
+        time_limit: std::time::Duration::from_secs_f64(a.time_limit.max(0.0)),
+    };
+    let how = match &a.recipe {
+        Some(r) => How::Recipe(Recipe::load(r)?),
+        None => {
+            if budget.max_accuracy_drop.is_none()
+                && budget.target_bytes.is_none()
+                && budget.target_latency_ms.is_none()
+            {
+                bail!(
+                    Input,
+                    "give --recipe, or a budget (--max-accuracy-drop, --target-size, --target-latency)"
+                );
+            }
+            let candidates = if a.candidates.is_empty() {
+                smelt_compress::search::builtin()?
+            } else {
+                a.candidates
+                    .iter()
+                    .map(|p| Recipe::load(p))
+                    .collect::<Result<_>>()?
+            };
+            How::Search(budget, candidates)
+        }
+    };
     compress(
         model,
-        &recipe,
+        how,
         &data,
         &Run {
             name: &name,
@@ -104,13 +183,41 @@ pub fn run(a: Args, json: bool) -> Result<()> {
 }
 
 /// Runs the recipe, writes the model (and masks, report), prints the before/after table.
-pub fn compress(model: Model, recipe: &Recipe, data: &Data, r: &Run, json: bool) -> Result<()> {
+pub fn compress(model: Model, how: How, data: &Data, r: &Run, json: bool) -> Result<()> {
     let (name, output, report_dir) = (r.name, r.output, r.report_dir);
     let (seed, bench_runs) = (r.seed, r.bench_runs);
     let mut bar = crate::progress::Progress::new(json);
-    let out = pipeline::run(model.clone(), recipe, data, seed, |stage, d, n| {
-        bar.update(stage, d, n, String::new())
-    })?;
+    let (recipe, out, search) = match how {
+        How::Recipe(recipe) => {
+            let out = pipeline::run(model.clone(), &recipe, data, seed, |stage, d, n| {
+                bar.update(stage, d, n, String::new())
+            })?;
+            (recipe, out, None)
+        }
+        How::Search(budget, candidates) => {
+            let found = smelt_compress::search::search(
+                &model,
+                &candidates,
+                data,
+                &budget,
+                seed,
+                |stage, d, n| bar.update(stage, d, n, String::new()),
+            )?;
+            let Some((i, out)) = found.best else {
+                let lines: Vec<String> = found
+                    .candidates
+                    .iter()
+                    .map(|c| format!("  {}: {}", c.recipe, c.verdict))
+                    .collect();
+                bail!(
+                    Input,
+                    "no candidate met the budget; nothing written:\n{}",
+                    lines.join("\n")
+                );
+            };
+            (candidates[i].clone(), out, Some((budget, found.candidates)))
+        }
+    };
     bar.finish();
     smelt_onnx::save(&out.model, output)?;
     if let Some(m) = &out.masks {
@@ -159,6 +266,10 @@ pub fn compress(model: Model, recipe: &Recipe, data: &Data, r: &Run, json: bool)
         latency,
     )
     .with_ablation(ablation);
+    let report = match search {
+        Some((b, c)) => report.with_search(b, c),
+        None => report,
+    };
     if let Some(dir) = report_dir {
         report.write(dir)?;
     }
@@ -169,6 +280,9 @@ pub fn compress(model: Model, recipe: &Recipe, data: &Data, r: &Run, json: bool)
         v["report_dir"] = report_dir.map(|d| d.display().to_string()).into();
         print_json(&v);
         return Ok(());
+    }
+    for c in &report.candidates {
+        println!("candidate  {:<18} {}", c.recipe, c.verdict);
     }
     println!(
         "compressed {name} -> {} (recipe {})",

@@ -2,7 +2,7 @@
 //! The bundle (crates/smelt-cli/demo/, licences in its README) is MNIST-8 and the first
 //! 1,000 MNIST training and test images.
 
-use super::compress::{compress, Run};
+use super::compress::{compress, How, Run};
 use smelt_compress::pipeline::Data;
 use smelt_compress::Recipe;
 use smelt_data::{load_idx_dir, Preprocess, Split};
@@ -64,7 +64,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             ty.len(),
             vy.len(),
             recipe.name,
-            recipe.description
+            recipe.description.clone()
         );
     }
     let data = Data {
@@ -73,7 +73,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     };
     compress(
         model,
-        &recipe,
+        How::Recipe(recipe),
         &data,
         &Run {
             name: "MNIST-8 (bundled demo)",

@@ -82,7 +82,7 @@ fn parse_size(s: &str, original: u64) -> Result<u64> {
     match s.strip_suffix('x') {
         Some(f) => {
             let f: f64 = f.parse().map_err(|_| bad())?;
-            if !(f > 0.0) {
+            if f.is_nan() || f <= 0.0 {
                 return Err(bad());
             }
             Ok((f * original as f64) as u64)

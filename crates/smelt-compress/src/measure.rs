@@ -37,12 +37,7 @@ pub fn measure(model: &Model, val: Option<&Samples>) -> Result<Measure> {
 
 /// Top-1 accuracy of `model` on `val` (batches of 256; a fixed batch of 1 is made dynamic).
 pub fn accuracy(model: &Model, val: &Samples) -> Result<f64> {
-    let input = model
-        .graph
-        .runtime_inputs()
-        .next()
-        .map(|v| v.name.clone())
-        .unwrap_or_default();
+    let input = smelt_train::input_name(model)?;
     let m = smelt_train::prepare(model.clone())?;
     smelt_train::accuracy(&Session::new(m)?, &input, val, 256)
 }

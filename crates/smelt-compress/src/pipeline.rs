@@ -8,7 +8,7 @@ use smelt_engine::Feed;
 use smelt_ir::Model;
 use smelt_prune::{Criterion, Masks, Method};
 use smelt_quant::{Mode, ObserverKind, WeightScheme};
-use smelt_tensor::{bail, Result, Tensor};
+use smelt_tensor::Result;
 use smelt_train::optim::{Optimizer, Schedule};
 use smelt_train::{Distill, Qat, Samples};
 use std::time::Instant;
@@ -37,28 +37,10 @@ pub struct Outcome {
     pub masks: Option<Masks>,
 }
 
-fn input_name(model: &Model) -> Result<String> {
-    match model.graph.runtime_inputs().next() {
-        Some(v) => Ok(v.name.clone()),
-        None => bail!(Input, "the model has no input"),
-    }
-}
-
-/// The first `n` rows of `x`.
-fn head_rows(x: &Tensor, n: usize) -> Result<Tensor> {
-    let inner: usize = x.shape()[1..].iter().product();
-    let mut shape = x.shape().to_vec();
-    shape[0] = n.min(shape[0]);
-    Tensor::from_vec(
-        shape.clone(),
-        x.as_slice::<f32>()?[..shape[0] * inner].to_vec(),
-    )
-}
-
 /// Taylor importance over the first 1,024 training samples.
 pub fn taylor(model: &Model, train: &Samples) -> Result<smelt_prune::importance::Scores> {
     let n = train.y.len().min(1024);
-    let x = head_rows(train.x, n)?;
+    let x = smelt_train::rows(train.x, &(0..n).collect::<Vec<_>>())?;
     let part = Samples {
         x: &x,
         y: &train.y[..n],
@@ -68,7 +50,7 @@ pub fn taylor(model: &Model, train: &Samples) -> Result<smelt_prune::importance:
 
 /// The first `n` training samples as engine feeds of `batch` rows.
 fn feeds(model: &Model, data: &Samples, n: usize, batch: usize) -> Result<Vec<Feed>> {
-    let input = input_name(model)?;
+    let input = smelt_train::input_name(model)?;
     // A model with a fixed batch of 1 is calibrated one sample at a time.
     let fixed_one = model
         .graph
@@ -76,20 +58,10 @@ fn feeds(model: &Model, data: &Samples, n: usize, batch: usize) -> Result<Vec<Fe
         .next()
         .and_then(|v| v.shape.as_ref()?.first().cloned())
         == Some(smelt_ir::Dim::Fixed(1));
-    let batch = if fixed_one { 1 } else { batch };
-    let x = data.x;
-    let rows = n.min(data.y.len());
-    let inner: usize = x.shape()[1..].iter().product();
-    let v = x.as_slice::<f32>()?;
-    (0..rows)
-        .step_by(batch.max(1))
-        .map(|s| {
-            let e = (s + batch).min(rows);
-            let mut shape = x.shape().to_vec();
-            shape[0] = e - s;
-            let t = Tensor::from_vec(shape, v[s * inner..e * inner].to_vec())?;
-            Ok(vec![(input.clone(), t)])
-        })
+    let batch = if fixed_one { 1 } else { batch.max(1) };
+    let idx: Vec<usize> = (0..n.min(data.y.len())).collect();
+    idx.chunks(batch)
+        .map(|c| Ok(vec![(input.clone(), smelt_train::rows(data.x, c)?)]))
         .collect()
 }
 
@@ -176,18 +148,7 @@ pub fn run(
                         None => None,
                         Some(s) => Some(Qat {
                             quant: smelt_quant::Options {
-                                weights: WeightScheme::parse(
-                                    false,
-                                    Some(match s {
-                                        "w8a8" => "int8",
-                                        "w4a8" => "int4",
-                                        _ => {
-                                            bail!(Input, "unknown qat scheme '{s}' (w8a8 or w4a8)")
-                                        }
-                                    }),
-                                    Some("channel"),
-                                    128,
-                                )?,
+                                weights: Qat::weights(s)?,
                                 ..Default::default()
                             },
                             calib: 500,
@@ -229,13 +190,7 @@ pub fn run(
                         granularity.as_deref(),
                         *block_size,
                     )?,
-                    observer: match observer.as_str() {
-                        "minmax" => ObserverKind::MinMax,
-                        "percentile" => ObserverKind::Percentile(99.999),
-                        "entropy" => ObserverKind::Entropy { bins: 2048 },
-                        "mse" => ObserverKind::Mse { bins: 2048 },
-                        o => bail!(Input, "unknown observer '{o}'"),
-                    },
+                    observer: ObserverKind::parse(observer, 99.999, 2048)?,
                     ..Default::default()
                 };
                 let feeds = if mode == Mode::Static {

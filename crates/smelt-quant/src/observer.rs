@@ -38,6 +38,21 @@ pub enum ObserverKind {
 }
 
 impl ObserverKind {
+    /// The observer named `minmax`, `percentile` (at `percentile`), `entropy` or `mse` (over
+    /// `bins` histogram bins), as on a command line or in a recipe.
+    pub fn parse(name: &str, percentile: f64, bins: usize) -> Result<ObserverKind> {
+        Ok(match name {
+            "minmax" => ObserverKind::MinMax,
+            "percentile" => ObserverKind::Percentile(percentile),
+            "entropy" => ObserverKind::Entropy { bins },
+            "mse" => ObserverKind::Mse { bins },
+            _ => bail!(
+                Input,
+                "unknown observer '{name}' (expected minmax, percentile, entropy or mse)"
+            ),
+        })
+    }
+
     fn validate(self) -> Result<()> {
         match self {
             ObserverKind::MinMax => {}

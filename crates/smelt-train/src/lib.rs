@@ -94,6 +94,22 @@ pub struct Qat {
     pub learn_scales: bool,
 }
 
+impl Qat {
+    /// The weight scheme of a QAT scheme name: `w8a8` (int8 per channel) or `w4a8` (int4 per
+    /// channel); activations stay the quantizer's default uint8.
+    pub fn weights(scheme: &str) -> Result<smelt_quant::WeightScheme> {
+        let qtype = match scheme {
+            "w8a8" => smelt_quant::QType::I8,
+            "w4a8" => smelt_quant::QType::I4,
+            _ => bail!(Input, "unknown qat scheme '{scheme}' (w8a8 or w4a8)"),
+        };
+        Ok(smelt_quant::WeightScheme {
+            qtype,
+            ..smelt_quant::WeightScheme::default()
+        })
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Options {
@@ -196,7 +212,8 @@ fn shuffle(n: usize, seed: u64) -> Vec<usize> {
     p
 }
 
-fn rows(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
+/// The rows `idx` of `x` (`[N, ...]`), in that order.
+pub fn rows(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
     let inner: usize = x.shape()[1..].iter().product();
     let v = x.as_slice::<f32>()?;
     let mut out = Vec::with_capacity(idx.len() * inner);
@@ -208,11 +225,15 @@ fn rows(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
     Tensor::from_vec(shape, out)
 }
 
-fn input_name(model: &Model) -> Result<String> {
+/// The one input that labelled samples feed.
+pub fn input_name(model: &Model) -> Result<String> {
     let mut it = model.graph.runtime_inputs();
     match (it.next(), it.next()) {
         (Some(v), None) => Ok(v.name.clone()),
-        _ => bail!(Unsupported, "fine-tuning supports models with one input"),
+        _ => bail!(
+            Unsupported,
+            "training and evaluating on labelled samples support models with one input"
+        ),
     }
 }
 

@@ -2,7 +2,6 @@ use super::quantize::observer_kind;
 use crate::args::{load_model, print_json, refuse_overwrite, DataArgs};
 use serde_json::json;
 use smelt_prune::Scope;
-use smelt_quant::{QType, WeightScheme};
 use smelt_tensor::{bail, Result};
 use smelt_train::optim::{Optimizer, Schedule};
 use smelt_train::{Distill, Gradual, Options, Qat, Samples};
@@ -155,14 +154,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         qat: match a.qat.as_deref() {
             Some(scheme) => Some(Qat {
                 quant: smelt_quant::Options {
-                    weights: WeightScheme {
-                        qtype: if scheme == "w4a8" {
-                            QType::I4
-                        } else {
-                            QType::I8
-                        },
-                        ..WeightScheme::default()
-                    },
+                    weights: Qat::weights(scheme)?,
                     observer: observer_kind(&a.observer, 99.999, 2048)?,
                     ..smelt_quant::Options::default()
                 },

@@ -344,16 +344,8 @@ pub fn observer_kind(name: &str, percentile: f64, bins: usize) -> Result<Observe
     if bins < 128 {
         bail!(Input, "--bins must be at least 128, got {bins}");
     }
-    Ok(match name {
-        "minmax" => ObserverKind::MinMax,
-        "percentile" => {
-            if !(percentile > 50.0 && percentile <= 100.0) {
-                bail!(Input, "--percentile must be in (50, 100], got {percentile}");
-            }
-            ObserverKind::Percentile(percentile)
-        }
-        "entropy" => ObserverKind::Entropy { bins },
-        "mse" => ObserverKind::Mse { bins },
-        _ => bail!(Input, "unknown observer '{name}'"),
-    })
+    if name == "percentile" && !(percentile > 50.0 && percentile <= 100.0) {
+        bail!(Input, "--percentile must be in (50, 100], got {percentile}");
+    }
+    ObserverKind::parse(name, percentile, bins)
 }

@@ -287,13 +287,14 @@ pub fn finetune(
         (None, true) => bail!(Input, "resuming needs the checkpoint folder"),
         _ => None,
     };
-    let (mut model, form, input) = match &resumed {
+    let (model, form, input) = match &resumed {
         // The checkpoint holds the model as it was being trained (prepared, quantized).
         Some(c) => (c.model.clone(), c.form.clone(), input_name(&c.model)?),
         None => {
             let mut model = prepare(model)?;
             let input = input_name(&model)?;
             let mut form = None;
+            // Before quantizing, so the codes of cut weights are exact zeros.
             if let Some(m) = &opts.masks {
                 m.apply(&mut model.graph)?;
             }
@@ -305,13 +306,11 @@ pub fn finetune(
             (model, form, input)
         }
     };
+    // A checkpoint's model already holds its masks; a fresh one had them applied above.
     let mut masks = match &resumed {
         Some(c) => c.masks.clone(),
         None => opts.masks.clone(),
     };
-    if let Some(m) = &masks {
-        m.apply(&mut model.graph)?;
-    }
     let mut params = trainable(&model);
     let mut scales = HashSet::new();
     if let (Some(f), Some(q)) = (&form, &opts.qat) {
@@ -341,6 +340,7 @@ pub fn finetune(
         None => None,
     };
     let mut session = Session::unfolded(model.clone())?;
+    let needed = grad::needed_values(&model, &params)?;
     let n = train.y.len();
     let batch = opts.batch.max(1);
     let steps_per_epoch = n.div_ceil(batch);
@@ -386,31 +386,32 @@ pub fn finetune(
             }
             let x = rows(train.x, chunk)?;
             let y: Vec<i64> = chunk.iter().map(|&i| train.y[i]).collect();
-            let (loss, grads) = batch_gradients(&session, &input, &x, &params, |logits| {
-                let (mut loss, mut dlogits) =
-                    loss::cross_entropy_scaled(logits, &y, opts.loss_temperature)?;
-                if let (Some((ts, tin)), Some(d)) = (&teacher, &opts.distill) {
-                    let t = ts.run(&[(tin.as_str(), x.clone())])?.remove(0).1;
-                    let (kl, dk) = loss::distill(logits, &t, d.temperature)?;
-                    loss = (1.0 - d.alpha as f64) * loss + d.alpha as f64 * kl;
-                    let (a, b) = (1.0 - d.alpha, d.alpha);
-                    let dv: Vec<f32> = dlogits
-                        .as_slice::<f32>()?
-                        .iter()
-                        .zip(dk.as_slice::<f32>()?)
-                        .map(|(h, s)| a * h + b * s)
-                        .collect();
-                    dlogits = Tensor::from_vec(logits.shape().to_vec(), dv)?;
-                }
-                if !loss.is_finite() {
-                    bail!(
-                        Invalid,
-                        "the loss became {loss} at step {step}: lower --lr (it is {})",
-                        opts.lr
-                    );
-                }
-                Ok((loss, dlogits))
-            })?;
+            let (loss, grads) =
+                batch_gradients(&session, &input, &x, &params, &needed, |logits| {
+                    let (mut loss, mut dlogits) =
+                        loss::cross_entropy_scaled(logits, &y, opts.loss_temperature)?;
+                    if let (Some((ts, tin)), Some(d)) = (&teacher, &opts.distill) {
+                        let t = ts.run(&[(tin.as_str(), x.clone())])?.remove(0).1;
+                        let (kl, dk) = loss::distill(logits, &t, d.temperature)?;
+                        loss = (1.0 - d.alpha as f64) * loss + d.alpha as f64 * kl;
+                        let (a, b) = (1.0 - d.alpha, d.alpha);
+                        let dv: Vec<f32> = dlogits
+                            .as_slice::<f32>()?
+                            .iter()
+                            .zip(dk.as_slice::<f32>()?)
+                            .map(|(h, s)| a * h + b * s)
+                            .collect();
+                        dlogits = Tensor::from_vec(logits.shape().to_vec(), dv)?;
+                    }
+                    if !loss.is_finite() {
+                        bail!(
+                            Invalid,
+                            "the loss became {loss} at step {step}: lower --lr (it is {})",
+                            opts.lr
+                        );
+                    }
+                    Ok((loss, dlogits))
+                })?;
             let lr = opts.schedule.rate(opts.lr, step, total);
             for name in &params {
                 let Some(g) = grads.get(name) else { continue };
@@ -547,19 +548,21 @@ fn gradual_masks(
     Ok(m)
 }
 
-/// One forward and backward pass on `x`: `objective` maps the first output to (loss,
-/// d loss / d output); returns the loss and the gradients of `params`.
+/// One forward and backward pass on `x`, keeping the `needed` values
+/// (`grad::needed_values` of `params`, computed once per run): `objective` maps the first
+/// output to (loss, d loss / d output); returns the loss and the gradients of `params`.
 fn batch_gradients(
     session: &Session,
     input: &str,
     x: &Tensor,
     params: &[String],
+    needed: &[String],
     objective: impl FnOnce(&Tensor) -> Result<(f64, Tensor)>,
 ) -> Result<(f64, HashMap<String, Tensor>)> {
     let (outs, mut values) = session.run_with(
         &[(input, x.clone())],
         &RunOptions {
-            capture: grad::needed_values(session.model(), params)?,
+            capture: needed.to_vec(),
             ..Default::default()
         },
     )?;
@@ -589,13 +592,14 @@ pub fn taylor_scores(
     let model = prepare(model)?;
     let input = input_name(&model)?;
     let params = trainable(&model);
+    let needed = grad::needed_values(&model, &params)?;
     let session = Session::unfolded(model)?;
     let mut scores: HashMap<String, Vec<f32>> = HashMap::new();
     let idx: Vec<usize> = (0..data.y.len()).collect();
     for chunk in idx.chunks(batch.max(1)) {
         let x = rows(data.x, chunk)?;
         let y: Vec<i64> = chunk.iter().map(|&i| data.y[i]).collect();
-        let (_, grads) = batch_gradients(&session, &input, &x, &params, |logits| {
+        let (_, grads) = batch_gradients(&session, &input, &x, &params, &needed, |logits| {
             loss::cross_entropy_scaled(logits, &y, temperature)
         })?;
         for (name, g) in grads {

@@ -168,16 +168,21 @@ fn budget_search_keeps_the_smallest_candidate_that_meets_it() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let cands = v["candidates"].as_array().unwrap();
-    assert_eq!(cands.len(), 4, "{cands:?}");
+    assert_eq!(cands.len(), 5, "{cands:?}");
     let accepted: Vec<&serde_json::Value> =
         cands.iter().filter(|c| c["accepted"] == true).collect();
     assert!(!accepted.is_empty());
-    // The chosen one is the smallest accepted, and within the budget.
-    let smallest = accepted
-        .iter()
-        .min_by_key(|c| c["after"]["bytes"].as_u64().unwrap())
-        .unwrap();
-    assert_eq!(v["recipe"]["name"], smallest["recipe"]);
+    // The chosen one is, among the accepted, smaller and faster if any is both, then the
+    // smallest.
+    let before_bytes = v["before"]["bytes"].as_u64().unwrap();
+    let key = |c: &serde_json::Value| {
+        let l = &c["latency_ms"];
+        let faster = l[1].as_f64().unwrap() < l[0].as_f64().unwrap() / 1.05;
+        let bytes = c["after"]["bytes"].as_u64().unwrap();
+        (!(faster && bytes < before_bytes), bytes)
+    };
+    let best = accepted.iter().min_by_key(|c| key(c)).unwrap();
+    assert_eq!(v["recipe"]["name"], best["recipe"]);
     let drop = v["before"]["accuracy"].as_f64().unwrap() - v["after"]["accuracy"].as_f64().unwrap();
     assert!(drop <= 0.005 + 1e-9, "{drop}");
     for c in cands.iter().filter(|c| c["accepted"] == false) {
@@ -191,4 +196,92 @@ fn budget_search_keeps_the_smallest_candidate_that_meets_it() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no candidate met the budget"));
     assert!(!out.exists(), "nothing written");
+}
+
+/// Ctrl-C during a search: the best candidate so far stays in the output, the report says it
+/// is partial, the exit code is 130, and no temporary file is left.
+#[test]
+fn an_interrupted_search_keeps_the_best_so_far() {
+    let a = assets();
+    let dir = tempfile::tempdir().unwrap();
+    let (out, report) = (dir.path().join("best.onnx"), dir.path().join("report"));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes");
+    let mut child = smelt()
+        .arg("compress")
+        .arg(a.join("mnist-8/model.onnx"))
+        .arg("-o")
+        .arg(&out)
+        .arg("--data")
+        .arg(a.join("mnist"))
+        .arg("--val")
+        .arg(a.join("mnist"))
+        .args([
+            "--split",
+            "train",
+            "--val-limit",
+            "1000",
+            "--bench-runs",
+            "2",
+        ])
+        .args(["--max-accuracy-drop", "5", "--candidates"])
+        .arg(format!(
+            "{},{}",
+            root.join("int4-weight-only.toml").display(),
+            root.join("channels30-int4.toml").display()
+        ))
+        .arg("--report")
+        .arg(&report)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first candidate is accepted within seconds; the second fine-tunes on 60,000 images
+    // for a minute, and is interrupted.
+    let started = std::time::Instant::now();
+    while !report.join("report.json").exists() {
+        assert!(started.elapsed().as_secs() < 120, "no partial report");
+        assert!(child.try_wait().unwrap().is_none(), "exited early");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let m = smelt_onnx::load(&out).unwrap();
+    assert!(m
+        .graph
+        .nodes
+        .iter()
+        .any(|n| n.op_type == "DequantizeLinear"));
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.join("report.json")).unwrap()).unwrap();
+    assert_eq!(v["recipe"]["name"], "int4-weight-only", "{v}");
+    assert!(
+        v["partial"].as_str().unwrap().contains("interrupted"),
+        "{v}"
+    );
+    let verdicts: Vec<&str> = v["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["verdict"].as_str().unwrap())
+        .collect();
+    assert_eq!(verdicts.len(), 2, "{verdicts:?}");
+    assert!(verdicts[0].starts_with("meets the budget"), "{verdicts:?}");
+    assert_eq!(verdicts[1], "interrupted while running");
+    assert!(std::fs::read_to_string(report.join("report.html"))
+        .unwrap()
+        .contains("partial report"));
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["best.onnx", "report"], "no temporary files left");
 }

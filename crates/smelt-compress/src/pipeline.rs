@@ -79,6 +79,7 @@ pub fn run(
     let mut masks: Option<Masks> = None;
     let mut stages = Vec::new();
     for (i, stage) in recipe.stages.iter().enumerate() {
+        smelt_tensor::interrupt::check()?;
         let started = Instant::now();
         let label = format!("{} {}", i + 1, stage.kind());
         let summary = match stage {

@@ -37,6 +37,9 @@ pub struct Report {
     /// With a budget: what it was, and every candidate tried.
     pub budget: Option<Budget>,
     pub candidates: Vec<Candidate>,
+    /// Set while a search is still running or after it was interrupted: the report covers
+    /// the candidates decided so far.
+    pub partial: Option<String>,
 }
 
 impl Report {
@@ -80,7 +83,15 @@ impl Report {
             ablation: vec![],
             budget: None,
             candidates: vec![],
+            partial: None,
         }
+    }
+
+    /// Marks the report as covering only part of a run, first among its warnings.
+    pub fn partial(mut self, why: String) -> Report {
+        self.warnings.insert(0, format!("partial report: {why}"));
+        self.partial = Some(why);
+        self
     }
 
     pub fn with_search(mut self, budget: Budget, candidates: Vec<Candidate>) -> Report {

@@ -1,7 +1,11 @@
 //! Budget-driven search: try candidate recipes from the gentlest to the most aggressive, measure
 //! each on this machine, and keep the smallest one that meets the budget. A candidate that is
 //! neither smaller nor faster than the original is rejected, however accurate: a compression
-//! that gains nothing is not a result.
+//! that gains nothing is not a result. Among accepted candidates, one that is both smaller and
+//! faster beats one that is only smaller; then the smallest file wins, then the fastest.
+//!
+//! A stop request ([`smelt_tensor::interrupt`]) ends the search at once: the candidate running
+//! is abandoned and the best one so far is kept.
 
 use crate::measure::{latency_pair, Measure};
 use crate::pipeline::{self, Data};
@@ -12,7 +16,7 @@ use smelt_tensor::{bail, Result};
 use std::time::{Duration, Instant};
 
 /// The ready recipes of `recipes/`, gentlest first: the default candidates.
-pub const BUILTIN: [(&str, &str); 4] = [
+pub const BUILTIN: [(&str, &str); 5] = [
     (
         "int8-static",
         include_str!("../../../recipes/int8-static.toml"),
@@ -20,6 +24,10 @@ pub const BUILTIN: [(&str, &str); 4] = [
     (
         "int4-weight-only",
         include_str!("../../../recipes/int4-weight-only.toml"),
+    ),
+    (
+        "channels30-int4",
+        include_str!("../../../recipes/channels30-int4.toml"),
     ),
     (
         "prune50-int8",
@@ -62,12 +70,18 @@ pub struct Candidate {
 }
 
 pub struct Found {
-    /// The accepted candidate with the smallest file (then the fastest), if any.
+    /// The best accepted candidate (see the module docs), if any.
     pub best: Option<(usize, pipeline::Outcome)>,
     pub candidates: Vec<Candidate>,
+    /// The search stopped early on a stop request.
+    pub interrupted: bool,
+    /// The original model as measured by the first candidate that ran.
+    pub before: Option<Measure>,
 }
 
-/// Runs the candidates in order within the budget's time limit.
+/// Runs the candidates in order within the budget's time limit. `after_each(found, new_best)`
+/// is called once each candidate is decided, so the caller can keep the best model so far on
+/// disk.
 pub fn search(
     model: &Model,
     candidates: &[Recipe],
@@ -75,6 +89,7 @@ pub fn search(
     budget: &Budget,
     seed: u64,
     mut progress: impl FnMut(&str, usize, usize),
+    mut after_each: impl FnMut(&Found, bool) -> Result<()>,
 ) -> Result<Found> {
     if data.val.is_none() && budget.max_accuracy_drop.is_some() {
         bail!(
@@ -86,17 +101,27 @@ pub fn search(
     let mut out = Found {
         best: None,
         candidates: vec![],
+        interrupted: false,
+        before: None,
     };
-    let mut best_key: Option<(u64, f64)> = None;
+    // Lower is better: (not both smaller and faster, bytes, latency).
+    let mut best_key: Option<(bool, u64, f64)> = None;
     for (i, recipe) in candidates.iter().enumerate() {
-        if started.elapsed() > budget.time_limit {
+        let skip = if out.interrupted {
+            Some("not tried: the search was interrupted")
+        } else if started.elapsed() > budget.time_limit {
+            Some("not tried: the time limit was reached")
+        } else {
+            None
+        };
+        if let Some(why) = skip {
             out.candidates.push(Candidate {
                 recipe: recipe.name.clone(),
                 after: None,
                 latency_ms: None,
                 seconds: 0.0,
                 accepted: false,
-                verdict: "not tried: the time limit was reached".into(),
+                verdict: why.into(),
             });
             continue;
         }
@@ -108,18 +133,28 @@ pub fn search(
         let outcome = match run {
             Ok(o) => o,
             Err(e) => {
+                out.interrupted = matches!(e, smelt_tensor::Error::Interrupted);
                 out.candidates.push(Candidate {
                     recipe: recipe.name.clone(),
                     after: None,
                     latency_ms: None,
                     seconds: t.elapsed().as_secs_f64(),
                     accepted: false,
-                    verdict: format!("failed: {e}"),
+                    verdict: if out.interrupted {
+                        "interrupted while running".into()
+                    } else {
+                        format!("failed: {e}")
+                    },
                 });
+                after_each(&out, false)?;
                 continue;
             }
         };
-        let before = &outcome.before;
+        let before = out
+            .before
+            .get_or_insert_with(|| outcome.before.clone())
+            .clone();
+        let before = &before;
         let after = outcome
             .stages
             .last()
@@ -167,11 +202,16 @@ pub fn search(
             accepted,
             verdict,
         });
-        let key = (after.bytes, la);
-        if accepted && best_key.is_none_or(|b| key.0 < b.0 || (key.0 == b.0 && key.1 < b.1)) {
+        let key = (!(smaller && faster), after.bytes, la);
+        let better = best_key.is_none_or(|b| {
+            (key.0, key.1) < (b.0, b.1) || ((key.0, key.1) == (b.0, b.1) && key.2 < b.2)
+        });
+        let new_best = accepted && better;
+        if new_best {
             best_key = Some(key);
             out.best = Some((i, outcome));
         }
+        after_each(&out, new_best)?;
     }
     Ok(out)
 }

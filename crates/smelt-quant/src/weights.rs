@@ -78,6 +78,16 @@ impl Grouping {
                 }
             }
             Granularity::Block(size) => {
+                // A Conv whose input channels fit in one block would get a scale per kernel
+                // position (ONNX blocks run along one axis only); one scale per output channel
+                // then covers more weights with fewer scales, so that is used instead.
+                if axes.reduce_axis < rank
+                    && shape[axes.reduce_axis] <= size
+                    && shape[axes.reduce_axis + 1..].iter().product::<usize>() > 1
+                    && axes.channel_axis != axes.reduce_axis
+                {
+                    return Grouping::new(shape, Granularity::PerChannel, axes);
+                }
                 if axes.reduce_axis >= rank || size == 0 {
                     bail!(
                         Shape,
@@ -309,6 +319,33 @@ mod tests {
         assert_eq!(q.codes, vec![7, -4, 7, 2]); // -0.6*7 = -4.2, 30*7/100 = 2.1
         let d = q.dequantized().unwrap().to_f32_vec().unwrap();
         assert!((d[0] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn conv_with_few_input_channels_gets_a_scale_per_output_channel() {
+        // [O=2, I=1, 2, 2] in blocks of 32: blocking along I would give every weight its own
+        // scale; one scale per output channel is used instead.
+        let w = t(
+            vec![2, 1, 2, 2],
+            vec![1.5, -2.0, 0.5, 0.25, 7.0, 1.0, -1.0, 3.6],
+        );
+        let s = WeightScheme {
+            qtype: QType::I4,
+            granularity: Granularity::Block(32),
+            ..Default::default()
+        };
+        let conv = Axes {
+            channel_axis: 0,
+            reduce_axis: 1,
+        };
+        let q = quantize_weight(&w, &s, conv).unwrap();
+        assert_eq!(
+            (q.scale_shape.clone(), q.axis, q.block),
+            (vec![2], Some(0), None)
+        );
+        assert!((q.params[0].scale - 2.0 / 7.0).abs() < 1e-7);
+        assert!((q.params[1].scale - 1.0).abs() < 1e-7);
+        assert_eq!(q.codes, vec![5, -7, 2, 1, 7, 1, -1, 4]);
     }
 
     #[test]

@@ -17,6 +17,9 @@ pub enum Error {
     /// Bad input data or options from the user.
     #[error("{0}")]
     Input(String),
+    /// A stop was requested (Ctrl-C); see [`crate::interrupt`].
+    #[error("interrupted")]
+    Interrupted,
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -41,6 +44,7 @@ impl Error {
             Error::Shape(m) => Error::Shape(format!("{what}: {m}")),
             Error::Limit(m) => Error::Limit(format!("{what}: {m}")),
             Error::Input(m) => Error::Input(format!("{what}: {m}")),
+            Error::Interrupted => Error::Interrupted,
             Error::Io { context, source } => Error::Io {
                 context: format!("{what}: {context}"),
                 source,

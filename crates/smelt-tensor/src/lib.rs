@@ -7,6 +7,7 @@
 mod broadcast;
 mod dtype;
 mod error;
+pub mod interrupt;
 mod subbyte;
 mod tensor;
 

@@ -373,6 +373,7 @@ pub fn finetune(
             if step >= total {
                 break;
             }
+            smelt_tensor::interrupt::check()?;
             if let Some(gp) = &opts.gradual {
                 if step >= gp.start && step <= gp.end && (step - gp.start) % gp.every.max(1) == 0 {
                     let m = gradual_masks(&session, &prunable, gp, step, opts.masks.as_ref())?;

@@ -1,7 +1,7 @@
 use crate::args::{load_model, print_json, refuse_overwrite, DataArgs};
 use smelt_compress::pipeline::{self, Data};
 use smelt_compress::report::{Latency, Report};
-use smelt_compress::search::Budget;
+use smelt_compress::search::{Budget, Found};
 use smelt_compress::Recipe;
 use smelt_ir::Model;
 use smelt_prune::Criterion;
@@ -182,7 +182,57 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     )
 }
 
+/// The model, and its masks beside it when pruning left some.
+fn save_result(out: &pipeline::Outcome, output: &Path) -> Result<()> {
+    smelt_onnx::save(&out.model, output)?;
+    if let Some(m) = &out.masks {
+        smelt_onnx::write_atomic(&crate::args::masks_beside(output), &m.to_safetensors()?)?;
+    }
+    Ok(())
+}
+
+/// The report of a search that has not finished: the best candidate so far, if any, and every
+/// verdict reached.
+fn partial_report(
+    name: &str,
+    candidates: &[Recipe],
+    found: &Found,
+    budget: &Budget,
+) -> Option<Report> {
+    let before = found.before.clone()?;
+    let (recipe, stages) = match &found.best {
+        Some((i, o)) => (candidates[*i].clone(), o.stages.clone()),
+        None => (
+            Recipe {
+                name: "(none accepted yet)".into(),
+                description: String::new(),
+                stages: vec![],
+            },
+            vec![],
+        ),
+    };
+    let done = found.candidates.len();
+    let why = if found.interrupted {
+        format!(
+            "the search was interrupted after {done} of {} candidates",
+            candidates.len()
+        )
+    } else {
+        format!(
+            "the search is running ({done} of {} candidates decided)",
+            candidates.len()
+        )
+    };
+    Some(
+        Report::new(name.to_string(), recipe, before, stages, vec![])
+            .with_search(budget.clone(), found.candidates.clone())
+            .partial(why),
+    )
+}
+
 /// Runs the recipe, writes the model (and masks, report), prints the before/after table.
+/// A search keeps its best model so far in `output` and a partial report in the report folder
+/// while it runs, so Ctrl-C leaves both.
 pub fn compress(model: Model, how: How, data: &Data, r: &Run, json: bool) -> Result<()> {
     let (name, output, report_dir) = (r.name, r.output, r.report_dir);
     let (seed, bench_runs) = (r.seed, r.bench_runs);
@@ -192,6 +242,7 @@ pub fn compress(model: Model, how: How, data: &Data, r: &Run, json: bool) -> Res
             let out = pipeline::run(model.clone(), &recipe, data, seed, |stage, d, n| {
                 bar.update(stage, d, n, String::new())
             })?;
+            save_result(&out, output)?;
             (recipe, out, None)
         }
         How::Search(budget, candidates) => {
@@ -202,8 +253,25 @@ pub fn compress(model: Model, how: How, data: &Data, r: &Run, json: bool) -> Res
                 &budget,
                 seed,
                 |stage, d, n| bar.update(stage, d, n, String::new()),
+                |found, new_best| {
+                    if let (true, Some((_, o))) = (new_best, &found.best) {
+                        save_result(o, output)?;
+                    }
+                    match (
+                        report_dir,
+                        partial_report(name, &candidates, found, &budget),
+                    ) {
+                        (Some(dir), Some(rep)) => rep.write(dir),
+                        _ => Ok(()),
+                    }
+                },
             )?;
             let Some((i, out)) = found.best else {
+                if found.interrupted {
+                    bar.finish();
+                    eprintln!("interrupted: no candidate had met the budget; nothing written");
+                    return Err(smelt_tensor::Error::Interrupted);
+                }
                 let lines: Vec<String> = found
                     .candidates
                     .iter()
@@ -215,14 +283,18 @@ pub fn compress(model: Model, how: How, data: &Data, r: &Run, json: bool) -> Res
                     lines.join("\n")
                 );
             };
-            (candidates[i].clone(), out, Some((budget, found.candidates)))
+            let interrupted = found.interrupted.then_some(found.candidates.len());
+            (
+                candidates[i].clone(),
+                out,
+                Some((budget, found.candidates, interrupted)),
+            )
         }
     };
     bar.finish();
-    smelt_onnx::save(&out.model, output)?;
-    if let Some(m) = &out.masks {
-        smelt_onnx::write_atomic(&crate::args::masks_beside(output), &m.to_safetensors()?)?;
-    }
+    let interrupted = search.as_ref().is_some_and(|s| s.2.is_some());
+    // After Ctrl-C the user wants out: the timing and ablation are skipped.
+    let bench_runs = if interrupted { 0 } else { bench_runs };
     let mut latency = Vec::new();
     if bench_runs > 0 {
         for batch in [1, 32] {
@@ -236,7 +308,7 @@ pub fn compress(model: Model, how: How, data: &Data, r: &Run, json: bool) -> Res
             });
         }
     }
-    let ablation = match r.ablation {
+    let ablation = match r.ablation.filter(|_| !interrupted) {
         Some(c) => {
             let Some(val) = &data.val else {
                 bail!(Input, "--ablation needs labelled validation data (--val)");
@@ -267,7 +339,10 @@ pub fn compress(model: Model, how: How, data: &Data, r: &Run, json: bool) -> Res
     )
     .with_ablation(ablation);
     let report = match search {
-        Some((b, c)) => report.with_search(b, c),
+        Some((b, c, None)) => report.with_search(b, c),
+        Some((b, c, Some(done))) => report.with_search(b, c).partial(format!(
+            "the search was interrupted after {done} candidates; the best so far was written"
+        )),
         None => report,
     };
     if let Some(dir) = report_dir {
@@ -279,7 +354,11 @@ pub fn compress(model: Model, how: How, data: &Data, r: &Run, json: bool) -> Res
         v["output"] = output.display().to_string().into();
         v["report_dir"] = report_dir.map(|d| d.display().to_string()).into();
         print_json(&v);
-        return Ok(());
+        return if interrupted {
+            Err(smelt_tensor::Error::Interrupted)
+        } else {
+            Ok(())
+        };
     }
     for c in &report.candidates {
         println!("candidate  {:<18} {}", c.recipe, c.verdict);
@@ -313,6 +392,9 @@ pub fn compress(model: Model, how: How, data: &Data, r: &Run, json: bool) -> Res
     }
     if let Some(dir) = report_dir {
         println!("report     {}", dir.join("report.html").display());
+    }
+    if interrupted {
+        return Err(smelt_tensor::Error::Interrupted);
     }
     Ok(())
 }

@@ -285,3 +285,71 @@ fn an_interrupted_search_keeps_the_best_so_far() {
     names.sort();
     assert_eq!(names, ["best.onnx", "report"], "no temporary files left");
 }
+
+/// A fidelity budget on MiniLM (no labels): per-layer int4/int8 gives a model smaller than
+/// int8 everywhere, within the budget on sentences the choice never saw, and says why each
+/// layer kept its bits.
+#[test]
+fn fidelity_search_mixes_int4_and_int8_on_minilm() {
+    let a = assets();
+    let dir = tempfile::tempdir().unwrap();
+    let fp32 = minilm_fp32(dir.path());
+    let out = dir.path().join("mixed.onnx");
+    let o = smelt()
+        .arg("compress")
+        .arg(&fp32)
+        .arg("-o")
+        .arg(&out)
+        .arg("--data")
+        .arg(a.join("brown"))
+        .arg("--tokenizer")
+        .arg(a.join("minilm/tokenizer.json"))
+        .args([
+            "--limit",
+            "32",
+            "--min-fidelity",
+            "0.995",
+            "--bench-runs",
+            "0",
+        ])
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let cands = v["candidates"].as_array().unwrap();
+    let bytes_of = |name: &str| {
+        cands.iter().find(|c| c["recipe"] == name).unwrap()["after"]["bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(v["recipe"]["name"], "int4-int8-per-layer", "{cands:?}");
+    let after = &v["after"];
+    assert!(after["bytes"].as_u64().unwrap() < bytes_of("int8-weight-only"));
+    assert!(after["fidelity"].as_f64().unwrap() >= 0.995, "{after}");
+    let layers = v["precision"].as_array().unwrap();
+    let at = |bits: u64| layers.iter().filter(|l| l["bits"] == bits).count();
+    assert!(at(4) > 0 && at(8) > 0, "{layers:?}");
+    for l in layers.iter().filter(|l| l["bits"] == 8) {
+        assert!(
+            l["reason"].as_str().unwrap().starts_with("kept at 8 bits"),
+            "{l}"
+        );
+    }
+    // On other sentences the result stays close to the original.
+    let e = smelt()
+        .arg("eval")
+        .arg(&out)
+        .arg("--reference")
+        .arg(&fp32)
+        .arg("--data")
+        .arg(a.join("brown"))
+        .arg("--tokenizer")
+        .arg(a.join("minilm/tokenizer.json"))
+        .args(["--skip", "32", "--limit", "32", "--json"])
+        .output()
+        .unwrap();
+    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    let f: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    assert!(f["cosine"].as_f64().unwrap() >= 0.99, "{f}");
+}

@@ -13,11 +13,20 @@ use std::time::Instant;
 pub struct Measure {
     /// Top-1 accuracy on the validation data, when there is some.
     pub accuracy: Option<f64>,
+    /// Mean cosine of the outputs to the original model's, when measured instead.
+    pub fidelity: Option<f64>,
     pub params: u64,
     pub nonzero: u64,
     pub flops: u64,
     /// Size of the ONNX file.
     pub bytes: u64,
+}
+
+impl Measure {
+    /// What the charts plot: accuracy, or fidelity when there are no labels.
+    pub fn score(&self) -> Option<f64> {
+        self.accuracy.or(self.fidelity)
+    }
 }
 
 /// Measures `model` (batch-1 shapes for FLOPs); accuracy on `val` when given.
@@ -28,6 +37,7 @@ pub fn measure(model: &Model, val: Option<&Samples>) -> Result<Measure> {
     let accuracy = val.map(|v| accuracy(model, v)).transpose()?;
     Ok(Measure {
         accuracy,
+        fidelity: None,
         params: st.params,
         nonzero: st.params - st.zero_params,
         flops: st.flops,

@@ -35,6 +35,8 @@ pub struct Outcome {
     pub stages: Vec<StageRecord>,
     /// Pruning masks still held at the end.
     pub masks: Option<Masks>,
+    /// Per-layer bits chosen by a mixed-precision search, with the reasons.
+    pub precision: Vec<smelt_quant::mixed::LayerChoice>,
 }
 
 /// Taylor importance over the first 1,024 training samples.
@@ -71,7 +73,7 @@ pub fn run(
     recipe: &Recipe,
     data: &Data,
     seed: u64,
-    mut progress: impl FnMut(&str, usize, usize),
+    progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<Outcome> {
     let original = model.clone();
     let before = measure(&model, data.val.as_ref())?;
@@ -226,5 +228,6 @@ pub fn run(
         before,
         stages,
         masks,
+        precision: vec![],
     })
 }

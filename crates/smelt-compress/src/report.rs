@@ -37,6 +37,8 @@ pub struct Report {
     /// With a budget: what it was, and every candidate tried.
     pub budget: Option<Budget>,
     pub candidates: Vec<Candidate>,
+    /// Per-layer bits of a mixed-precision result, with the reasons.
+    pub precision: Vec<smelt_quant::mixed::LayerChoice>,
     /// Set while a search is still running or after it was interrupted: the report covers
     /// the candidates decided so far.
     pub partial: Option<String>,
@@ -83,6 +85,7 @@ impl Report {
             ablation: vec![],
             budget: None,
             candidates: vec![],
+            precision: vec![],
             partial: None,
         }
     }
@@ -97,6 +100,11 @@ impl Report {
     pub fn with_search(mut self, budget: Budget, candidates: Vec<Candidate>) -> Report {
         self.budget = Some(budget);
         self.candidates = candidates;
+        self
+    }
+
+    pub fn with_precision(mut self, layers: Vec<smelt_quant::mixed::LayerChoice>) -> Report {
+        self.precision = layers;
         self
     }
 
@@ -140,6 +148,14 @@ impl Report {
                 ratio(x as f64, y as f64),
             ]
         };
+        if let Some(y) = a.fidelity {
+            rows.push([
+                "cosine to the original".into(),
+                "1".into(),
+                format!("{y:.5}"),
+                format!("{:+.5}", y - 1.0),
+            ]);
+        }
         rows.push(int("params", b.params, a.params));
         rows.push(int("non-zero params", b.nonzero, a.nonzero));
         rows.push(int("FLOPs (batch 1)", b.flops, a.flops));
@@ -176,18 +192,19 @@ impl Report {
                 st.after
                     .accuracy
                     .map(|a| format!("; accuracy {a:.4}"))
+                    .or(st.after.fidelity.map(|f| format!("; cosine {f:.5}")))
                     .unwrap_or_default()
             );
         }
         if !self.candidates.is_empty() {
-            s += "\n## Candidates (budget search)\n\n| recipe | accuracy | bytes | latency (ms, original / candidate) | verdict |\n|---|---|---|---|---|\n";
+            s += "\n## Candidates (budget search)\n\n| recipe | accuracy (or cosine) | bytes | latency (ms, original / candidate) | verdict |\n|---|---|---|---|---|\n";
             for c in &self.candidates {
                 s += &format!(
                     "| {} | {} | {} | {} | {} |\n",
                     c.recipe,
                     c.after
                         .as_ref()
-                        .and_then(|m| m.accuracy)
+                        .and_then(|m| m.score())
                         .map(|a| format!("{a:.4}"))
                         .unwrap_or("-".into()),
                     c.after
@@ -198,6 +215,15 @@ impl Report {
                         .map(|(b, a)| format!("{b:.3} / {a:.3}"))
                         .unwrap_or("-".into()),
                     c.verdict
+                );
+            }
+        }
+        if !self.precision.is_empty() {
+            s += "\n## Bits per layer\n\n| layer | op | bits | cost of the low precision alone | bytes it saves | why |\n|---|---|---|---|---|---|\n";
+            for l in &self.precision {
+                s += &format!(
+                    "| {} | {} | {} | {:.5} | {} | {} |\n",
+                    l.node, l.op, l.bits, l.low_drop, l.bytes_saved, l.reason
                 );
             }
         }
@@ -294,7 +320,7 @@ impl Report {
              <h2>Stages</h2>\n<ol>\n{stages}</ol>\n<h2>Warnings</h2>\n<ul>\n{warnings}</ul>\n\
              <h2>Trade-off</h2>\n<figure>{size_chart}<figcaption>accuracy vs file size, after each stage</figcaption></figure>\n\
              <figure>{flops_chart}<figcaption>accuracy vs FLOPs, after each stage</figcaption></figure>\n\
-             {candidates}{ablation}</body></html>\n",
+             {candidates}{precision}{ablation}</body></html>\n",
             model = esc(&self.model),
             recipe = esc(&self.recipe.name),
             desc = esc(&self.recipe.description),
@@ -302,7 +328,35 @@ impl Report {
             flops_chart = self.chart("MFLOPs", |m| m.flops as f64 / 1e6)?,
             ablation = self.ablation_html()?,
             candidates = self.candidates_html()?,
+            precision = self.precision_html(),
         ))
+    }
+
+    fn precision_html(&self) -> String {
+        if self.precision.is_empty() {
+            return String::new();
+        }
+        let rows: String = self
+            .precision
+            .iter()
+            .map(|l| {
+                format!(
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.5}</td><td>{}</td><td style=\"text-align:left\">{}</td></tr>\n",
+                    esc(&l.node),
+                    esc(&l.op),
+                    l.bits,
+                    l.low_drop,
+                    l.bytes_saved,
+                    esc(&l.reason)
+                )
+            })
+            .collect();
+        format!(
+            "<h2>Bits per layer</h2>\n<p>Each layer's cost is the metric lost when only it takes \
+             the low precision; layers go low cheapest per byte first while the budget holds.</p>\n\
+             <table><tr><th>layer</th><th>op</th><th>bits</th><th>cost alone</th><th>bytes saved</th>\
+             <th>why</th></tr>\n{rows}</table>\n"
+        )
     }
 
     fn candidates_html(&self) -> Result<String> {
@@ -315,7 +369,7 @@ impl Report {
             rows += &format!(
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td{}>{}</td></tr>\n",
                 esc(&c.recipe),
-                m.and_then(|m| m.accuracy)
+                m.and_then(|m| m.score())
                     .map(|a| format!("{a:.4}"))
                     .unwrap_or("-".into()),
                 m.map(|m| m.bytes.to_string()).unwrap_or("-".into()),
@@ -327,7 +381,7 @@ impl Report {
             );
         }
         Ok(format!(
-            "<h2>Candidates (budget search)</h2>\n<table><tr><th>recipe</th><th>accuracy</th>\
+            "<h2>Candidates (budget search)</h2>\n<table><tr><th>recipe</th><th>accuracy (or cosine)</th>\
              <th>bytes</th><th>latency ms (original / candidate)</th><th>verdict</th></tr>\n{rows}</table>\n\
              <figure>{}<figcaption>accuracy vs file size of every candidate (green: meets the budget)</figcaption></figure>\n",
             candidates_chart(&self.before, &self.candidates)?
@@ -376,7 +430,7 @@ impl Report {
     fn chart(&self, x_label: &str, x: impl Fn(&Measure) -> f64) -> Result<String> {
         let points: Vec<(f64, f64, String)> = std::iter::once(("original", &self.before))
             .chain(self.stages.iter().map(|s| (s.kind, &s.after)))
-            .filter_map(|(k, m)| m.accuracy.map(|a| (x(m), a, k.to_string())))
+            .filter_map(|(k, m)| m.score().map(|a| (x(m), a, k.to_string())))
             .collect();
         let mut svg = String::new();
         if points.is_empty() {
@@ -420,7 +474,7 @@ impl Report {
 /// Accuracy against file size for the original and every measured candidate, as inline SVG.
 fn candidates_chart(before: &Measure, cands: &[Candidate]) -> Result<String> {
     let fail = |e: String| Error::Invalid(format!("chart: {e}"));
-    let pts: Vec<(f64, f64, String, RGBColor)> = std::iter::once(before.accuracy.map(|a| {
+    let pts: Vec<(f64, f64, String, RGBColor)> = std::iter::once(before.score().map(|a| {
         (
             before.bytes as f64 / 1024.0,
             a,
@@ -433,7 +487,7 @@ fn candidates_chart(before: &Measure, cands: &[Candidate]) -> Result<String> {
         let m = c.after.as_ref()?;
         Some((
             m.bytes as f64 / 1024.0,
-            m.accuracy?,
+            m.score()?,
             c.recipe.clone(),
             if c.accepted { GREEN } else { RED },
         ))

@@ -7,11 +7,13 @@
 //! A stop request ([`smelt_tensor::interrupt`]) ends the search at once: the candidate running
 //! is abandoned and the best one so far is kept.
 
-use crate::measure::{latency_pair, Measure};
-use crate::pipeline::{self, Data};
-use crate::recipe::Recipe;
+use crate::measure::{latency_pair, measure, Measure};
+use crate::pipeline::{self, Data, Outcome, StageRecord};
+use crate::recipe::{Recipe, Stage};
 use serde::Serialize;
+use smelt_engine::{Feed, Session};
 use smelt_ir::Model;
+use smelt_quant::{Mode, WeightScheme};
 use smelt_tensor::{bail, Result};
 use std::time::{Duration, Instant};
 
@@ -51,6 +53,8 @@ pub struct Budget {
     pub target_bytes: Option<u64>,
     /// Slowest acceptable latency at `batch`, in ms, in smelt's engine.
     pub target_latency_ms: Option<f64>,
+    /// Lowest acceptable fidelity to the original (mean cosine of the outputs).
+    pub min_fidelity: Option<f64>,
     pub batch: usize,
     /// Stop starting new candidates after this long (the best so far is kept).
     #[serde(skip)]
@@ -70,8 +74,8 @@ pub struct Candidate {
 }
 
 pub struct Found {
-    /// The best accepted candidate (see the module docs), if any.
-    pub best: Option<(usize, pipeline::Outcome)>,
+    /// The best accepted candidate (see the module docs) and the recipe it ran, if any.
+    pub best: Option<(Recipe, Outcome)>,
     pub candidates: Vec<Candidate>,
     /// The search stopped early on a stop request.
     pub interrupted: bool,
@@ -79,17 +83,24 @@ pub struct Found {
     pub before: Option<Measure>,
 }
 
-/// Runs the candidates in order within the budget's time limit. `after_each(found, new_best)`
-/// is called once each candidate is decided, so the caller can keep the best model so far on
-/// disk.
+/// One way to compress the model: what the report calls it, and how to run it.
+pub struct Trial<'a> {
+    pub recipe: Recipe,
+    #[allow(clippy::type_complexity)]
+    pub run: Box<dyn FnOnce(&mut dyn FnMut(&str, usize, usize)) -> Result<Outcome> + 'a>,
+}
+
+/// Runs the candidate recipes in order within the budget's time limit. `after_each(found,
+/// new_best)` is called once each candidate is decided, so the caller can keep the best model
+/// so far on disk.
 pub fn search(
     model: &Model,
     candidates: &[Recipe],
     data: &Data,
     budget: &Budget,
     seed: u64,
-    mut progress: impl FnMut(&str, usize, usize),
-    mut after_each: impl FnMut(&Found, bool) -> Result<()>,
+    progress: impl FnMut(&str, usize, usize),
+    after_each: impl FnMut(&Found, bool) -> Result<()>,
 ) -> Result<Found> {
     if data.val.is_none() && budget.max_accuracy_drop.is_some() {
         bail!(
@@ -97,6 +108,205 @@ pub fn search(
             "an accuracy budget needs labelled validation data (--val)"
         );
     }
+    let trials = candidates
+        .iter()
+        .map(|r| Trial {
+            recipe: r.clone(),
+            run: Box::new(move |p: &mut dyn FnMut(&str, usize, usize)| {
+                pipeline::run(model.clone(), r, data, seed, p)
+            }),
+        })
+        .collect();
+    run_trials(model, trials, budget, progress, after_each)
+}
+
+/// Mean cosine of `model`'s first output to the original's on `feeds`.
+struct Fidelity<'a> {
+    feeds: &'a [Feed],
+    reference: Vec<smelt_tensor::Tensor>,
+}
+
+impl<'a> Fidelity<'a> {
+    fn new(original: &Model, feeds: &'a [Feed]) -> Result<Fidelity<'a>> {
+        let s = Session::new(original.clone())?;
+        let reference = feeds
+            .iter()
+            .map(|f| first_output(&s, f))
+            .collect::<Result<_>>()?;
+        Ok(Fidelity { feeds, reference })
+    }
+
+    fn of(&self, model: &Model) -> Result<f64> {
+        let s = Session::new(model.clone())?;
+        let mut acc = smelt_data::FidelityAccumulator::new();
+        for (f, r) in self.feeds.iter().zip(&self.reference) {
+            smelt_tensor::interrupt::check()?;
+            acc.add(r, &first_output(&s, f)?)?;
+        }
+        Ok(acc.finish()?.cosine)
+    }
+}
+
+fn first_output(s: &Session, feed: &Feed) -> Result<smelt_tensor::Tensor> {
+    let inputs: Vec<(&str, smelt_tensor::Tensor)> =
+        feed.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    Ok(s.run(&inputs)?.remove(0).1)
+}
+
+/// A fidelity budget needs no labels: the candidates are weight-only int8 everywhere, int4
+/// everywhere, and int4/int8 chosen per layer from measured sensitivity (smelt_quant::mixed),
+/// each scored by its outputs' cosine to the original's on `val` (batches of feeds).
+pub fn search_fidelity(
+    model: &Model,
+    val: &[Feed],
+    budget: &Budget,
+    progress: impl FnMut(&str, usize, usize),
+    after_each: impl FnMut(&Found, bool) -> Result<()>,
+) -> Result<Found> {
+    let Some(floor) = budget.min_fidelity else {
+        bail!(Input, "a fidelity search needs --min-fidelity");
+    };
+    if budget.max_accuracy_drop.is_some() {
+        bail!(
+            Input,
+            "an accuracy budget needs labelled data; with unlabelled data give --min-fidelity"
+        );
+    }
+    if val.is_empty() {
+        bail!(Input, "no samples to measure fidelity on");
+    }
+    // Layers are chosen on the first half of the batches and every candidate is judged on
+    // the second, so the budget is checked on data the choice never saw.
+    let (tune, judge) = if val.len() >= 2 {
+        val.split_at(val.len() / 2)
+    } else {
+        (val, val)
+    };
+    let fid = std::rc::Rc::new(Fidelity::new(model, judge)?);
+    let tune_fid = std::rc::Rc::new(Fidelity::new(model, tune)?);
+    let int8 = WeightScheme::parse(true, Some("int8"), Some("channel"), 128)?;
+    let int4 = WeightScheme::parse(true, Some("int4"), None, 128)?;
+    let base = smelt_quant::Options {
+        mode: Mode::WeightOnly,
+        weights: int8,
+        ..Default::default()
+    };
+    let before = {
+        let mut m = measure(model, None)?;
+        m.fidelity = Some(1.0);
+        m
+    };
+    let stage = |name: &str, bits: u32| Stage::Quantize {
+        mode: "weight-only".into(),
+        weight_type: Some(name.into()),
+        granularity: Some(if bits == 8 { "channel" } else { "block" }.into()),
+        block_size: 128,
+        observer: "minmax".into(),
+        calib: 0,
+    };
+    let uniform = |name: &'static str, scheme: WeightScheme, st: Stage| {
+        let (fid, before, base) = (fid.clone(), before.clone(), base.clone());
+        Trial {
+            recipe: Recipe {
+                name: format!("{name}-weight-only"),
+                description: format!("every layer's weights {name}, compute in float"),
+                stages: vec![st],
+            },
+            run: Box::new(move |_: &mut dyn FnMut(&str, usize, usize)| {
+                let t = Instant::now();
+                let opts = smelt_quant::Options {
+                    weights: scheme,
+                    ..base
+                };
+                let (m, man) = smelt_quant::quantize(model.clone(), &opts, &[], |_, _, _| {})?;
+                let summary = format!(
+                    "weight-only {name}, {} nodes quantized",
+                    man.nodes_quantized
+                );
+                finish(m, before, summary, t, &fid, vec![])
+            })
+                as Box<dyn FnOnce(&mut dyn FnMut(&str, usize, usize)) -> Result<Outcome>>,
+        }
+    };
+    let mixed = {
+        let (fid, before, base) = (fid.clone(), before.clone(), base.clone());
+        Trial {
+            recipe: Recipe {
+                name: "int4-int8-per-layer".into(),
+                description: format!(
+                    "int4 or int8 weights per layer, chosen from each layer's measured \
+                     sensitivity to keep the cosine to the original >= {floor}"
+                ),
+                stages: vec![],
+            },
+            run: Box::new(move |p: &mut dyn FnMut(&str, usize, usize)| {
+                let t = Instant::now();
+                let plan = smelt_quant::mixed::choose(
+                    model,
+                    &base,
+                    int4,
+                    &[],
+                    // A tenth of the distance to 1 kept in reserve: the choice is tuned on
+                    // other batches than the ones it is judged on.
+                    floor + 0.1 * (1.0 - floor),
+                    |m| tune_fid.of(m),
+                    |d, n| p("per-layer sensitivity", d, n),
+                )?;
+                let (m, _) =
+                    smelt_quant::quantize(model.clone(), &plan.options, &[], |_, _, _| {})?;
+                let low = plan.layers.iter().filter(|l| l.bits == 4).count();
+                let summary = format!(
+                    "{low} of {} layers at int4, the rest int8 ({} evaluations; cosine {:.5} \
+                     with every layer int8)",
+                    plan.layers.len(),
+                    plan.evaluations,
+                    plan.high_metric
+                );
+                finish(m, before, summary, t, &fid, plan.layers)
+            }),
+        }
+    };
+    let trials = vec![
+        uniform("int8", int8, stage("int8", 8)),
+        uniform("int4", int4, stage("int4", 4)),
+        mixed,
+    ];
+    run_trials(model, trials, budget, progress, after_each)
+}
+
+/// The outcome of a one-stage quantization trial, measured.
+fn finish(
+    m: Model,
+    before: Measure,
+    summary: String,
+    started: Instant,
+    fid: &Fidelity,
+    precision: Vec<smelt_quant::mixed::LayerChoice>,
+) -> Result<Outcome> {
+    let mut after = measure(&m, None)?;
+    after.fidelity = Some(fid.of(&m)?);
+    Ok(Outcome {
+        model: m,
+        before,
+        stages: vec![StageRecord {
+            kind: "quantize",
+            summary,
+            seconds: started.elapsed().as_secs_f64(),
+            after,
+        }],
+        masks: None,
+        precision,
+    })
+}
+
+/// Runs the trials in order, judges each against the budget, keeps the best.
+fn run_trials(
+    model: &Model,
+    trials: Vec<Trial>,
+    budget: &Budget,
+    mut progress: impl FnMut(&str, usize, usize),
+    mut after_each: impl FnMut(&Found, bool) -> Result<()>,
+) -> Result<Found> {
     let started = Instant::now();
     let mut out = Found {
         best: None,
@@ -106,7 +316,9 @@ pub fn search(
     };
     // Lower is better: (not both smaller and faster, bytes, latency).
     let mut best_key: Option<(bool, u64, f64)> = None;
-    for (i, recipe) in candidates.iter().enumerate() {
+    let n = trials.len();
+    for (i, trial) in trials.into_iter().enumerate() {
+        let name = trial.recipe.name.clone();
         let skip = if out.interrupted {
             Some("not tried: the search was interrupted")
         } else if started.elapsed() > budget.time_limit {
@@ -116,7 +328,7 @@ pub fn search(
         };
         if let Some(why) = skip {
             out.candidates.push(Candidate {
-                recipe: recipe.name.clone(),
+                recipe: name,
                 after: None,
                 latency_ms: None,
                 seconds: 0.0,
@@ -126,16 +338,13 @@ pub fn search(
             continue;
         }
         let t = Instant::now();
-        let label = format!("candidate {}/{} {}", i + 1, candidates.len(), recipe.name);
-        let run = pipeline::run(model.clone(), recipe, data, seed, |s, d, n| {
-            progress(&format!("{label}: {s}"), d, n)
-        });
-        let outcome = match run {
+        let label = format!("candidate {}/{n} {name}", i + 1);
+        let outcome = match (trial.run)(&mut |s, d, k| progress(&format!("{label}: {s}"), d, k)) {
             Ok(o) => o,
             Err(e) => {
                 out.interrupted = matches!(e, smelt_tensor::Error::Interrupted);
                 out.candidates.push(Candidate {
-                    recipe: recipe.name.clone(),
+                    recipe: name,
                     after: None,
                     latency_ms: None,
                     seconds: t.elapsed().as_secs_f64(),
@@ -154,7 +363,6 @@ pub fn search(
             .before
             .get_or_insert_with(|| outcome.before.clone())
             .clone();
-        let before = &before;
         let after = outcome
             .stages
             .last()
@@ -167,6 +375,11 @@ pub fn search(
             let drop = 100.0 * (b - a);
             if drop > max {
                 reasons.push(format!("loses {drop:.2} points (budget {max})"));
+            }
+        }
+        if let (Some(min), Some(f)) = (budget.min_fidelity, after.fidelity) {
+            if f < min {
+                reasons.push(format!("cosine {f:.5} (floor {min})"));
             }
         }
         if let Some(tb) = budget.target_bytes {
@@ -195,7 +408,7 @@ pub fn search(
             format!("rejected: {}", reasons.join("; "))
         };
         out.candidates.push(Candidate {
-            recipe: recipe.name.clone(),
+            recipe: name,
             after: Some(after.clone()),
             latency_ms: Some((lb, la)),
             seconds: t.elapsed().as_secs_f64(),
@@ -209,7 +422,7 @@ pub fn search(
         let new_best = accepted && better;
         if new_best {
             best_key = Some(key);
-            out.best = Some((i, outcome));
+            out.best = Some((trial.recipe, outcome));
         }
         after_each(&out, new_best)?;
     }

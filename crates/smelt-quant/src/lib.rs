@@ -14,6 +14,7 @@ pub mod equalize;
 pub mod gptq;
 pub mod inputs;
 pub mod manifest;
+pub mod mixed;
 pub mod observer;
 pub mod params;
 pub mod placement;
@@ -90,6 +91,9 @@ pub struct Options {
     pub only: Option<Vec<String>>,
     /// Activation ranges already measured (by value name): calibration is skipped for them.
     pub ranges: Option<std::sync::Arc<std::collections::HashMap<String, (f32, f32)>>>,
+    /// Per-node weight schemes (nodes named by their first output) that replace `weights`:
+    /// mixed precision.
+    pub weight_overrides: std::collections::BTreeMap<String, WeightScheme>,
 }
 
 impl Default for Options {
@@ -112,7 +116,15 @@ impl Default for Options {
             gptq: false,
             only: None,
             ranges: None,
+            weight_overrides: Default::default(),
         }
+    }
+}
+
+impl Options {
+    /// The weight scheme of the node whose first output is `out0`.
+    fn weights_of(&self, out0: &str) -> &WeightScheme {
+        self.weight_overrides.get(out0).unwrap_or(&self.weights)
     }
 }
 
@@ -188,12 +200,13 @@ fn upgrade_opset(model: Model, to: i64, notes: &mut Vec<String>) -> Result<Model
 }
 
 fn required_opset(opts: &Options) -> i64 {
-    let w = &opts.weights;
     let mut v = 13; // per-axis DequantizeLinear; also the floor for a clean opset
-    if matches!(w.granularity, Granularity::Block(_)) {
-        v = v.max(21);
+    for w in std::iter::once(&opts.weights).chain(opts.weight_overrides.values()) {
+        if matches!(w.granularity, Granularity::Block(_)) {
+            v = v.max(21);
+        }
+        v = v.max(w.qtype.min_opset());
     }
-    v = v.max(w.qtype.min_opset());
     if opts.mode == Mode::Static {
         v = v.max(opts.act_qtype.min_opset());
     }
@@ -271,11 +284,13 @@ pub fn quantize(
         Mode::WeightOnly => {
             for t in &plan.targets {
                 if let Some(slot) = &t.weight {
+                    let out0 = &model.graph.nodes[t.node].outputs[0];
+                    let scheme = *opts.weights_of(out0);
                     cache.quantize_input(
                         &mut model.graph,
                         t.node,
                         slot.input,
-                        &opts.weights,
+                        &scheme,
                         slot.axes,
                         &mut man.tensors,
                     )?;
@@ -401,7 +416,7 @@ pub fn quantize(
                         g,
                         idx,
                         slot.input,
-                        &opts.weights,
+                        opts.weights_of(&out0),
                         slot.axes,
                         &mut man.tensors,
                     )?;

@@ -29,6 +29,10 @@ pub struct Args {
     /// Budget: the slowest acceptable latency in ms at --latency-batch, in smelt's engine.
     #[arg(long)]
     target_latency: Option<f64>,
+    /// Budget: the lowest acceptable mean cosine of the outputs to the original's, on --data
+    /// (no labels needed: text works too). Chooses int8 / int4 weights per layer.
+    #[arg(long)]
+    min_fidelity: Option<f64>,
     #[arg(long, default_value_t = 1)]
     latency_batch: usize,
     /// Candidate recipes for the budget search (default: the ready ones, gentlest first).
@@ -70,6 +74,8 @@ pub struct Args {
 pub enum How {
     Recipe(Recipe),
     Search(Budget, Vec<Recipe>),
+    /// Per-layer precision within a fidelity budget, measured on these feeds.
+    Fidelity(Budget, Vec<smelt_engine::Feed>),
 }
 
 /// Bytes, or a fraction of `original` written "0.3x".
@@ -105,6 +111,43 @@ pub struct Run<'a> {
 pub fn run(a: Args, json: bool) -> Result<()> {
     refuse_overwrite(&a.model, &a.output, a.force)?;
     let model = load_model(&a.model)?;
+    let budget = Budget {
+        max_accuracy_drop: a.max_accuracy_drop,
+        target_bytes: match a.target_size.as_deref() {
+            None => None,
+            Some(t) => Some(parse_size(
+                t,
+                std::fs::metadata(&a.model).map(|m| m.len()).unwrap_or(0),
+            )?),
+        },
+        target_latency_ms: a.target_latency,
+        min_fidelity: a.min_fidelity,
+        batch: a.latency_batch,
+        time_limit: std::time::Duration::from_secs_f64(a.time_limit.max(0.0)),
+    };
+    let name = a.model.display().to_string();
+    let run = Run {
+        name: &name,
+        output: &a.output,
+        report_dir: a.report.as_deref(),
+        seed: a.seed,
+        bench_runs: a.bench_runs,
+        ablation: None,
+    };
+    if let Some(f) = a.min_fidelity {
+        if !(0.0..=1.0).contains(&f) {
+            bail!(Input, "--min-fidelity must be in [0, 1], got {f}");
+        }
+        if a.recipe.is_some() || a.ablation || a.max_accuracy_drop.is_some() {
+            bail!(
+                Input,
+                "--min-fidelity runs its own search: it does not combine with --recipe, \
+                 --ablation or --max-accuracy-drop"
+            );
+        }
+        let feeds = a.data.load(&model, 16)?.feeds;
+        return compress(model, How::Fidelity(budget, feeds), None, &run, json);
+    }
     let train = a.data.dataset(&model)?;
     let Some(train_y) = train.y.clone() else {
         bail!(Input, "the training data has no labels");
@@ -124,24 +167,10 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             .zip(val_y.as_deref())
             .map(|(v, y)| Samples { x: &v.x, y }),
     };
-    let name = a.model.display().to_string();
     let ablation = if a.ablation {
         Some(Criterion::parse(&a.ablation_criterion, a.seed)?)
     } else {
         None
-    };
-    let budget = Budget {
-        max_accuracy_drop: a.max_accuracy_drop,
-        target_bytes: match a.target_size.as_deref() {
-            None => None,
-            Some(t) => Some(parse_size(
-                t,
-                std::fs::metadata(&a.model).map(|m| m.len()).unwrap_or(0),
-            )?),
-        },
-        target_latency_ms: a.target_latency,
-        batch: a.latency_batch,
-        time_limit: std::time::Duration::from_secs_f64(a.time_limit.max(0.0)),
     };
     let how = match &a.recipe {
         Some(r) => How::Recipe(Recipe::load(r)?),
@@ -166,20 +195,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             How::Search(budget, candidates)
         }
     };
-    compress(
-        model,
-        how,
-        &data,
-        &Run {
-            name: &name,
-            output: &a.output,
-            report_dir: a.report.as_deref(),
-            seed: a.seed,
-            bench_runs: a.bench_runs,
-            ablation,
-        },
-        json,
-    )
+    compress(model, how, Some(&data), &Run { ablation, ..run }, json)
 }
 
 /// The model, and its masks beside it when pruning left some.
@@ -193,15 +209,10 @@ fn save_result(out: &pipeline::Outcome, output: &Path) -> Result<()> {
 
 /// The report of a search that has not finished: the best candidate so far, if any, and every
 /// verdict reached.
-fn partial_report(
-    name: &str,
-    candidates: &[Recipe],
-    found: &Found,
-    budget: &Budget,
-) -> Option<Report> {
+fn partial_report(name: &str, total: usize, found: &Found, budget: &Budget) -> Option<Report> {
     let before = found.before.clone()?;
-    let (recipe, stages) = match &found.best {
-        Some((i, o)) => (candidates[*i].clone(), o.stages.clone()),
+    let (recipe, stages, precision) = match &found.best {
+        Some((r, o)) => (r.clone(), o.stages.clone(), o.precision.clone()),
         None => (
             Recipe {
                 name: "(none accepted yet)".into(),
@@ -209,23 +220,19 @@ fn partial_report(
                 stages: vec![],
             },
             vec![],
+            vec![],
         ),
     };
     let done = found.candidates.len();
     let why = if found.interrupted {
-        format!(
-            "the search was interrupted after {done} of {} candidates",
-            candidates.len()
-        )
+        format!("the search was interrupted after {done} of {total} candidates")
     } else {
-        format!(
-            "the search is running ({done} of {} candidates decided)",
-            candidates.len()
-        )
+        format!("the search is running ({done} of {total} candidates decided)")
     };
     Some(
         Report::new(name.to_string(), recipe, before, stages, vec![])
             .with_search(budget.clone(), found.candidates.clone())
+            .with_precision(precision)
             .partial(why),
     )
 }
@@ -233,40 +240,56 @@ fn partial_report(
 /// Runs the recipe, writes the model (and masks, report), prints the before/after table.
 /// A search keeps its best model so far in `output` and a partial report in the report folder
 /// while it runs, so Ctrl-C leaves both.
-pub fn compress(model: Model, how: How, data: &Data, r: &Run, json: bool) -> Result<()> {
+pub fn compress(model: Model, how: How, data: Option<&Data>, r: &Run, json: bool) -> Result<()> {
     let (name, output, report_dir) = (r.name, r.output, r.report_dir);
     let (seed, bench_runs) = (r.seed, r.bench_runs);
     let mut bar = crate::progress::Progress::new(json);
+    let need_data = || data.ok_or_else(|| smelt_tensor::Error::Input("no training data".into()));
     let (recipe, out, search) = match how {
         How::Recipe(recipe) => {
-            let out = pipeline::run(model.clone(), &recipe, data, seed, |stage, d, n| {
-                bar.update(stage, d, n, String::new())
-            })?;
+            let out = pipeline::run(
+                model.clone(),
+                &recipe,
+                need_data()?,
+                seed,
+                &mut |stage, d, n| bar.update(stage, d, n, String::new()),
+            )?;
             save_result(&out, output)?;
             (recipe, out, None)
         }
-        How::Search(budget, candidates) => {
-            let found = smelt_compress::search::search(
-                &model,
-                &candidates,
-                data,
-                &budget,
-                seed,
-                |stage, d, n| bar.update(stage, d, n, String::new()),
-                |found, new_best| {
-                    if let (true, Some((_, o))) = (new_best, &found.best) {
-                        save_result(o, output)?;
-                    }
-                    match (
-                        report_dir,
-                        partial_report(name, &candidates, found, &budget),
-                    ) {
-                        (Some(dir), Some(rep)) => rep.write(dir),
-                        _ => Ok(()),
-                    }
-                },
-            )?;
-            let Some((i, out)) = found.best else {
+        How::Search(..) | How::Fidelity(..) => {
+            let (budget, total) = match &how {
+                How::Search(b, c) => (b.clone(), c.len()),
+                How::Fidelity(b, _) => (b.clone(), 3),
+                How::Recipe(_) => unreachable!(),
+            };
+            // Keep the best model so far on disk, and a report of what is decided.
+            let after_each = |found: &Found, new_best: bool| {
+                if let (true, Some((_, o))) = (new_best, &found.best) {
+                    save_result(o, output)?;
+                }
+                match (report_dir, partial_report(name, total, found, &budget)) {
+                    (Some(dir), Some(rep)) => rep.write(dir),
+                    _ => Ok(()),
+                }
+            };
+            let progress = |stage: &str, d, n| bar.update(stage, d, n, String::new());
+            let found = match &how {
+                How::Search(b, candidates) => smelt_compress::search::search(
+                    &model,
+                    candidates,
+                    need_data()?,
+                    b,
+                    seed,
+                    progress,
+                    after_each,
+                )?,
+                How::Fidelity(b, feeds) => {
+                    smelt_compress::search::search_fidelity(&model, feeds, b, progress, after_each)?
+                }
+                How::Recipe(_) => unreachable!(),
+            };
+            let Some((best_recipe, out)) = found.best else {
                 if found.interrupted {
                     bar.finish();
                     eprintln!("interrupted: no candidate had met the budget; nothing written");
@@ -285,7 +308,7 @@ pub fn compress(model: Model, how: How, data: &Data, r: &Run, json: bool) -> Res
             };
             let interrupted = found.interrupted.then_some(found.candidates.len());
             (
-                candidates[i].clone(),
+                best_recipe,
                 out,
                 Some((budget, found.candidates, interrupted)),
             )
@@ -310,11 +333,11 @@ pub fn compress(model: Model, how: How, data: &Data, r: &Run, json: bool) -> Res
     }
     let ablation = match r.ablation.filter(|_| !interrupted) {
         Some(c) => {
-            let Some(val) = &data.val else {
+            let Some(val) = data.and_then(|d| d.val.as_ref()) else {
                 bail!(Input, "--ablation needs labelled validation data (--val)");
             };
             let scores = if c == Criterion::Taylor {
-                Some(pipeline::taylor(&model, &data.train)?)
+                Some(pipeline::taylor(&model, &need_data()?.train)?)
             } else {
                 None
             };
@@ -337,7 +360,8 @@ pub fn compress(model: Model, how: How, data: &Data, r: &Run, json: bool) -> Res
         out.stages,
         latency,
     )
-    .with_ablation(ablation);
+    .with_ablation(ablation)
+    .with_precision(out.precision);
     let report = match search {
         Some((b, c, None)) => report.with_search(b, c),
         Some((b, c, Some(done))) => report.with_search(b, c).partial(format!(

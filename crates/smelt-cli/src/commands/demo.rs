@@ -74,7 +74,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     compress(
         model,
         How::Recipe(recipe),
-        &data,
+        Some(&data),
         &Run {
             name: "MNIST-8 (bundled demo)",
             output: &a.out.join("mnist-8-compressed.onnx"),

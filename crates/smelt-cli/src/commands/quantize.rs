@@ -138,6 +138,7 @@ fn options(a: &Args) -> Result<Options> {
         gptq: a.gptq,
         only: None,
         ranges: None,
+        weight_overrides: Default::default(),
     })
 }
 

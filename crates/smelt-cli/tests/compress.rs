@@ -168,7 +168,8 @@ fn budget_search_keeps_the_smallest_candidate_that_meets_it() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let cands = v["candidates"].as_array().unwrap();
-    assert_eq!(cands.len(), 5, "{cands:?}");
+    assert_eq!(cands.len(), 6, "{cands:?}");
+    assert_eq!(cands[5]["recipe"], "int4-int8-per-layer");
     let accepted: Vec<&serde_json::Value> =
         cands.iter().filter(|c| c["accepted"] == true).collect();
     assert!(!accepted.is_empty());
@@ -352,4 +353,45 @@ fn fidelity_search_mixes_int4_and_int8_on_minilm() {
     assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
     let f: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
     assert!(f["cosine"].as_f64().unwrap() >= 0.99, "{f}");
+}
+
+/// A candidate that misses only the accuracy budget is tried again with its recovery
+/// fine-tuning (here quantization-aware training in place of the quantize stage).
+#[test]
+fn a_missed_accuracy_budget_is_recovered_by_fine_tuning() {
+    let a = assets();
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = dir.path().join("w4-tensor.toml");
+    std::fs::write(
+        &recipe,
+        "name = \"w4-tensor\"\n[[stage]]\nkind = \"quantize\"\nweight_type = \"int4\"\n\
+         granularity = \"tensor\"\n[recovery]\nkind = \"finetune\"\nqat = \"w4a8\"\n\
+         max_steps = 300\nlr = 1e-4\n",
+    )
+    .unwrap();
+    let out = dir.path().join("r.onnx");
+    let o = smelt()
+        .arg("compress")
+        .arg(a.join("mnist-8/model.onnx"))
+        .arg("-o")
+        .arg(&out)
+        .arg("--data")
+        .arg(a.join("mnist"))
+        .arg("--val")
+        .arg(a.join("mnist"))
+        .args(["--split", "train", "--bench-runs", "0", "--json"])
+        .args(["--max-accuracy-drop", "0.05", "--candidates"])
+        .arg(&recipe)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let c = v["candidates"].as_array().unwrap();
+    assert_eq!(c.len(), 2, "{c:?}");
+    assert!(c[0]["verdict"].as_str().unwrap().contains("loses"), "{c:?}");
+    assert_eq!(c[1]["recipe"], "w4-tensor+finetune");
+    assert_eq!(v["recipe"]["name"], "w4-tensor+finetune");
+    assert_eq!(v["stages"][0]["kind"], "finetune");
+    let drop = v["before"]["accuracy"].as_f64().unwrap() - v["after"]["accuracy"].as_f64().unwrap();
+    assert!(drop <= 0.0005 + 1e-9, "{drop}");
 }

@@ -1,8 +1,8 @@
 //! What a compression changes, measured: accuracy, parameters (and how many are zero), FLOPs,
-//! file size, and latency timed side by side.
+//! file size, peak memory, and latency timed side by side.
 
 use serde::Serialize;
-use smelt_engine::analysis::{infer_shapes, model_stats, synth_inputs, InputSpec};
+use smelt_engine::analysis::{infer_shapes, model_stats, peak_memory, synth_inputs, InputSpec};
 use smelt_engine::Session;
 use smelt_ir::{Model, Pass};
 use smelt_tensor::{Result, Tensor};
@@ -20,6 +20,9 @@ pub struct Measure {
     pub flops: u64,
     /// Size of the ONNX file.
     pub bytes: u64,
+    /// Peak memory of a batch-1 run in smelt's engine: weights plus the most activation bytes
+    /// alive at once (see `smelt_engine::analysis::peak_memory`).
+    pub peak_bytes: u64,
 }
 
 impl Measure {
@@ -42,6 +45,7 @@ pub fn measure(model: &Model, val: Option<&Samples>) -> Result<Measure> {
         nonzero: st.params - st.zero_params,
         flops: st.flops,
         bytes: smelt_onnx::encode(model)?.len() as u64,
+        peak_bytes: peak_memory(&s, &shapes),
     })
 }
 

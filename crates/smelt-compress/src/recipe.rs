@@ -29,6 +29,11 @@ pub struct Recipe {
     pub description: String,
     #[serde(rename = "stage", default)]
     pub stages: Vec<Stage>,
+    /// A fine-tuning stage the budget search adds when this recipe misses the accuracy budget
+    /// (`[recovery]`, kind "finetune"): with `qat`, it replaces the final quantize stage;
+    /// otherwise it runs just before quantization (or last).
+    #[serde(default)]
+    pub recovery: Option<Stage>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -151,10 +156,41 @@ impl Recipe {
         Recipe::parse(&text).map_err(|e| e.context(path.display().to_string()))
     }
 
+    /// This recipe with its recovery fine-tuning in place, if it has one.
+    pub fn recovered(&self) -> Option<Recipe> {
+        let rec = self.recovery.clone()?;
+        let Stage::Finetune { qat, .. } = &rec else {
+            return None;
+        };
+        let mut stages = self.stages.clone();
+        let quant = stages
+            .iter()
+            .position(|s| matches!(s, Stage::Quantize { .. }));
+        match (qat.is_some(), quant) {
+            (true, Some(q)) => stages[q] = rec,
+            (_, Some(q)) => stages.insert(q, rec),
+            (_, None) => stages.push(rec),
+        }
+        Some(Recipe {
+            name: format!("{}+finetune", self.name),
+            description: format!("{}; fine-tuned to recover accuracy", self.description),
+            stages,
+            recovery: None,
+        })
+    }
+
     /// Refuses recipes that cannot be run as written.
     fn check(&self) -> Result<()> {
         if self.stages.is_empty() {
             bail!(Input, "recipe: no [[stage]]");
+        }
+        if let Some(r) = &self.recovery {
+            if !matches!(r, Stage::Finetune { .. }) {
+                bail!(Input, "recipe: [recovery] must be a finetune stage");
+            }
+        }
+        if let Some(r) = self.recovered() {
+            r.check()?;
         }
         let mut quantized = false;
         for (i, s) in self.stages.iter().enumerate() {
@@ -196,6 +232,40 @@ mod tests {
         assert_eq!(r.stages.len(), 3);
         assert!(matches!(&r.stages[0], Stage::Prune { pattern, .. } if pattern == "unstructured"));
         assert!(matches!(&r.stages[2], Stage::Quantize { calib: 500, .. }));
+    }
+
+    #[test]
+    fn recovery_replaces_quantization_with_qat_or_runs_before_it() {
+        let r = Recipe::parse(
+            "name = \"q\"\n[[stage]]\nkind = \"quantize\"\n\
+             [recovery]\nkind = \"finetune\"\nqat = \"w8a8\"\n",
+        )
+        .unwrap();
+        let f = r.recovered().unwrap();
+        assert_eq!(f.name, "q+finetune");
+        assert!(matches!(
+            &f.stages[..],
+            [Stage::Finetune { qat: Some(_), .. }]
+        ));
+        let r = Recipe::parse(
+            "[[stage]]\nkind = \"prune\"\nsparsity = 0.5\n[[stage]]\nkind = \"quantize\"\n\
+             [recovery]\nkind = \"finetune\"\n",
+        )
+        .unwrap();
+        let kinds: Vec<&str> = r
+            .recovered()
+            .unwrap()
+            .stages
+            .iter()
+            .map(Stage::kind)
+            .collect();
+        assert_eq!(kinds, ["prune", "finetune", "quantize"]);
+        let e = Recipe::parse(
+            "[[stage]]\nkind = \"quantize\"\n[recovery]\nkind = \"prune\"\nsparsity = 0.1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("must be a finetune stage"), "{e}");
     }
 
     #[test]

@@ -160,6 +160,11 @@ impl Report {
         rows.push(int("non-zero params", b.nonzero, a.nonzero));
         rows.push(int("FLOPs (batch 1)", b.flops, a.flops));
         rows.push(int("file bytes", b.bytes, a.bytes));
+        rows.push(int(
+            "peak memory, batch 1 (bytes)",
+            b.peak_bytes,
+            a.peak_bytes,
+        ));
         for l in &self.latency {
             rows.push([
                 format!("latency, batch {} (ms)", l.batch),

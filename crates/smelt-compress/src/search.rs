@@ -88,14 +88,36 @@ pub struct Trial<'a> {
     pub recipe: Recipe,
     #[allow(clippy::type_complexity)]
     pub run: Box<dyn FnOnce(&mut dyn FnMut(&str, usize, usize)) -> Result<Outcome> + 'a>,
+    /// Tried next when this one misses only the accuracy budget (fine-tuning in the loop).
+    pub recover: Option<Box<Trial<'a>>>,
 }
 
-/// Runs the candidate recipes in order within the budget's time limit. `after_each(found,
-/// new_best)` is called once each candidate is decided, so the caller can keep the best model
-/// so far on disk.
+impl<'a> Trial<'a> {
+    /// A recipe run by the pipeline, with its recovery recipe behind it.
+    fn recipe(model: &'a Model, recipe: Recipe, data: &'a Data, seed: u64) -> Trial<'a> {
+        let recover = recipe
+            .recovered()
+            .map(|r| Box::new(Trial::recipe(model, r, data, seed)));
+        let r = recipe.clone();
+        Trial {
+            recipe,
+            run: Box::new(move |p: &mut dyn FnMut(&str, usize, usize)| {
+                pipeline::run(model.clone(), &r, data, seed, p)
+            }),
+            recover,
+        }
+    }
+}
+
+/// Runs the candidate recipes in order within the budget's time limit, then, with
+/// `per_layer` and an accuracy budget, int4/int8 weights chosen per layer from measured
+/// sensitivity. `after_each(found, new_best)` is called once each candidate is decided, so the
+/// caller can keep the best model so far on disk.
+#[allow(clippy::too_many_arguments)]
 pub fn search(
     model: &Model,
     candidates: &[Recipe],
+    per_layer: bool,
     data: &Data,
     budget: &Budget,
     seed: u64,
@@ -108,15 +130,32 @@ pub fn search(
             "an accuracy budget needs labelled validation data (--val)"
         );
     }
-    let trials = candidates
+    let mut trials: Vec<Trial> = candidates
         .iter()
-        .map(|r| Trial {
-            recipe: r.clone(),
-            run: Box::new(move |p: &mut dyn FnMut(&str, usize, usize)| {
-                pipeline::run(model.clone(), r, data, seed, p)
-            }),
-        })
+        .map(|r| Trial::recipe(model, r.clone(), data, seed))
         .collect();
+    if let (true, Some(drop), Some(val)) = (per_layer, budget.max_accuracy_drop, &data.val) {
+        // Tuned on training samples, judged on the validation data like every candidate.
+        let n = data.train.y.len().min(2000);
+        let x = smelt_train::rows(data.train.x, &(0..n).collect::<Vec<_>>())?;
+        let y = data.train.y[..n].to_vec();
+        let tune =
+            move |m: &Model| crate::measure::accuracy(m, &smelt_train::Samples { x: &x, y: &y });
+        let before = measure(model, Some(val))?;
+        // A tenth of the budget kept in reserve for the difference between the two sets.
+        let floor = tune(model)? - 0.9 * drop / 100.0;
+        trials.push(mixed_trial(
+            model,
+            format!(
+                "int4 or int8 weights per layer, chosen from each layer's measured sensitivity \
+                 to lose at most {drop} points"
+            ),
+            floor,
+            tune,
+            move |m| measure(m, Some(val)),
+            before,
+        ));
+    }
     run_trials(model, trials, budget, progress, after_each)
 }
 
@@ -204,13 +243,22 @@ pub fn search_fidelity(
         observer: "minmax".into(),
         calib: 0,
     };
+    let judge = {
+        let fid = fid.clone();
+        std::rc::Rc::new(move |m: &Model| -> Result<Measure> {
+            let mut after = measure(m, None)?;
+            after.fidelity = Some(fid.of(m)?);
+            Ok(after)
+        })
+    };
     let uniform = |name: &'static str, scheme: WeightScheme, st: Stage| {
-        let (fid, before, base) = (fid.clone(), before.clone(), base.clone());
+        let (judge, before, base) = (judge.clone(), before.clone(), base.clone());
         Trial {
             recipe: Recipe {
                 name: format!("{name}-weight-only"),
                 description: format!("every layer's weights {name}, compute in float"),
                 stages: vec![st],
+                recovery: None,
             },
             run: Box::new(move |_: &mut dyn FnMut(&str, usize, usize)| {
                 let t = Instant::now();
@@ -219,73 +267,48 @@ pub fn search_fidelity(
                     ..base
                 };
                 let (m, man) = smelt_quant::quantize(model.clone(), &opts, &[], |_, _, _| {})?;
+                let after = judge(&m)?;
                 let summary = format!(
                     "weight-only {name}, {} nodes quantized",
                     man.nodes_quantized
                 );
-                finish(m, before, summary, t, &fid, vec![])
+                Ok(one_stage(m, before, summary, t, after, vec![]))
             })
                 as Box<dyn FnOnce(&mut dyn FnMut(&str, usize, usize)) -> Result<Outcome>>,
+            recover: None,
         }
     };
-    let mixed = {
-        let (fid, before, base) = (fid.clone(), before.clone(), base.clone());
-        Trial {
-            recipe: Recipe {
-                name: "int4-int8-per-layer".into(),
-                description: format!(
-                    "int4 or int8 weights per layer, chosen from each layer's measured \
-                     sensitivity to keep the cosine to the original >= {floor}"
-                ),
-                stages: vec![],
-            },
-            run: Box::new(move |p: &mut dyn FnMut(&str, usize, usize)| {
-                let t = Instant::now();
-                let plan = smelt_quant::mixed::choose(
-                    model,
-                    &base,
-                    int4,
-                    &[],
-                    // A tenth of the distance to 1 kept in reserve: the choice is tuned on
-                    // other batches than the ones it is judged on.
-                    floor + 0.1 * (1.0 - floor),
-                    |m| tune_fid.of(m),
-                    |d, n| p("per-layer sensitivity", d, n),
-                )?;
-                let (m, _) =
-                    smelt_quant::quantize(model.clone(), &plan.options, &[], |_, _, _| {})?;
-                let low = plan.layers.iter().filter(|l| l.bits == 4).count();
-                let summary = format!(
-                    "{low} of {} layers at int4, the rest int8 ({} evaluations; cosine {:.5} \
-                     with every layer int8)",
-                    plan.layers.len(),
-                    plan.evaluations,
-                    plan.high_metric
-                );
-                finish(m, before, summary, t, &fid, plan.layers)
-            }),
-        }
-    };
-    let trials = vec![
+    let mut trials = vec![
         uniform("int8", int8, stage("int8", 8)),
         uniform("int4", int4, stage("int4", 4)),
-        mixed,
     ];
+    trials.push(mixed_trial(
+        model,
+        format!(
+            "int4 or int8 weights per layer, chosen from each layer's measured sensitivity to \
+             keep the cosine to the original >= {floor}"
+        ),
+        // A tenth of the distance to 1 kept in reserve: the choice is tuned on other batches
+        // than the ones it is judged on.
+        floor + 0.1 * (1.0 - floor),
+        move |m| tune_fid.of(m),
+        move |m| judge(m),
+        before.clone(),
+    ));
+
     run_trials(model, trials, budget, progress, after_each)
 }
 
-/// The outcome of a one-stage quantization trial, measured.
-fn finish(
+/// The outcome of a one-stage quantization trial.
+fn one_stage(
     m: Model,
     before: Measure,
     summary: String,
     started: Instant,
-    fid: &Fidelity,
+    after: Measure,
     precision: Vec<smelt_quant::mixed::LayerChoice>,
-) -> Result<Outcome> {
-    let mut after = measure(&m, None)?;
-    after.fidelity = Some(fid.of(&m)?);
-    Ok(Outcome {
+) -> Outcome {
+    Outcome {
         model: m,
         before,
         stages: vec![StageRecord {
@@ -296,7 +319,52 @@ fn finish(
         }],
         masks: None,
         precision,
-    })
+    }
+}
+
+/// Weight-only int4 or int8 per layer (smelt_quant::mixed): chosen so that `tune` stays at
+/// or above `floor`, then measured by `judge`.
+fn mixed_trial<'a>(
+    model: &'a Model,
+    description: String,
+    floor: f64,
+    tune: impl Fn(&Model) -> Result<f64> + 'a,
+    judge: impl Fn(&Model) -> Result<Measure> + 'a,
+    before: Measure,
+) -> Trial<'a> {
+    Trial {
+        recipe: Recipe {
+            name: "int4-int8-per-layer".into(),
+            description,
+            stages: vec![],
+            recovery: None,
+        },
+        run: Box::new(move |p: &mut dyn FnMut(&str, usize, usize)| {
+            let t = Instant::now();
+            let base = smelt_quant::Options {
+                mode: Mode::WeightOnly,
+                weights: WeightScheme::parse(true, Some("int8"), Some("channel"), 128)?,
+                ..Default::default()
+            };
+            let int4 = WeightScheme::parse(true, Some("int4"), None, 128)?;
+            let plan = smelt_quant::mixed::choose(model, &base, int4, &[], floor, tune, |d, n| {
+                p("per-layer sensitivity", d, n)
+            })?;
+            let (m, _) = smelt_quant::quantize(model.clone(), &plan.options, &[], |_, _, _| {})?;
+            let low = plan.layers.iter().filter(|l| l.bits == 4).count();
+            let summary = format!(
+                "{low} of {} layers at int4, the rest int8 ({} evaluations; {:.5} with every \
+                 layer int8, floor {:.5})",
+                plan.layers.len(),
+                plan.evaluations,
+                plan.high_metric,
+                floor
+            );
+            let after = judge(&m)?;
+            Ok(one_stage(m, before, summary, t, after, plan.layers))
+        }),
+        recover: None,
+    }
 }
 
 /// Runs the trials in order, judges each against the budget, keeps the best.
@@ -316,8 +384,11 @@ fn run_trials(
     };
     // Lower is better: (not both smaller and faster, bytes, latency).
     let mut best_key: Option<(bool, u64, f64)> = None;
-    let n = trials.len();
-    for (i, trial) in trials.into_iter().enumerate() {
+    let mut queue: std::collections::VecDeque<Trial> = trials.into();
+    let mut i = 0;
+    while let Some(trial) = queue.pop_front() {
+        i += 1;
+        let n = i + queue.len();
         let name = trial.recipe.name.clone();
         let skip = if out.interrupted {
             Some("not tried: the search was interrupted")
@@ -338,7 +409,7 @@ fn run_trials(
             continue;
         }
         let t = Instant::now();
-        let label = format!("candidate {}/{n} {name}", i + 1);
+        let label = format!("candidate {i}/{n} {name}");
         let outcome = match (trial.run)(&mut |s, d, k| progress(&format!("{label}: {s}"), d, k)) {
             Ok(o) => o,
             Err(e) => {
@@ -373,7 +444,8 @@ fn run_trials(
             (budget.max_accuracy_drop, before.accuracy, after.accuracy)
         {
             let drop = 100.0 * (b - a);
-            if drop > max {
+            // Measured accuracies are multiples of 1/samples: compare with rounding slack.
+            if drop > max + 1e-9 {
                 reasons.push(format!("loses {drop:.2} points (budget {max})"));
             }
         }
@@ -398,6 +470,7 @@ fn run_trials(
             reasons.push("neither smaller nor faster than the original".into());
         }
         let accepted = reasons.is_empty();
+        let only_accuracy = reasons.len() == 1 && reasons[0].starts_with("loses");
         let verdict = if accepted {
             format!(
                 "meets the budget: x{:.2} size, {:.2}x speed",
@@ -423,6 +496,8 @@ fn run_trials(
         if new_best {
             best_key = Some(key);
             out.best = Some((trial.recipe, outcome));
+        } else if let (true, Some(r)) = (only_accuracy, trial.recover) {
+            queue.push_front(*r);
         }
         after_each(&out, new_best)?;
     }

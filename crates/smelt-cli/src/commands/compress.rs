@@ -73,7 +73,8 @@ pub struct Args {
 /// What to apply: one recipe, or the best of several candidates within a budget.
 pub enum How {
     Recipe(Recipe),
-    Search(Budget, Vec<Recipe>),
+    /// Candidate recipes; with `true`, also per-layer int4/int8 from measured sensitivity.
+    Search(Budget, Vec<Recipe>, bool),
     /// Per-layer precision within a fidelity budget, measured on these feeds.
     Fidelity(Budget, Vec<smelt_engine::Feed>),
 }
@@ -192,7 +193,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
                     .map(|p| Recipe::load(p))
                     .collect::<Result<_>>()?
             };
-            How::Search(budget, candidates)
+            How::Search(budget, candidates, a.candidates.is_empty())
         }
     };
     compress(model, how, Some(&data), &Run { ablation, ..run }, json)
@@ -218,6 +219,7 @@ fn partial_report(name: &str, total: usize, found: &Found, budget: &Budget) -> O
                 name: "(none accepted yet)".into(),
                 description: String::new(),
                 stages: vec![],
+                recovery: None,
             },
             vec![],
             vec![],
@@ -259,7 +261,7 @@ pub fn compress(model: Model, how: How, data: Option<&Data>, r: &Run, json: bool
         }
         How::Search(..) | How::Fidelity(..) => {
             let (budget, total) = match &how {
-                How::Search(b, c) => (b.clone(), c.len()),
+                How::Search(b, c, per_layer) => (b.clone(), c.len() + *per_layer as usize),
                 How::Fidelity(b, _) => (b.clone(), 3),
                 How::Recipe(_) => unreachable!(),
             };
@@ -275,9 +277,10 @@ pub fn compress(model: Model, how: How, data: Option<&Data>, r: &Run, json: bool
             };
             let progress = |stage: &str, d, n| bar.update(stage, d, n, String::new());
             let found = match &how {
-                How::Search(b, candidates) => smelt_compress::search::search(
+                How::Search(b, candidates, per_layer) => smelt_compress::search::search(
                     &model,
                     candidates,
+                    *per_layer,
                     need_data()?,
                     b,
                     seed,

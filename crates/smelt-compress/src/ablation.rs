@@ -47,6 +47,8 @@ pub fn ablate(
     min_channels: usize,
     seed: u64,
 ) -> Result<Vec<LayerAblation>> {
+    // The folded form the scores are computed on (a Reshape of a weight becomes the weight).
+    let model = &smelt_train::prepare(model.clone())?;
     let base = accuracy(model, val)?;
     let shapes = infer_shapes(&Session::new(model.clone())?, &InputSpec::default())?;
     let (groups, _) = find_groups(model, &shapes);

@@ -100,6 +100,19 @@ fn compress_applies_a_recipe_from_the_repo() {
         v["after"]
     );
     assert_eq!(v["latency"].as_array().unwrap().len(), 2);
+    // Peak memory: the original holds float weights and activations; the result is smaller.
+    let peak = |m: &serde_json::Value| m["peak_bytes"].as_u64().unwrap();
+    assert!(peak(&v["before"]) > 24_000 && peak(&v["after"]) < peak(&v["before"]));
+    // The per-layer table: both convolutions and the Gemm, int8 weights, about half zeros
+    // in the pruned layers (global ranking), a real quantization error.
+    let layers = v["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3, "{layers:?}");
+    for l in layers {
+        assert_eq!(l["bits"], 8, "{l}");
+        assert!(l["sqnr_db"].as_f64().unwrap() > 30.0, "{l}");
+    }
+    let sparsity: f64 = layers.iter().map(|l| l["sparsity"].as_f64().unwrap()).sum();
+    assert!(sparsity > 0.9, "{layers:?}");
     let ours = smelt_accuracy(&out);
     assert!(ours > 0.975, "{ours}");
 }

@@ -37,6 +37,8 @@ pub struct Outcome {
     pub masks: Option<Masks>,
     /// Per-layer bits chosen by a mixed-precision search, with the reasons.
     pub precision: Vec<smelt_quant::mixed::LayerChoice>,
+    /// What the quantize stage did per tensor (bits, error, fallbacks), if one ran.
+    pub manifest: Option<smelt_quant::Manifest>,
 }
 
 /// Taylor importance over the first 1,024 training samples.
@@ -79,6 +81,7 @@ pub fn run(
     let before = measure(&model, data.val.as_ref())?;
     let mut model = model;
     let mut masks: Option<Masks> = None;
+    let mut manifest = None;
     let mut stages = Vec::new();
     for (i, stage) in recipe.stages.iter().enumerate() {
         smelt_tensor::interrupt::check()?;
@@ -206,13 +209,15 @@ pub fn run(
                 model = m;
                 // Integer weights cannot be masked any more; their zeros are kept exactly.
                 masks = None;
-                format!(
+                let summary = format!(
                     "{} {}, {} nodes quantized, {} left in float",
                     mode.name(),
                     opts.weights.qtype.name(),
                     man.nodes_quantized,
                     man.fallbacks.len()
-                )
+                );
+                manifest = Some(man);
+                summary
             }
         };
         let after = measure(&model, data.val.as_ref())?;
@@ -229,5 +234,6 @@ pub fn run(
         stages,
         masks,
         precision: vec![],
+        manifest,
     })
 }

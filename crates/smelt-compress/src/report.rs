@@ -20,6 +20,24 @@ pub struct Latency {
     pub speedup: f64,
 }
 
+/// One compute layer of the result.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerRow {
+    pub layer: String,
+    pub op: String,
+    pub macs: u64,
+    pub params: u64,
+    /// Fraction of exact zeros in the layer's weights.
+    pub sparsity: f64,
+    /// Bits of the stored weight (None: float).
+    pub bits: Option<u32>,
+    pub sqnr_db: Option<f64>,
+    /// Metric lost with only this layer at the low precision (mixed-precision search).
+    pub low_bits_cost: Option<f64>,
+    /// A fallback's reason, or why the layer got its bits.
+    pub note: String,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub model: String,
@@ -39,6 +57,8 @@ pub struct Report {
     pub candidates: Vec<Candidate>,
     /// Per-layer bits of a mixed-precision result, with the reasons.
     pub precision: Vec<smelt_quant::mixed::LayerChoice>,
+    /// Every compute layer of the result: bits, sparsity, quantization error, sensitivity.
+    pub layers: Vec<LayerRow>,
     /// Set while a search is still running or after it was interrupted: the report covers
     /// the candidates decided so far.
     pub partial: Option<String>,
@@ -86,6 +106,7 @@ impl Report {
             budget: None,
             candidates: vec![],
             precision: vec![],
+            layers: vec![],
             partial: None,
         }
     }
@@ -103,9 +124,76 @@ impl Report {
         self
     }
 
+    /// The per-layer table of the result `model`, from its quantization manifest and any
+    /// per-layer precision choice.
+    pub fn with_layers(
+        mut self,
+        model: &smelt_ir::Model,
+        manifest: Option<&smelt_quant::Manifest>,
+    ) -> Result<Report> {
+        let s = smelt_engine::Session::new(model.clone())?;
+        let shapes = smelt_engine::analysis::infer_shapes(&s, &Default::default())?;
+        let stats = smelt_engine::analysis::model_stats(s.model(), &shapes);
+        for n in stats
+            .nodes
+            .iter()
+            .filter(|n| n.macs > 0 || (n.op_type == "Gather" && n.params > 0))
+        {
+            let label = format!("{} node '{}'", n.op_type, n.name);
+            let weight = manifest.and_then(|m| m.weights().find(|t| t.node == label));
+            let choice = self.precision.iter().find(|c| c.node == label);
+            let fallback = manifest.and_then(|m| m.fallbacks.iter().find(|f| f.node == label));
+            self.layers.push(LayerRow {
+                layer: label.clone(),
+                op: n.op_type.clone(),
+                macs: n.macs,
+                params: n.params,
+                sparsity: n.sparsity,
+                bits: weight.map(|t| t.bits),
+                sqnr_db: weight.and_then(|t| t.sqnr_db),
+                low_bits_cost: choice.map(|c| c.low_drop),
+                note: match (fallback, choice, weight) {
+                    (Some(f), _, _) => format!("left in float: {}", f.reason),
+                    (None, Some(c), _) => c.reason.clone(),
+                    (None, None, None) if manifest.is_some() => "float".into(),
+                    _ => String::new(),
+                },
+            });
+        }
+        Ok(self)
+    }
+
     pub fn with_precision(mut self, layers: Vec<smelt_quant::mixed::LayerChoice>) -> Report {
         self.precision = layers;
         self
+    }
+
+    fn layers_html(&self) -> String {
+        if self.layers.is_empty() {
+            return String::new();
+        }
+        let rows: String = self
+            .layers
+            .iter()
+            .map(|l| {
+                format!(
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.1}%</td><td>{}</td><td>{}</td><td>{}</td><td style=\"text-align:left\">{}</td></tr>\n",
+                    esc(&l.layer),
+                    l.macs,
+                    l.params,
+                    100.0 * l.sparsity,
+                    l.bits.map_or("float".into(), |b| b.to_string()),
+                    l.sqnr_db.map_or("-".into(), |d| format!("{d:.1}")),
+                    l.low_bits_cost.map_or("-".into(), |c| format!("{c:.5}")),
+                    esc(&l.note)
+                )
+            })
+            .collect();
+        format!(
+            "<h2>Layers of the result</h2>\n<table><tr><th>layer</th><th>MACs</th><th>params</th>\
+             <th>sparsity</th><th>weight bits</th><th>weight SQNR (dB)</th><th>cost at low bits \
+             alone</th><th>note</th></tr>\n{rows}</table>\n"
+        )
     }
 
     pub fn with_ablation(mut self, ablation: Vec<LayerAblation>) -> Report {
@@ -223,6 +311,21 @@ impl Report {
                 );
             }
         }
+        if !self.layers.is_empty() {
+            s += "\n## Layers of the result\n\n| layer | MACs | params | sparsity | weight bits | weight SQNR (dB) | note |\n|---|---|---|---|---|---|---|\n";
+            for l in &self.layers {
+                s += &format!(
+                    "| {} | {} | {} | {:.1}% | {} | {} | {} |\n",
+                    l.layer,
+                    l.macs,
+                    l.params,
+                    100.0 * l.sparsity,
+                    l.bits.map_or("float".into(), |b| b.to_string()),
+                    l.sqnr_db.map_or("-".into(), |d| format!("{d:.1}")),
+                    l.note
+                );
+            }
+        }
         if !self.precision.is_empty() {
             s += "\n## Bits per layer\n\n| layer | op | bits | cost of the low precision alone | bytes it saves | why |\n|---|---|---|---|---|---|\n";
             for l in &self.precision {
@@ -325,7 +428,7 @@ impl Report {
              <h2>Stages</h2>\n<ol>\n{stages}</ol>\n<h2>Warnings</h2>\n<ul>\n{warnings}</ul>\n\
              <h2>Trade-off</h2>\n<figure>{size_chart}<figcaption>accuracy vs file size, after each stage</figcaption></figure>\n\
              <figure>{flops_chart}<figcaption>accuracy vs FLOPs, after each stage</figcaption></figure>\n\
-             {candidates}{precision}{ablation}</body></html>\n",
+             {candidates}{layers}{precision}{ablation}</body></html>\n",
             model = esc(&self.model),
             recipe = esc(&self.recipe.name),
             desc = esc(&self.recipe.description),
@@ -334,6 +437,7 @@ impl Report {
             ablation = self.ablation_html()?,
             candidates = self.candidates_html()?,
             precision = self.precision_html(),
+            layers = self.layers_html(),
         ))
     }
 
@@ -388,8 +492,21 @@ impl Report {
         Ok(format!(
             "<h2>Candidates (budget search)</h2>\n<table><tr><th>recipe</th><th>accuracy (or cosine)</th>\
              <th>bytes</th><th>latency ms (original / candidate)</th><th>verdict</th></tr>\n{rows}</table>\n\
-             <figure>{}<figcaption>accuracy vs file size of every candidate (green: meets the budget)</figcaption></figure>\n",
-            candidates_chart(&self.before, &self.candidates)?
+             <figure>{}<figcaption>accuracy vs file size of every candidate (green: meets the budget)</figcaption></figure>\n\
+             <figure>{}<figcaption>accuracy vs latency of every candidate, smelt's engine, batch {} (green: meets the budget)</figcaption></figure>\n",
+            candidates_chart(
+                (Some(self.before.bytes as f64 / 1024.0), &self.before),
+                &self.candidates,
+                "file size (KiB)",
+                |c| c.after.as_ref().map(|m| m.bytes as f64 / 1024.0)
+            )?,
+            candidates_chart(
+                (self.candidates.iter().find_map(|c| c.latency_ms.map(|l| l.0)), &self.before),
+                &self.candidates,
+                "latency (ms)",
+                |c| c.latency_ms.map(|l| l.1)
+            )?,
+            self.budget.as_ref().map_or(1, |b| b.batch.max(1))
         ))
     }
 
@@ -477,27 +594,29 @@ impl Report {
 }
 
 /// Accuracy against file size for the original and every measured candidate, as inline SVG.
-fn candidates_chart(before: &Measure, cands: &[Candidate]) -> Result<String> {
+/// Accuracy (or fidelity) of the original and of every candidate against `x`, as inline SVG.
+fn candidates_chart(
+    before: (Option<f64>, &Measure),
+    cands: &[Candidate],
+    x_label: &str,
+    x: impl Fn(&Candidate) -> Option<f64>,
+) -> Result<String> {
     let fail = |e: String| Error::Invalid(format!("chart: {e}"));
-    let pts: Vec<(f64, f64, String, RGBColor)> = std::iter::once(before.score().map(|a| {
-        (
-            before.bytes as f64 / 1024.0,
-            a,
-            "original".to_string(),
-            BLUE,
-        )
-    }))
-    .flatten()
-    .chain(cands.iter().filter_map(|c| {
-        let m = c.after.as_ref()?;
-        Some((
-            m.bytes as f64 / 1024.0,
-            m.score()?,
-            c.recipe.clone(),
-            if c.accepted { GREEN } else { RED },
-        ))
-    }))
-    .collect();
+    let original = before
+        .0
+        .zip(before.1.score())
+        .map(|(bx, a)| (bx, a, "original".to_string(), BLUE));
+    let pts: Vec<(f64, f64, String, RGBColor)> = original
+        .into_iter()
+        .chain(cands.iter().filter_map(|c| {
+            Some((
+                x(c)?,
+                c.after.as_ref()?.score()?,
+                c.recipe.clone(),
+                if c.accepted { GREEN } else { RED },
+            ))
+        }))
+        .collect();
     if pts.is_empty() {
         return Ok(String::new());
     }
@@ -516,7 +635,7 @@ fn candidates_chart(before: &Measure, cands: &[Candidate]) -> Result<String> {
             .map_err(|e| fail(e.to_string()))?;
         chart
             .configure_mesh()
-            .x_desc("file size (KiB)")
+            .x_desc(x_label)
             .y_desc("accuracy")
             .draw()
             .map_err(|e| fail(e.to_string()))?;

@@ -272,7 +272,7 @@ pub fn search_fidelity(
                     "weight-only {name}, {} nodes quantized",
                     man.nodes_quantized
                 );
-                Ok(one_stage(m, before, summary, t, after, vec![]))
+                Ok(one_stage(m, before, summary, t, after, vec![], man))
             })
                 as Box<dyn FnOnce(&mut dyn FnMut(&str, usize, usize)) -> Result<Outcome>>,
             recover: None,
@@ -307,6 +307,7 @@ fn one_stage(
     started: Instant,
     after: Measure,
     precision: Vec<smelt_quant::mixed::LayerChoice>,
+    manifest: smelt_quant::Manifest,
 ) -> Outcome {
     Outcome {
         model: m,
@@ -319,6 +320,7 @@ fn one_stage(
         }],
         masks: None,
         precision,
+        manifest: Some(manifest),
     }
 }
 
@@ -350,7 +352,7 @@ fn mixed_trial<'a>(
             let plan = smelt_quant::mixed::choose(model, &base, int4, &[], floor, tune, |d, n| {
                 p("per-layer sensitivity", d, n)
             })?;
-            let (m, _) = smelt_quant::quantize(model.clone(), &plan.options, &[], |_, _, _| {})?;
+            let (m, man) = smelt_quant::quantize(model.clone(), &plan.options, &[], |_, _, _| {})?;
             let low = plan.layers.iter().filter(|l| l.bits == 4).count();
             let summary = format!(
                 "{low} of {} layers at int4, the rest int8 ({} evaluations; {:.5} with every \
@@ -361,7 +363,7 @@ fn mixed_trial<'a>(
                 floor
             );
             let after = judge(&m)?;
-            Ok(one_stage(m, before, summary, t, after, plan.layers))
+            Ok(one_stage(m, before, summary, t, after, plan.layers, man))
         }),
         recover: None,
     }

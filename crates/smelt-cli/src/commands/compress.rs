@@ -364,7 +364,8 @@ pub fn compress(model: Model, how: How, data: Option<&Data>, r: &Run, json: bool
         latency,
     )
     .with_ablation(ablation)
-    .with_precision(out.precision);
+    .with_precision(out.precision)
+    .with_layers(&out.model, out.manifest.as_ref())?;
     let report = match search {
         Some((b, c, None)) => report.with_search(b, c),
         Some((b, c, Some(done))) => report.with_search(b, c).partial(format!(

@@ -6,6 +6,6 @@ set -euo pipefail
 dir=$(cd "$1" && pwd)
 out=${2:-$dir/screenshot.png}
 command -v chromium >/dev/null || { echo "chromium is not installed (apt-get install chromium)" >&2; exit 1; }
-chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1000,2600 \
+chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1000,${HEIGHT:-2600} \
     --screenshot="$out" "file://$dir/report.html" 2>/dev/null
 echo "$out"

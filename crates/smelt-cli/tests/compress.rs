@@ -4,6 +4,23 @@
 mod common;
 use common::*;
 use std::path::Path;
+use std::process::Command;
+
+/// `smelt compress` of MNIST-8 into `out`, with MNIST's training and test images as --data
+/// and --val.
+fn compress_mnist(out: &Path) -> Command {
+    let a = assets();
+    let mut c = smelt();
+    c.arg("compress")
+        .arg(a.join("mnist-8/model.onnx"))
+        .arg("-o")
+        .arg(out)
+        .arg("--data")
+        .arg(a.join("mnist"))
+        .arg("--val")
+        .arg(a.join("mnist"));
+    c
+}
 
 #[test]
 fn demo_runs_offline_and_writes_the_report() {
@@ -159,20 +176,11 @@ fn bad_recipes_are_refused() {
 /// that keeps the accuracy wins; an impossible budget writes nothing.
 #[test]
 fn budget_search_keeps_the_smallest_candidate_that_meets_it() {
-    let a = assets();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("b.onnx");
     let common = |extra: &[&str]| {
-        let mut c = smelt();
-        c.arg("compress")
-            .arg(a.join("mnist-8/model.onnx"))
-            .arg("-o")
-            .arg(&out)
-            .arg("--data")
-            .arg(a.join("mnist"))
-            .arg("--val")
-            .arg(a.join("mnist"))
-            .args(["--split", "train", "--limit", "2000", "--val-limit", "2000"])
+        let mut c = compress_mnist(&out);
+        c.args(["--split", "train", "--limit", "2000", "--val-limit", "2000"])
             .args(["--bench-runs", "3", "--json"])
             .args(extra);
         c.output().unwrap()
@@ -216,19 +224,10 @@ fn budget_search_keeps_the_smallest_candidate_that_meets_it() {
 /// is partial, the exit code is 130, and no temporary file is left.
 #[test]
 fn an_interrupted_search_keeps_the_best_so_far() {
-    let a = assets();
     let dir = tempfile::tempdir().unwrap();
     let (out, report) = (dir.path().join("best.onnx"), dir.path().join("report"));
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes");
-    let mut child = smelt()
-        .arg("compress")
-        .arg(a.join("mnist-8/model.onnx"))
-        .arg("-o")
-        .arg(&out)
-        .arg("--data")
-        .arg(a.join("mnist"))
-        .arg("--val")
-        .arg(a.join("mnist"))
+    let mut child = compress_mnist(&out)
         .args([
             "--split",
             "train",
@@ -372,7 +371,6 @@ fn fidelity_search_mixes_int4_and_int8_on_minilm() {
 /// fine-tuning (here quantization-aware training in place of the quantize stage).
 #[test]
 fn a_missed_accuracy_budget_is_recovered_by_fine_tuning() {
-    let a = assets();
     let dir = tempfile::tempdir().unwrap();
     let recipe = dir.path().join("w4-tensor.toml");
     std::fs::write(
@@ -383,15 +381,7 @@ fn a_missed_accuracy_budget_is_recovered_by_fine_tuning() {
     )
     .unwrap();
     let out = dir.path().join("r.onnx");
-    let o = smelt()
-        .arg("compress")
-        .arg(a.join("mnist-8/model.onnx"))
-        .arg("-o")
-        .arg(&out)
-        .arg("--data")
-        .arg(a.join("mnist"))
-        .arg("--val")
-        .arg(a.join("mnist"))
+    let o = compress_mnist(&out)
         .args(["--split", "train", "--bench-runs", "0", "--json"])
         .args(["--max-accuracy-drop", "0.05", "--candidates"])
         .arg(&recipe)

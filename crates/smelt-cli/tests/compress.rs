@@ -199,12 +199,17 @@ fn budget_search_keeps_the_smallest_candidate_that_meets_it() {
     let before_bytes = v["before"]["bytes"].as_u64().unwrap();
     let key = |c: &serde_json::Value| {
         let l = &c["latency_ms"];
-        let faster = l[1].as_f64().unwrap() < l[0].as_f64().unwrap() / 1.05;
+        let faster = l[1].as_f64().unwrap() < l[0].as_f64().unwrap() / 1.15;
         let bytes = c["after"]["bytes"].as_u64().unwrap();
         (!(faster && bytes < before_bytes), bytes)
     };
-    let best = accepted.iter().min_by_key(|c| key(c)).unwrap();
-    assert_eq!(v["recipe"]["name"], best["recipe"]);
+    let best = accepted.iter().map(|c| key(c)).min().unwrap();
+    // (Equal keys are told apart by latency, which is noise between equal-speed models.)
+    let chosen = accepted
+        .iter()
+        .find(|c| c["recipe"] == v["recipe"]["name"])
+        .unwrap();
+    assert_eq!(key(chosen), best, "{cands:?}");
     let drop = v["before"]["accuracy"].as_f64().unwrap() - v["after"]["accuracy"].as_f64().unwrap();
     assert!(drop <= 0.005 + 1e-9, "{drop}");
     for c in cands.iter().filter(|c| c["accepted"] == false) {

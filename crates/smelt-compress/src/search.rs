@@ -2,7 +2,8 @@
 //! each on this machine, and keep the smallest one that meets the budget. A candidate that is
 //! neither smaller nor faster than the original is rejected, however accurate: a compression
 //! that gains nothing is not a result. Among accepted candidates, one that is both smaller and
-//! faster beats one that is only smaller; then the smallest file wins, then the fastest.
+//! clearly faster (by 15%) beats one that is only smaller; then the smallest file wins, then
+//! the fastest.
 //!
 //! A stop request ([`smelt_tensor::interrupt`]) ends the search at once: the candidate running
 //! is abandoned and the best one so far is kept.
@@ -353,11 +354,13 @@ fn mixed_trial<'a>(
                 p("per-layer sensitivity", d, n)
             })?;
             let (m, man) = smelt_quant::quantize(model.clone(), &plan.options, &[], |_, _, _| {})?;
-            let low = plan.layers.iter().filter(|l| l.bits == 4).count();
+            let at = |b: u32| plan.layers.iter().filter(|l| l.bits == b).count();
             let summary = format!(
-                "{low} of {} layers at int4, the rest int8 ({} evaluations; {:.5} with every \
-                 layer int8, floor {:.5})",
+                "{} of {} layers at int4, {} float, the rest int8 ({} evaluations; {:.5} with \
+                 the int8 layers, floor {:.5})",
+                at(4),
                 plan.layers.len(),
+                at(32),
                 plan.evaluations,
                 plan.high_metric,
                 floor
@@ -490,7 +493,11 @@ fn run_trials(
             accepted,
             verdict,
         });
-        let key = (!(smaller && faster), after.bytes, la);
+        // Preferring "smaller and faster" needs a speed-up beyond timing noise (10 alternated
+        // runs on a busy machine vary by ~10%): a weight-only model that runs at float speed
+        // must not win on a lucky measurement.
+        let clearly_faster = la < lb / 1.15;
+        let key = (!(smaller && clearly_faster), after.bytes, la);
         let better = best_key.is_none_or(|b| {
             (key.0, key.1) < (b.0, b.1) || ((key.0, key.1) == (b.0, b.1) && key.2 < b.2)
         });

@@ -1,11 +1,13 @@
 //! Mixed precision: per-layer weight bits chosen from measured sensitivity to meet a metric
 //! floor (accuracy, or fidelity to the float model).
 //!
-//! Every quantizable layer starts at the high-precision scheme. Each layer's cost is measured
-//! by switching only that layer to the low-precision scheme; layers are then ordered by cost
-//! per byte saved, and the longest prefix of that order whose combined model stays at or above
-//! the floor is kept. The prefix is found by bisection (the metric falls as layers are added),
-//! so the search costs one evaluation per layer plus a handful.
+//! Every quantizable layer starts at the high-precision scheme; if that alone misses the floor,
+//! the layers it costs most stay float (the fewest that bring the metric back, by bisection).
+//! Each remaining layer's cost is measured by switching only that layer to the low-precision
+//! scheme; layers are then ordered by cost per byte saved, and the longest prefix of that order
+//! whose combined model stays at or above the floor is kept. The prefix is found by bisection
+//! (the metric falls as layers are added), so the search costs one evaluation per layer plus a
+//! handful.
 
 use crate::{quantize, Feed, Options, WeightScheme};
 use serde::Serialize;
@@ -51,22 +53,21 @@ pub fn choose(
     // The float model and each single layer, then each combination tried.
     let mut layer_evaluations = 1usize;
     let mut evaluations = 0usize;
-    let mut score = |overrides: &[&str], eval: &mut dyn FnMut(&Model) -> Result<f64>| {
-        let opts = Options {
-            weight_overrides: overrides.iter().map(|n| (n.to_string(), low)).collect(),
-            ..base.clone()
+    let mut score =
+        |base: &Options, overrides: &[&str], eval: &mut dyn FnMut(&Model) -> Result<f64>| {
+            let opts = Options {
+                weight_overrides: overrides.iter().map(|n| (n.to_string(), low)).collect(),
+                ..base.clone()
+            };
+            let (m, _) = quantize(model.clone(), &opts, calib, |_, _, _| {})?;
+            evaluations += 1;
+            eval(&m).map(|v| (v, opts))
         };
-        let (m, _) = quantize(model.clone(), &opts, calib, |_, _, _| {})?;
-        evaluations += 1;
-        eval(&m).map(|v| (v, opts))
-    };
     let float_metric = eval(model)?;
-    let (high_metric, high_opts) = score(&[], &mut eval)?;
-    if high_metric < floor {
+    if float_metric < floor {
         bail!(
             Input,
-            "the metric is {high_metric:.5} with every layer at {} bits, below the floor {floor}",
-            base.weights.qtype.bits()
+            "the float model itself scores {float_metric:.5}, below the floor {floor}"
         );
     }
     // The quantizer's own view of the graph: folded constants, fused biases.
@@ -78,6 +79,71 @@ pub fn choose(
     .run(m)?;
     let (folded, _) = smelt_ir::passes::FuseBias.run(folded)?;
     let plan = crate::placement::plan(&folded.graph, &base.ops, &base.exclude)?;
+    // Each layer's cost at `scheme` with only it quantized (the rest float).
+    let mut alone =
+        |scheme: WeightScheme, out0: &str, eval: &mut dyn FnMut(&Model) -> Result<f64>| {
+            let one = Options {
+                weights: scheme,
+                only: Some(vec![out0.to_string()]),
+                ..base.clone()
+            };
+            let (q, _) = quantize(model.clone(), &one, calib, |_, _, _| {})?;
+            layer_evaluations += 1;
+            eval(&q).map(|m| float_metric - m)
+        };
+    let weighted: Vec<(String, String)> = plan
+        .targets
+        .iter()
+        .filter(|t| t.weight.is_some())
+        .map(|t| {
+            (
+                folded.graph.nodes[t.node].outputs[0].clone(),
+                t.label.clone(),
+            )
+        })
+        .collect();
+    // When the high precision everywhere misses the floor, the layers it costs most stay
+    // float: the fewest of them (most costly first) that bring the metric back.
+    let mut base = base.clone();
+    let mut float_layers: Vec<(String, String, f64)> = Vec::new();
+    let (mut high_metric, mut high_opts) = score(&base, &[], &mut eval)?;
+    if high_metric < floor {
+        let mut costs = Vec::new();
+        for (out0, label) in &weighted {
+            costs.push((
+                out0.clone(),
+                label.clone(),
+                alone(base.weights, out0, &mut eval)?,
+            ));
+        }
+        costs.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let keep = |k: usize| -> Options {
+            Options {
+                only: Some(costs[k..].iter().map(|c| c.0.clone()).collect()),
+                ..base.clone()
+            }
+        };
+        // Smallest k in 1..=n that holds the floor; k = n (all float) holds it.
+        let (mut lo, mut hi) = (0usize, costs.len());
+        let mut found = None;
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            let (m, o) = score(&keep(mid), &[], &mut eval)?;
+            if m >= floor {
+                hi = mid;
+                found = Some((m, o));
+            } else {
+                lo = mid;
+            }
+        }
+        let (m, o) = match found {
+            Some(f) => f,
+            None => score(&keep(hi), &[], &mut eval)?,
+        };
+        (high_metric, high_opts) = (m, o.clone());
+        base = o;
+        float_layers = costs[..hi].to_vec();
+    }
     let (hb, lb) = (base.weights.qtype.bits() as u64, low.qtype.bits() as u64);
     let mut layers = Vec::new();
     for (i, t) in plan.targets.iter().enumerate() {
@@ -89,16 +155,12 @@ pub fn choose(
             .get(&node.inputs[slot.input])
             .map_or(0, |w| w.numel() as u64);
         let out0 = node.outputs[0].clone();
+        if float_layers.iter().any(|f| f.0 == out0) {
+            continue;
+        }
         // Only this layer quantized (the rest float): cheaper than re-quantizing every layer,
         // and the high precision's own error is small next to the low one's.
-        let one = Options {
-            weights: low,
-            only: Some(vec![out0.clone()]),
-            ..base.clone()
-        };
-        let (q, _) = quantize(model.clone(), &one, calib, |_, _, _| {})?;
-        layer_evaluations += 1;
-        let m = eval(&q)?;
+        let cost = alone(low, &out0, &mut eval)?;
         progress(i + 1, plan.targets.len());
         layers.push((
             out0,
@@ -106,7 +168,7 @@ pub fn choose(
                 node: t.label.clone(),
                 op: t.op.clone(),
                 bits: base.weights.qtype.bits(),
-                low_drop: float_metric - m,
+                low_drop: cost,
                 bytes_saved: elements * hb.saturating_sub(lb) / 8,
                 reason: String::new(),
             },
@@ -134,7 +196,7 @@ pub fn choose(
         .collect();
     // Largest k with metric(first k low) >= floor; k = 0 is known to hold.
     let (mut ok, mut ok_metric, mut ok_opts) = (0usize, high_metric, high_opts);
-    let (m, o) = score(&names, &mut eval)?;
+    let (m, o) = score(&base, &names, &mut eval)?;
     let mut bad = names.len() + 1;
     if m >= floor {
         (ok, ok_metric, ok_opts) = (names.len(), m, o);
@@ -143,7 +205,7 @@ pub fn choose(
     }
     while bad - ok > 1 {
         let mid = (ok + bad) / 2;
-        let (m, o) = score(&names[..mid], &mut eval)?;
+        let (m, o) = score(&base, &names[..mid], &mut eval)?;
         if m >= floor {
             (ok, ok_metric, ok_opts) = (mid, m, o);
         } else {
@@ -181,6 +243,27 @@ pub fn choose(
             }
             c
         })
+        .collect();
+    let nf = float_layers.len();
+    let out: Vec<LayerChoice> = float_layers
+        .into_iter()
+        .enumerate()
+        .map(|(r, (_, label, cost))| LayerChoice {
+            op: label.split(' ').next().unwrap_or("").to_string(),
+            node: label,
+            bits: 32,
+            low_drop: cost,
+            bytes_saved: 0,
+            reason: format!(
+                "kept in float: {} bits alone costs {cost:.5}, rank {} of the layers by that \
+                 cost; {} bits everywhere missed the floor {floor}, and the {nf} most costly \
+                 in float bring it back",
+                base.weights.qtype.bits(),
+                r + 1,
+                base.weights.qtype.bits()
+            ),
+        })
+        .chain(out)
         .collect();
     Ok(Plan {
         options: ok_opts,

@@ -52,6 +52,87 @@ pub fn taylor(model: &Model, train: &Samples) -> Result<smelt_prune::importance:
     smelt_train::taylor_scores(model.clone(), &part, 64, 1.0)
 }
 
+/// Per-layer channel fractions that remove `target` of all channels, shared out by measured
+/// sensitivity: each layer is pruned alone at each step of a grid and scored on the first 1,000
+/// training samples; then, greedily, the layer whose next step costs the least accuracy per
+/// channel removed takes that step, until enough channels are gone.
+fn channel_shares(
+    model: &Model,
+    opts: &smelt_prune::Options,
+    target: f64,
+    train: &Samples,
+) -> Result<Vec<(String, f64)>> {
+    const GRID: [f64; 6] = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75];
+    let n = train.y.len().min(1000);
+    let x = smelt_train::rows(train.x, &(0..n).collect::<Vec<_>>())?;
+    let tune = Samples {
+        x: &x,
+        y: &train.y[..n],
+    };
+    let base = crate::measure::accuracy(model, &tune)?;
+    let prepared = smelt_train::prepare(model.clone())?;
+    let shapes = smelt_engine::analysis::infer_shapes(
+        &smelt_engine::Session::new(prepared.clone())?,
+        &Default::default(),
+    )?;
+    let (groups, _) = smelt_prune::structured::find_groups(&prepared, &shapes);
+    // (node name, channels, cost at each grid step)
+    let mut layers: Vec<(String, usize, Vec<f64>)> = Vec::new();
+    for g in groups.iter().filter(|g| g.channels >= 2) {
+        let name = prepared.graph.nodes[g.root_node].name.clone();
+        if name.is_empty()
+            || !opts
+                .ops
+                .contains(&prepared.graph.nodes[g.root_node].op_type)
+        {
+            continue;
+        }
+        let mut costs = Vec::new();
+        for f in GRID {
+            smelt_tensor::interrupt::check()?;
+            let one = smelt_prune::Options {
+                sparsity: 0.0,
+                overrides: vec![(name.clone(), f)],
+                ..opts.clone()
+            };
+            let (m, _, _) = smelt_prune::prune(model.clone(), &one, &[])?;
+            costs.push(base - crate::measure::accuracy(&m, &tune)?);
+        }
+        layers.push((name, g.channels, costs));
+    }
+    let total: usize = layers.iter().map(|l| l.1).sum();
+    let want = (target * total as f64).round() as usize;
+    let removed_at = |l: &(String, usize, Vec<f64>), step: usize| -> usize {
+        if step == 0 {
+            0
+        } else {
+            (GRID[step - 1] * l.1 as f64).floor() as usize
+        }
+    };
+    let mut step = vec![0usize; layers.len()];
+    let mut removed = 0usize;
+    while removed < want {
+        let next = (0..layers.len())
+            .filter(|&i| step[i] < GRID.len())
+            .map(|i| {
+                let l = &layers[i];
+                let cost_now = if step[i] == 0 { 0.0 } else { l.2[step[i] - 1] };
+                let gain = (removed_at(l, step[i] + 1) - removed_at(l, step[i])).max(1);
+                (i, (l.2[step[i]] - cost_now).max(0.0) / gain as f64)
+            })
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        let Some((i, _)) = next else { break };
+        removed += removed_at(&layers[i], step[i] + 1) - removed_at(&layers[i], step[i]);
+        step[i] += 1;
+    }
+    Ok(layers
+        .iter()
+        .zip(&step)
+        .filter(|(_, &s)| s > 0)
+        .map(|(l, &s)| (l.0.clone(), GRID[s - 1]))
+        .collect())
+}
+
 /// The first `n` training samples as engine feeds of `batch` rows.
 fn feeds(model: &Model, data: &Samples, n: usize, batch: usize) -> Result<Vec<Feed>> {
     let input = smelt_train::input_name(model)?;
@@ -93,6 +174,7 @@ pub fn run(
                 sparsity,
                 scope,
                 criterion,
+                per_layer,
             } => {
                 let mut opts = smelt_prune::Options {
                     method: Method::parse(pattern, scope)?,
@@ -102,6 +184,21 @@ pub fn run(
                 };
                 if opts.criterion == Criterion::Taylor {
                     opts.gradient_scores = Some(std::sync::Arc::new(taylor(&model, &data.train)?));
+                }
+                let mut shares = String::new();
+                if *per_layer {
+                    if opts.method != Method::Channels {
+                        smelt_tensor::bail!(Input, "per_layer applies to channel pruning only");
+                    }
+                    let fractions = channel_shares(&model, &opts, *sparsity, &data.train)?;
+                    shares = fractions
+                        .iter()
+                        .map(|(n, f)| format!("{n} {:.0}%", 100.0 * f))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    shares = format!(" (per layer by sensitivity: {shares})");
+                    opts.overrides = fractions;
+                    opts.sparsity = 0.0;
                 }
                 let calib = if opts.criterion.needs_data() {
                     feeds(&model, &data.train, 128, 32)?
@@ -120,7 +217,7 @@ pub fn run(
                     (_, None) => (!mk.0.is_empty()).then_some(mk),
                 };
                 format!(
-                    "{}, {} importance: {:.1}% removed",
+                    "{}, {} importance: {:.1}% removed{shares}",
                     report.method,
                     report.criterion,
                     100.0 * sparsity

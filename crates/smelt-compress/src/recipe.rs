@@ -50,6 +50,10 @@ pub enum Stage {
         /// magnitude, l2, wanda, taylor or random.
         #[serde(default = "magnitude")]
         criterion: String,
+        /// Channels: `sparsity` is the fraction of all channels removed, shared out between
+        /// layers by their measured sensitivity instead of the same fraction everywhere.
+        #[serde(default)]
+        per_layer: bool,
     },
     Finetune {
         #[serde(default = "one")]

@@ -65,15 +65,18 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: internal error (a bug in smelt, please report it): {info}");
     }));
-    // Ctrl-C asks long loops to stop at a safe point (see smelt_tensor::interrupt); a second
-    // one exits at once. Outputs are written atomically, so neither leaves a half-written file.
-    let _ = ctrlc::set_handler(|| {
-        if smelt_tensor::interrupt::requested() {
-            std::process::exit(130);
-        }
-        eprintln!("\nstopping at the next safe point (Ctrl-C again to quit now)");
-        smelt_tensor::interrupt::request();
-    });
+    // In the commands whose loops check it (training steps, search candidates), Ctrl-C asks
+    // them to stop at a safe point (see smelt_tensor::interrupt); a second one exits at once.
+    // Elsewhere Ctrl-C ends the process as usual. Outputs are written atomically either way.
+    if matches!(cli.cmd, Cmd::Compress(_) | Cmd::Finetune(_) | Cmd::Demo(_)) {
+        let _ = ctrlc::set_handler(|| {
+            if smelt_tensor::interrupt::requested() {
+                std::process::exit(130);
+            }
+            eprintln!("\nstopping at the next safe point (Ctrl-C again to quit now)");
+            smelt_tensor::interrupt::request();
+        });
+    }
     let json = cli.json;
     let result = std::panic::catch_unwind(move || match cli.cmd {
         Cmd::Demo(a) => commands::demo::run(a, json),

@@ -61,6 +61,7 @@ fn channel_shares(
     opts: &smelt_prune::Options,
     target: f64,
     train: &Samples,
+    calib: &[Feed],
 ) -> Result<Vec<(String, f64)>> {
     const GRID: [f64; 6] = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75];
     let n = train.y.len().min(1000);
@@ -95,18 +96,19 @@ fn channel_shares(
                 overrides: vec![(name.clone(), f)],
                 ..opts.clone()
             };
-            let (m, _, _) = smelt_prune::prune(model.clone(), &one, &[])?;
+            let (m, _, _) = smelt_prune::prune(model.clone(), &one, calib)?;
             costs.push(base - crate::measure::accuracy(&m, &tune)?);
         }
         layers.push((name, g.channels, costs));
     }
     let total: usize = layers.iter().map(|l| l.1).sum();
     let want = (target * total as f64).round() as usize;
+    // As the pruner counts: rounded, at least one channel kept.
     let removed_at = |l: &(String, usize, Vec<f64>), step: usize| -> usize {
         if step == 0 {
             0
         } else {
-            (GRID[step - 1] * l.1 as f64).floor() as usize
+            ((GRID[step - 1] * l.1 as f64).round() as usize).min(l.1 - 1)
         }
     };
     let mut step = vec![0usize; layers.len()];
@@ -185,12 +187,14 @@ pub fn run(
                 if opts.criterion == Criterion::Taylor {
                     opts.gradient_scores = Some(std::sync::Arc::new(taylor(&model, &data.train)?));
                 }
+                let calib = if opts.criterion.needs_data() {
+                    feeds(&model, &data.train, 128, 32)?
+                } else {
+                    vec![]
+                };
                 let mut shares = String::new();
                 if *per_layer {
-                    if opts.method != Method::Channels {
-                        smelt_tensor::bail!(Input, "per_layer applies to channel pruning only");
-                    }
-                    let fractions = channel_shares(&model, &opts, *sparsity, &data.train)?;
+                    let fractions = channel_shares(&model, &opts, *sparsity, &data.train, &calib)?;
                     shares = fractions
                         .iter()
                         .map(|(n, f)| format!("{n} {:.0}%", 100.0 * f))
@@ -200,11 +204,6 @@ pub fn run(
                     opts.overrides = fractions;
                     opts.sparsity = 0.0;
                 }
-                let calib = if opts.criterion.needs_data() {
-                    feeds(&model, &data.train, 128, 32)?
-                } else {
-                    vec![]
-                };
                 let (m, mk, report) = smelt_prune::prune(model, &opts, &calib)?;
                 model = m;
                 // Channel pruning changes shapes: earlier masks no longer fit.
@@ -216,11 +215,22 @@ pub fn run(
                     }
                     (_, None) => (!mk.0.is_empty()).then_some(mk),
                 };
+                // Channels: what was actually removed (the pruner keeps at least one per layer).
+                let done = match opts.method {
+                    Method::Channels => {
+                        let (r, c) = report
+                            .groups
+                            .iter()
+                            .fold((0, 0), |(r, c), g| (r + g.removed.len(), c + g.channels));
+                        r as f64 / c.max(1) as f64
+                    }
+                    _ => *sparsity,
+                };
                 format!(
                     "{}, {} importance: {:.1}% removed{shares}",
                     report.method,
                     report.criterion,
-                    100.0 * sparsity
+                    100.0 * done
                 )
             }
             Stage::Finetune {

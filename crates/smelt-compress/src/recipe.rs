@@ -167,9 +167,13 @@ impl Recipe {
             return None;
         };
         let mut stages = self.stages.clone();
-        let quant = stages
-            .iter()
-            .position(|s| matches!(s, Stage::Quantize { .. }));
+        // Where quantization happens: a quantize stage, or a fine-tuning stage with QAT.
+        let quant = stages.iter().position(|s| {
+            matches!(
+                s,
+                Stage::Quantize { .. } | Stage::Finetune { qat: Some(_), .. }
+            )
+        });
         match (qat.is_some(), quant) {
             (true, Some(q)) => stages[q] = rec,
             (_, Some(q)) => stages.insert(q, rec),
@@ -194,7 +198,7 @@ impl Recipe {
             }
         }
         if let Some(r) = self.recovered() {
-            r.check()?;
+            r.check().map_err(|e| e.context("[recovery]"))?;
         }
         let mut quantized = false;
         for (i, s) in self.stages.iter().enumerate() {
@@ -205,6 +209,19 @@ impl Recipe {
             match s {
                 Stage::Prune { sparsity, .. } if !(0.0..1.0).contains(sparsity) => {
                     bail!(Input, "{at}: sparsity {sparsity} is outside [0, 1)")
+                }
+                Stage::Prune {
+                    per_layer: true,
+                    pattern,
+                    sparsity,
+                    ..
+                } => {
+                    if pattern != "channels" {
+                        bail!(Input, "{at}: per_layer applies to pattern = \"channels\"");
+                    }
+                    if *sparsity > 0.75 {
+                        bail!(Input, "{at}: per_layer shares at most 75% of the channels");
+                    }
                 }
                 Stage::Finetune {
                     lr, epochs, qat, ..
@@ -285,6 +302,15 @@ mod tests {
             (
                 "[[stage]]\nkind = \"prune\"\nsparsity = 1.5\n",
                 "outside [0, 1)",
+            ),
+            (
+                "[[stage]]\nkind = \"prune\"\nsparsity = 0.5\nper_layer = true\n",
+                "per_layer applies to pattern = \"channels\"",
+            ),
+            (
+                "[[stage]]\nkind = \"prune\"\npattern = \"channels\"\nsparsity = 0.8\n\
+                 per_layer = true\n",
+                "at most 75%",
             ),
             (
                 "[[stage]]\nkind = \"quantize\"\n[[stage]]\nkind = \"prune\"\nsparsity = 0.5\n",

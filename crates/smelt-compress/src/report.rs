@@ -134,12 +134,12 @@ impl Report {
         let s = smelt_engine::Session::new(model.clone())?;
         let shapes = smelt_engine::analysis::infer_shapes(&s, &Default::default())?;
         let stats = smelt_engine::analysis::model_stats(s.model(), &shapes);
-        for n in stats
-            .nodes
-            .iter()
-            .filter(|n| n.macs > 0 || (n.op_type == "Gather" && n.params > 0))
-        {
-            let label = format!("{} node '{}'", n.op_type, n.name);
+        // model_stats lists the nodes in graph order, one each.
+        for (node, n) in s.model().graph.nodes.iter().zip(&stats.nodes) {
+            if !(n.macs > 0 || (n.op_type == "Gather" && n.params > 0)) {
+                continue;
+            }
+            let label = node.label();
             let weight = manifest.and_then(|m| m.weights().find(|t| t.node == label));
             let choice = self.precision.iter().find(|c| c.node == label);
             let fallback = manifest.and_then(|m| m.fallbacks.iter().find(|f| f.node == label));

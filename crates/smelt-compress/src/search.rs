@@ -508,6 +508,8 @@ fn run_trials(
         } else if let (true, Some(r)) = (only_accuracy, trial.recover) {
             queue.push_front(*r);
         }
+        // A stop asked for while a trial finished anyway still ends the search.
+        out.interrupted = smelt_tensor::interrupt::requested();
         after_each(&out, new_best)?;
     }
     Ok(out)

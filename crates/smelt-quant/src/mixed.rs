@@ -59,6 +59,7 @@ pub fn choose(
                 weight_overrides: overrides.iter().map(|n| (n.to_string(), low)).collect(),
                 ..base.clone()
             };
+            smelt_tensor::interrupt::check()?;
             let (m, _) = quantize(model.clone(), &opts, calib, |_, _, _| {})?;
             evaluations += 1;
             eval(&m).map(|v| (v, opts))
@@ -87,6 +88,7 @@ pub fn choose(
                 only: Some(vec![out0.to_string()]),
                 ..base.clone()
             };
+            smelt_tensor::interrupt::check()?;
             let (q, _) = quantize(model.clone(), &one, calib, |_, _, _| {})?;
             layer_evaluations += 1;
             eval(&q).map(|m| float_metric - m)

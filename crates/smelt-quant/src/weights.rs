@@ -78,11 +78,11 @@ impl Grouping {
                 }
             }
             Granularity::Block(size) => {
-                // A Conv whose input channels fit in one block would get a scale per kernel
-                // position (ONNX blocks run along one axis only); one scale per output channel
-                // then covers more weights with fewer scales, so that is used instead.
+                // ONNX blocks run along one axis only: a Conv with few input channels would get
+                // a scale per few weights. When one output channel's whole kernel fits in a
+                // block, a scale per output channel is as fine as asked, with fewer scales.
                 if axes.reduce_axis < rank
-                    && shape[axes.reduce_axis] <= size
+                    && shape[axes.reduce_axis..].iter().product::<usize>() <= size
                     && shape[axes.reduce_axis + 1..].iter().product::<usize>() > 1
                     && axes.channel_axis != axes.reduce_axis
                 {

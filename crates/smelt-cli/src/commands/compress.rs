@@ -202,10 +202,25 @@ pub fn run(a: Args, json: bool) -> Result<()> {
 /// The model, and its masks beside it when pruning left some.
 fn save_result(out: &pipeline::Outcome, output: &Path) -> Result<()> {
     smelt_onnx::save(&out.model, output)?;
-    if let Some(m) = &out.masks {
-        smelt_onnx::write_atomic(&crate::args::masks_beside(output), &m.to_safetensors()?)?;
+    let masks = crate::args::masks_beside(output);
+    match &out.masks {
+        Some(m) => smelt_onnx::write_atomic(&masks, &m.to_safetensors()?)?,
+        // A mask file left by an earlier best would not belong to this model.
+        None if masks.exists() => std::fs::remove_file(&masks).map_err(|e| {
+            smelt_tensor::Error::io(format!("cannot remove {}", masks.display()), e)
+        })?,
+        None => {}
     }
     Ok(())
+}
+
+/// Candidates that ran (not those skipped after a stop or the time limit).
+fn tried(found: &Found) -> usize {
+    found
+        .candidates
+        .iter()
+        .filter(|c| !c.verdict.starts_with("not tried"))
+        .count()
 }
 
 /// The report of a search that has not finished: the best candidate so far, if any, and every
@@ -225,7 +240,7 @@ fn partial_report(name: &str, total: usize, found: &Found, budget: &Budget) -> O
             vec![],
         ),
     };
-    let done = found.candidates.len();
+    let done = tried(found);
     let why = if found.interrupted {
         format!("the search was interrupted after {done} of {total} candidates")
     } else {
@@ -261,7 +276,10 @@ pub fn compress(model: Model, how: How, data: Option<&Data>, r: &Run, json: bool
         }
         How::Search(..) | How::Fidelity(..) => {
             let (budget, total) = match &how {
-                How::Search(b, c, per_layer) => (b.clone(), c.len() + *per_layer as usize),
+                How::Search(b, c, per_layer) => (
+                    b.clone(),
+                    c.len() + (*per_layer && b.max_accuracy_drop.is_some()) as usize,
+                ),
                 How::Fidelity(b, _) => (b.clone(), 3),
                 How::Recipe(_) => unreachable!(),
             };
@@ -292,7 +310,25 @@ pub fn compress(model: Model, how: How, data: Option<&Data>, r: &Run, json: bool
                 }
                 How::Recipe(_) => unreachable!(),
             };
+            let done = tried(&found);
             let Some((best_recipe, out)) = found.best else {
+                if let (Some(dir), Some(before)) = (report_dir, found.before.clone()) {
+                    let none = Recipe {
+                        name: "(none accepted)".into(),
+                        description: String::new(),
+                        stages: vec![],
+                        recovery: None,
+                    };
+                    let verdict = if found.interrupted {
+                        "the search was interrupted before any candidate met the budget"
+                    } else {
+                        "no candidate met the budget: no model was written"
+                    };
+                    Report::new(name.to_string(), none, before, vec![], vec![])
+                        .with_search(budget.clone(), found.candidates.clone())
+                        .partial(verdict.into())
+                        .write(dir)?;
+                }
                 if found.interrupted {
                     bar.finish();
                     eprintln!("interrupted: no candidate had met the budget; nothing written");
@@ -305,11 +341,11 @@ pub fn compress(model: Model, how: How, data: Option<&Data>, r: &Run, json: bool
                     .collect();
                 bail!(
                     Input,
-                    "no candidate met the budget; nothing written:\n{}",
+                    "no candidate met the budget; no model written:\n{}",
                     lines.join("\n")
                 );
             };
-            let interrupted = found.interrupted.then_some(found.candidates.len());
+            let interrupted = found.interrupted.then_some(done);
             (
                 best_recipe,
                 out,

@@ -3,7 +3,7 @@
 use smelt_data::{Dataset, Layout, Preprocess, Split};
 use smelt_engine::Session;
 use smelt_ir::Model;
-use smelt_tensor::{bail, DType, Error, Result, Tensor};
+use smelt_tensor::{bail, DType, Error, Result};
 use std::path::{Path, PathBuf};
 
 /// Where evaluation data comes from and how it is preprocessed.
@@ -50,7 +50,7 @@ pub struct DataArgs {
 }
 
 /// Inputs for one batch, by model input name.
-pub type Feed = Vec<(String, Tensor)>;
+pub use smelt_engine::Feed;
 
 /// A dataset turned into model feeds: image batches with labels, or tokenized text.
 pub struct Batches {
@@ -275,11 +275,6 @@ pub fn load_model(path: &Path) -> Result<Model> {
 
 pub fn session(model: Model) -> Result<Session> {
     Session::new(model)
-}
-
-pub fn run_feed(s: &Session, feed: &Feed) -> Result<Vec<(String, Tensor)>> {
-    let refs: Vec<(&str, Tensor)> = feed.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-    s.run(&refs)
 }
 
 pub fn print_json(v: &serde_json::Value) {

@@ -188,9 +188,7 @@ impl<'a> Fidelity<'a> {
 }
 
 fn first_output(s: &Session, feed: &Feed) -> Result<smelt_tensor::Tensor> {
-    let inputs: Vec<(&str, smelt_tensor::Tensor)> =
-        feed.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-    Ok(s.run(&inputs)?.remove(0).1)
+    Ok(s.run_feed(feed)?.remove(0).1)
 }
 
 /// A fidelity budget needs no labels: the candidates are weight-only int8 everywhere, int4

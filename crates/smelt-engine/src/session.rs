@@ -127,6 +127,13 @@ impl Session {
         Ok(outs)
     }
 
+    /// Runs the model on one batch of named inputs as the data loaders produce them.
+    pub fn run_feed(&self, feed: &Feed) -> Result<Vec<(String, Tensor)>> {
+        let inputs: Vec<(&str, Tensor)> =
+            feed.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        self.run(&inputs)
+    }
+
     /// Runs the model; returns the graph outputs and the captured intermediate values.
     pub fn run_with(
         &self,

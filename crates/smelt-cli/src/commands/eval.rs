@@ -1,4 +1,4 @@
-use crate::args::{load_model, print_json, run_feed, session, DataArgs};
+use crate::args::{load_model, print_json, session, DataArgs};
 use serde_json::json;
 use smelt_data::FidelityAccumulator;
 use smelt_tensor::{bail, Result};
@@ -41,7 +41,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     let mut labelled = 0usize;
     let mut fid = FidelityAccumulator::new();
     for (i, feed) in batches.feeds.iter().enumerate() {
-        let outs = run_feed(&s, feed)?;
+        let outs = s.run_feed(feed)?;
         let Some((_, out)) = outs.first() else {
             bail!(Invalid, "the model has no outputs");
         };
@@ -56,7 +56,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             labelled += y.len();
         }
         if let Some(r) = &reference {
-            let routs = run_feed(r, feed)?;
+            let routs = r.run_feed(feed)?;
             if a.pool == "mean" {
                 let mask = feed
                     .iter()

@@ -292,7 +292,7 @@ fn run_sensitivity(
     opts: &Options,
     calib: &[smelt_quant::Feed],
 ) -> Result<smelt_quant::sensitivity::Report> {
-    use crate::args::{run_feed, session};
+    use crate::args::session;
     match &a.val {
         Some(val) => {
             let mut d = a.data.clone();
@@ -307,7 +307,7 @@ fn run_sensitivity(
                 let s = session(m.clone())?;
                 let (mut ok, mut n) = (0usize, 0usize);
                 for (feed, y) in b.feeds.iter().zip(&labels) {
-                    let out = run_feed(&s, feed)?;
+                    let out = s.run_feed(feed)?;
                     let pred = smelt_data::top1(&out[0].1)?;
                     ok += pred
                         .iter()
@@ -324,13 +324,13 @@ fn run_sensitivity(
             let reference = session(model.clone())?;
             let refs: Vec<_> = calib
                 .iter()
-                .map(|f| run_feed(&reference, f))
+                .map(|f| reference.run_feed(f))
                 .collect::<Result<_>>()?;
             let eval = |m: &smelt_ir::Model| -> Result<f64> {
                 let s = session(m.clone())?;
                 let mut acc = smelt_data::FidelityAccumulator::new();
                 for (feed, r) in calib.iter().zip(&refs) {
-                    let out = run_feed(&s, feed)?;
+                    let out = s.run_feed(feed)?;
                     acc.add(&r[0].1, &out[0].1)?;
                 }
                 Ok(acc.finish()?.cosine)

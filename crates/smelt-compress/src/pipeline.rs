@@ -152,16 +152,43 @@ fn feeds(model: &Model, data: &Samples, n: usize, batch: usize) -> Result<Vec<Fe
         .collect()
 }
 
+/// The quantizer's options for a quantize stage (defaults for any other stage).
+pub fn quantize_options(stage: &Stage) -> Result<smelt_quant::Options> {
+    let Stage::Quantize {
+        mode,
+        weight_type,
+        granularity,
+        block_size,
+        observer,
+        ..
+    } = stage
+    else {
+        return Ok(Default::default());
+    };
+    let mode = Mode::parse(mode)?;
+    Ok(smelt_quant::Options {
+        mode,
+        weights: WeightScheme::parse(
+            mode == Mode::WeightOnly,
+            weight_type.as_deref(),
+            granularity.as_deref(),
+            *block_size,
+        )?,
+        observer: ObserverKind::parse(observer, 99.999, 2048)?,
+        ..Default::default()
+    })
+}
+
 /// Applies `recipe` to `model`. `progress(stage, done, total)` reports fine-tuning steps.
 pub fn run(
     model: Model,
     recipe: &Recipe,
     data: &Data,
+    before: Measure,
     seed: u64,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<Outcome> {
     let original = model.clone();
-    let before = measure(&model, data.val.as_ref())?;
     let mut model = model;
     let mut masks: Option<Masks> = None;
     let mut manifest = None;
@@ -286,26 +313,9 @@ pub fn run(
                         .unwrap_or_default()
                 )
             }
-            Stage::Quantize {
-                mode,
-                weight_type,
-                granularity,
-                block_size,
-                observer,
-                calib,
-            } => {
-                let mode = Mode::parse(mode)?;
-                let opts = smelt_quant::Options {
-                    mode,
-                    weights: WeightScheme::parse(
-                        mode == Mode::WeightOnly,
-                        weight_type.as_deref(),
-                        granularity.as_deref(),
-                        *block_size,
-                    )?,
-                    observer: ObserverKind::parse(observer, 99.999, 2048)?,
-                    ..Default::default()
-                };
+            Stage::Quantize { calib, .. } => {
+                let opts = quantize_options(stage)?;
+                let mode = opts.mode;
                 let feeds = if mode == Mode::Static {
                     feeds(&model, &data.train, *calib, 32)?
                 } else {

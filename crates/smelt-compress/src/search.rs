@@ -14,7 +14,6 @@ use crate::recipe::{Recipe, Stage};
 use serde::Serialize;
 use smelt_engine::{Feed, Session};
 use smelt_ir::Model;
-use smelt_quant::{Mode, WeightScheme};
 use smelt_tensor::{bail, Result};
 use std::time::{Duration, Instant};
 
@@ -80,8 +79,8 @@ pub struct Found {
     pub candidates: Vec<Candidate>,
     /// The search stopped early on a stop request.
     pub interrupted: bool,
-    /// The original model as measured by the first candidate that ran.
-    pub before: Option<Measure>,
+    /// The original model, measured once.
+    pub before: Measure,
 }
 
 /// One way to compress the model: what the report calls it, and how to run it.
@@ -95,15 +94,21 @@ pub struct Trial<'a> {
 
 impl<'a> Trial<'a> {
     /// A recipe run by the pipeline, with its recovery recipe behind it.
-    fn recipe(model: &'a Model, recipe: Recipe, data: &'a Data, seed: u64) -> Trial<'a> {
+    fn recipe(
+        model: &'a Model,
+        recipe: Recipe,
+        data: &'a Data,
+        before: &'a Measure,
+        seed: u64,
+    ) -> Trial<'a> {
         let recover = recipe
             .recovered()
-            .map(|r| Box::new(Trial::recipe(model, r, data, seed)));
+            .map(|r| Box::new(Trial::recipe(model, r, data, before, seed)));
         let r = recipe.clone();
         Trial {
             recipe,
             run: Box::new(move |p: &mut dyn FnMut(&str, usize, usize)| {
-                pipeline::run(model.clone(), &r, data, seed, p)
+                pipeline::run(model.clone(), &r, data, before.clone(), seed, p)
             }),
             recover,
         }
@@ -131,9 +136,10 @@ pub fn search(
             "an accuracy budget needs labelled validation data (--val)"
         );
     }
+    let before = measure(model, data.val.as_ref())?;
     let mut trials: Vec<Trial> = candidates
         .iter()
-        .map(|r| Trial::recipe(model, r.clone(), data, seed))
+        .map(|r| Trial::recipe(model, r.clone(), data, &before, seed))
         .collect();
     if let (true, Some(drop), Some(val)) = (per_layer, budget.max_accuracy_drop, &data.val) {
         // Tuned on training samples, judged on the validation data like every candidate.
@@ -142,7 +148,6 @@ pub fn search(
         let y = data.train.y[..n].to_vec();
         let tune =
             move |m: &Model| crate::measure::accuracy(m, &smelt_train::Samples { x: &x, y: &y });
-        let before = measure(model, Some(val))?;
         // A tenth of the budget kept in reserve for the difference between the two sets.
         let floor = tune(model)? - 0.9 * drop / 100.0;
         trials.push(mixed_trial(
@@ -154,10 +159,24 @@ pub fn search(
             floor,
             tune,
             move |m| measure(m, Some(val)),
-            before,
+            before.clone(),
         ));
     }
-    run_trials(model, trials, budget, progress, after_each)
+    run_trials(model, trials, before.clone(), budget, progress, after_each)
+}
+
+/// Weight-only quantization of every layer at `bits`: int8 per output channel, int4 in blocks
+/// of 128 along the reduction axis. The one description of the schemes the per-layer and
+/// uniform trials use.
+fn weight_only(bits: u32) -> Stage {
+    Stage::Quantize {
+        mode: "weight-only".into(),
+        weight_type: Some(format!("int{bits}")),
+        granularity: Some(if bits == 8 { "channel" } else { "block" }.into()),
+        block_size: 128,
+        observer: "minmax".into(),
+        calib: 0,
+    }
 }
 
 /// Mean cosine of `model`'s first output to the original's on `feeds`.
@@ -220,51 +239,31 @@ pub fn search_fidelity(
     } else {
         (val, val)
     };
-    let fid = std::rc::Rc::new(Fidelity::new(model, judge)?);
-    let tune_fid = std::rc::Rc::new(Fidelity::new(model, tune)?);
-    let int8 = WeightScheme::parse(true, Some("int8"), Some("channel"), 128)?;
-    let int4 = WeightScheme::parse(true, Some("int4"), None, 128)?;
-    let base = smelt_quant::Options {
-        mode: Mode::WeightOnly,
-        weights: int8,
-        ..Default::default()
-    };
+    let fid = Fidelity::new(model, judge)?;
+    let tune_fid = Fidelity::new(model, tune)?;
     let before = {
         let mut m = measure(model, None)?;
         m.fidelity = Some(1.0);
         m
     };
-    let stage = |name: &str, bits: u32| Stage::Quantize {
-        mode: "weight-only".into(),
-        weight_type: Some(name.into()),
-        granularity: Some(if bits == 8 { "channel" } else { "block" }.into()),
-        block_size: 128,
-        observer: "minmax".into(),
-        calib: 0,
-    };
-    let judge = {
-        let fid = fid.clone();
-        std::rc::Rc::new(move |m: &Model| -> Result<Measure> {
-            let mut after = measure(m, None)?;
-            after.fidelity = Some(fid.of(m)?);
-            Ok(after)
-        })
-    };
-    let uniform = |name: &'static str, scheme: WeightScheme, st: Stage| {
-        let (judge, before, base) = (judge.clone(), before.clone(), base.clone());
+    let judge = std::rc::Rc::new(move |m: &Model| -> Result<Measure> {
+        let mut after = measure(m, None)?;
+        after.fidelity = Some(fid.of(m)?);
+        Ok(after)
+    });
+    let uniform = |bits: u32| {
+        let (judge, before) = (judge.clone(), before.clone());
+        let name = format!("int{bits}");
         Trial {
             recipe: Recipe {
                 name: format!("{name}-weight-only"),
                 description: format!("every layer's weights {name}, compute in float"),
-                stages: vec![st],
+                stages: vec![weight_only(bits)],
                 recovery: None,
             },
             run: Box::new(move |_: &mut dyn FnMut(&str, usize, usize)| {
                 let t = Instant::now();
-                let opts = smelt_quant::Options {
-                    weights: scheme,
-                    ..base
-                };
+                let opts = pipeline::quantize_options(&weight_only(bits))?;
                 let (m, man) = smelt_quant::quantize(model.clone(), &opts, &[], |_, _, _| {})?;
                 let after = judge(&m)?;
                 let summary = format!(
@@ -277,10 +276,7 @@ pub fn search_fidelity(
             recover: None,
         }
     };
-    let mut trials = vec![
-        uniform("int8", int8, stage("int8", 8)),
-        uniform("int4", int4, stage("int4", 4)),
-    ];
+    let mut trials = vec![uniform(8), uniform(4)];
     trials.push(mixed_trial(
         model,
         format!(
@@ -294,8 +290,7 @@ pub fn search_fidelity(
         move |m| judge(m),
         before.clone(),
     ));
-
-    run_trials(model, trials, budget, progress, after_each)
+    run_trials(model, trials, before, budget, progress, after_each)
 }
 
 /// The outcome of a one-stage quantization trial.
@@ -342,12 +337,8 @@ fn mixed_trial<'a>(
         },
         run: Box::new(move |p: &mut dyn FnMut(&str, usize, usize)| {
             let t = Instant::now();
-            let base = smelt_quant::Options {
-                mode: Mode::WeightOnly,
-                weights: WeightScheme::parse(true, Some("int8"), Some("channel"), 128)?,
-                ..Default::default()
-            };
-            let int4 = WeightScheme::parse(true, Some("int4"), None, 128)?;
+            let base = pipeline::quantize_options(&weight_only(8))?;
+            let int4 = pipeline::quantize_options(&weight_only(4))?.weights;
             let plan = smelt_quant::mixed::choose(model, &base, int4, &[], floor, tune, |d, n| {
                 p("per-layer sensitivity", d, n)
             })?;
@@ -374,6 +365,7 @@ fn mixed_trial<'a>(
 fn run_trials(
     model: &Model,
     trials: Vec<Trial>,
+    before: Measure,
     budget: &Budget,
     mut progress: impl FnMut(&str, usize, usize),
     mut after_each: impl FnMut(&Found, bool) -> Result<()>,
@@ -383,7 +375,7 @@ fn run_trials(
         best: None,
         candidates: vec![],
         interrupted: false,
-        before: None,
+        before,
     };
     // Lower is better: (not both smaller and faster, bytes, latency).
     let mut best_key: Option<(bool, u64, f64)> = None;
@@ -433,10 +425,7 @@ fn run_trials(
                 continue;
             }
         };
-        let before = out
-            .before
-            .get_or_insert_with(|| outcome.before.clone())
-            .clone();
+        let before = out.before.clone();
         let after = outcome
             .stages
             .last()

@@ -223,15 +223,14 @@ fn tried(found: &Found) -> usize {
         .count()
 }
 
-/// The report of a search that has not finished: the best candidate so far, if any, and every
-/// verdict reached.
-fn partial_report(name: &str, total: usize, found: &Found, budget: &Budget) -> Option<Report> {
-    let before = found.before.clone()?;
+/// The report of a search that has not finished, saying `why`: the best candidate so far, if
+/// any, and every verdict reached.
+fn partial_report(name: &str, found: &Found, budget: &Budget, why: String) -> Report {
     let (recipe, stages, precision) = match &found.best {
         Some((r, o)) => (r.clone(), o.stages.clone(), o.precision.clone()),
         None => (
             Recipe {
-                name: "(none accepted yet)".into(),
+                name: "(none accepted)".into(),
                 description: String::new(),
                 stages: vec![],
                 recovery: None,
@@ -240,18 +239,16 @@ fn partial_report(name: &str, total: usize, found: &Found, budget: &Budget) -> O
             vec![],
         ),
     };
-    let done = tried(found);
-    let why = if found.interrupted {
-        format!("the search was interrupted after {done} of {total} candidates")
-    } else {
-        format!("the search is running ({done} of {total} candidates decided)")
-    };
-    Some(
-        Report::new(name.to_string(), recipe, before, stages, vec![])
-            .with_search(budget.clone(), found.candidates.clone())
-            .with_precision(precision)
-            .partial(why),
+    Report::new(
+        name.to_string(),
+        recipe,
+        found.before.clone(),
+        stages,
+        vec![],
     )
+    .with_search(budget.clone(), found.candidates.clone())
+    .with_precision(precision)
+    .partial(why)
 }
 
 /// Runs the recipe, writes the model (and masks, report), prints the before/after table.
@@ -264,10 +261,13 @@ pub fn compress(model: Model, how: How, data: Option<&Data>, r: &Run, json: bool
     let need_data = || data.ok_or_else(|| smelt_tensor::Error::Input("no training data".into()));
     let (recipe, out, search) = match how {
         How::Recipe(recipe) => {
+            let data = need_data()?;
+            let before = smelt_compress::measure::measure(&model, data.val.as_ref())?;
             let out = pipeline::run(
                 model.clone(),
                 &recipe,
-                need_data()?,
+                data,
+                before,
                 seed,
                 &mut |stage, d, n| bar.update(stage, d, n, String::new()),
             )?;
@@ -288,10 +288,16 @@ pub fn compress(model: Model, how: How, data: Option<&Data>, r: &Run, json: bool
                 if let (true, Some((_, o))) = (new_best, &found.best) {
                     save_result(o, output)?;
                 }
-                match (report_dir, partial_report(name, total, found, &budget)) {
-                    (Some(dir), Some(rep)) => rep.write(dir),
-                    _ => Ok(()),
-                }
+                let Some(dir) = report_dir else {
+                    return Ok(());
+                };
+                let done = tried(found);
+                let why = if found.interrupted {
+                    format!("the search was interrupted after {done} of {total} candidates")
+                } else {
+                    format!("the search is running ({done} of {total} candidates decided)")
+                };
+                partial_report(name, found, &budget, why).write(dir)
             };
             let progress = |stage: &str, d, n| bar.update(stage, d, n, String::new());
             let found = match &how {
@@ -312,22 +318,13 @@ pub fn compress(model: Model, how: How, data: Option<&Data>, r: &Run, json: bool
             };
             let done = tried(&found);
             let Some((best_recipe, out)) = found.best else {
-                if let (Some(dir), Some(before)) = (report_dir, found.before.clone()) {
-                    let none = Recipe {
-                        name: "(none accepted)".into(),
-                        description: String::new(),
-                        stages: vec![],
-                        recovery: None,
-                    };
+                if let Some(dir) = report_dir {
                     let verdict = if found.interrupted {
                         "the search was interrupted before any candidate met the budget"
                     } else {
                         "no candidate met the budget: no model was written"
                     };
-                    Report::new(name.to_string(), none, before, vec![], vec![])
-                        .with_search(budget.clone(), found.candidates.clone())
-                        .partial(verdict.into())
-                        .write(dir)?;
+                    partial_report(name, &found, &budget, verdict.into()).write(dir)?;
                 }
                 if found.interrupted {
                     bar.finish();

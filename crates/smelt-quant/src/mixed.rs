@@ -119,32 +119,22 @@ pub fn choose(
             ));
         }
         costs.sort_by(|a, b| b.2.total_cmp(&a.2));
-        let keep = |k: usize| -> Options {
+        let n = costs.len();
+        // The j least costly layers quantized, the rest float.
+        let quantized = |j: usize| -> Options {
             Options {
-                only: Some(costs[k..].iter().map(|c| c.0.clone()).collect()),
+                only: Some(costs[n - j..].iter().map(|c| c.0.clone()).collect()),
                 ..base.clone()
             }
         };
-        // Smallest k in 1..=n that holds the floor; k = n (all float) holds it.
-        let (mut lo, mut hi) = (0usize, costs.len());
-        let mut found = None;
-        while hi - lo > 1 {
-            let mid = (lo + hi) / 2;
-            let (m, o) = score(&keep(mid), &[], &mut eval)?;
-            if m >= floor {
-                hi = mid;
-                found = Some((m, o));
-            } else {
-                lo = mid;
-            }
-        }
-        let (m, o) = match found {
-            Some(f) => f,
-            None => score(&keep(hi), &[], &mut eval)?,
-        };
+        // j = 0 is the float model itself; j = n (everything) is known to miss.
+        let (j, (m, o)) = last_holding((0, (float_metric, quantized(0))), n, |j| {
+            let (m, o) = score(&quantized(j), &[], &mut eval)?;
+            Ok((m >= floor).then_some((m, o)))
+        })?;
         (high_metric, high_opts) = (m, o.clone());
         base = o;
-        float_layers = costs[..hi].to_vec();
+        float_layers = costs[..n - j].to_vec();
     }
     let (hb, lb) = (base.weights.qtype.bits() as u64, low.qtype.bits() as u64);
     let mut layers = Vec::new();
@@ -196,24 +186,16 @@ pub fn choose(
         .take_while(|(_, c)| cost(c).is_finite())
         .map(|(n, _)| n.as_str())
         .collect();
-    // Largest k with metric(first k low) >= floor; k = 0 is known to hold.
-    let (mut ok, mut ok_metric, mut ok_opts) = (0usize, high_metric, high_opts);
-    let (m, o) = score(&base, &names, &mut eval)?;
-    let mut bad = names.len() + 1;
-    if m >= floor {
-        (ok, ok_metric, ok_opts) = (names.len(), m, o);
-    } else {
-        bad = names.len();
-    }
-    while bad - ok > 1 {
-        let mid = (ok + bad) / 2;
-        let (m, o) = score(&base, &names[..mid], &mut eval)?;
-        if m >= floor {
-            (ok, ok_metric, ok_opts) = (mid, m, o);
-        } else {
-            bad = mid;
-        }
-    }
+    // Largest k with metric(first k low) >= floor; k = 0 is known to hold. All of them is
+    // tried first: often everything fits.
+    let mut low_at = |k: usize| -> Result<Option<(f64, Options)>> {
+        let (m, o) = score(&base, &names[..k], &mut eval)?;
+        Ok((m >= floor).then_some((m, o)))
+    };
+    let (ok, (ok_metric, ok_opts)) = match low_at(names.len())? {
+        Some(all) => (names.len(), all),
+        None => last_holding((0, (high_metric, high_opts)), names.len(), low_at)?,
+    };
     let n = layers.len();
     let low_bits = low.qtype.bits();
     let out: Vec<LayerChoice> = layers
@@ -275,4 +257,21 @@ pub fn choose(
         layers: out,
         evaluations: evaluations + layer_evaluations,
     })
+}
+
+/// Bisection over a monotone condition: given that it holds at `ok.0` (with value `ok.1`) and
+/// fails at `bad`, the largest k in between where `holds(k)` gives a value.
+fn last_holding<T>(
+    mut ok: (usize, T),
+    mut bad: usize,
+    mut holds: impl FnMut(usize) -> Result<Option<T>>,
+) -> Result<(usize, T)> {
+    while bad > ok.0 + 1 {
+        let mid = (ok.0 + bad) / 2;
+        match holds(mid)? {
+            Some(v) => ok = (mid, v),
+            None => bad = mid,
+        }
+    }
+    Ok(ok)
 }

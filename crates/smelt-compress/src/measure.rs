@@ -34,9 +34,12 @@ impl Measure {
 
 /// Measures `model` (batch-1 shapes for FLOPs); accuracy on `val` when given.
 pub fn measure(model: &Model, val: Option<&Samples>) -> Result<Measure> {
+    // FLOPs count the file's nodes, which the reference session keeps; peak memory is that of
+    // the session that really runs (QDQ patterns fused into integer ops).
+    let reference = Session::reference(model.clone())?;
+    let st = model_stats(model, &infer_shapes(&reference, &InputSpec::default())?);
     let s = Session::new(model.clone())?;
     let shapes = infer_shapes(&s, &InputSpec::default())?;
-    let st = model_stats(model, &shapes);
     let accuracy = val.map(|v| accuracy(model, v)).transpose()?;
     Ok(Measure {
         accuracy,

@@ -131,7 +131,8 @@ impl Report {
         model: &smelt_ir::Model,
         manifest: Option<&smelt_quant::Manifest>,
     ) -> Result<Report> {
-        let s = smelt_engine::Session::new(model.clone())?;
+        // The reference session keeps every node as written, so rows carry the file's ops.
+        let s = smelt_engine::Session::reference(model.clone())?;
         let shapes = smelt_engine::analysis::infer_shapes(&s, &Default::default())?;
         let stats = smelt_engine::analysis::model_stats(s.model(), &shapes);
         // model_stats lists the nodes in graph order, one each.

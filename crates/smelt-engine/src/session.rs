@@ -35,20 +35,33 @@ pub struct Session {
 impl Session {
     /// Checks the graph (ordering, every op known) and plans the run. Constant subgraphs
     /// (e.g. int8 weights cast and scaled to f32) are evaluated once here, not on every run.
+    /// QDQ patterns run on integer kernels (see [`crate::passes::FuseQdq`]).
     pub fn new(model: Model) -> Result<Session> {
-        Session::build(model, true)
+        Session::build(model, true, true)
+    }
+
+    /// Like [`Session::new`], but QDQ models run as the ONNX reference defines them, in float:
+    /// every value of the graph exists (to capture it) and every node keeps its op.
+    pub fn reference(model: Model) -> Result<Session> {
+        Session::build(model, true, false)
     }
 
     /// A session whose every initializer stays one: nothing is folded, so a training loop
     /// can update weights that feed computation (a weight behind fake quantization).
     pub fn unfolded(model: Model) -> Result<Session> {
-        Session::build(model, false)
+        Session::build(model, false, false)
     }
 
-    fn build(model: Model, fold: bool) -> Result<Session> {
+    fn build(model: Model, fold: bool, fuse: bool) -> Result<Session> {
         let opset = model.onnx_opset();
         model.graph.topo_order()?;
         check_ops(&model.graph)?;
+        // Before folding, which would turn the int8 weights into float ones.
+        let model = if fuse {
+            crate::passes::FuseQdq::default().run(model)?.0
+        } else {
+            model
+        };
         let model = if fold {
             // In memory only, so large folded tensors (a dequantized embedding table) are fine.
             FoldConstants {

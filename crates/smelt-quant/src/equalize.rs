@@ -269,7 +269,7 @@ impl Shapes<'_> {
         }
         let model = self.model;
         let probed = self.probed.get_or_insert_with(|| {
-            let session = Session::new(model.clone()).ok()?;
+            let session = Session::reference(model.clone()).ok()?;
             infer_shapes(&session, &InputSpec::default()).ok()
         });
         let (_, shape) = probed.as_ref()?.get(name)?;

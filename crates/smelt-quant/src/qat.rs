@@ -268,7 +268,7 @@ mod tests {
     }
 
     fn run(m: &Model, x: &Tensor) -> Vec<f32> {
-        let s = Session::new(m.clone()).unwrap();
+        let s = Session::reference(m.clone()).unwrap();
         s.run(&[("x", x.clone())]).unwrap()[0]
             .1
             .to_f32_vec()

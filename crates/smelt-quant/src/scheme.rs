@@ -10,6 +10,9 @@ use smelt_tensor::{bail, DType, Result};
 pub enum QType {
     U8,
     I8,
+    /// int8 storage holding 7-bit codes ([-64, 63]): x86 int8 kernels without VNNI add
+    /// pairs of u8 x i8 products in 16 bits, which saturate unless one side has 7 bits.
+    I7,
     U4,
     I4,
     U2,
@@ -21,13 +24,15 @@ impl QType {
         Ok(match s {
             "uint8" | "u8" => QType::U8,
             "int8" | "i8" => QType::I8,
+            "int7" | "i7" => QType::I7,
             "uint4" | "u4" => QType::U4,
             "int4" | "i4" => QType::I4,
             "uint2" | "u2" => QType::U2,
             "int2" | "i2" => QType::I2,
             _ => bail!(
                 Input,
-                "unknown quantized type '{s}' (expected int8, uint8, int4, uint4, int2 or uint2)"
+                "unknown quantized type '{s}' (expected int8, uint8, int7, int4, uint4, int2 or \
+                 uint2)"
             ),
         })
     }
@@ -36,6 +41,7 @@ impl QType {
         match self {
             QType::U8 => "uint8",
             QType::I8 => "int8",
+            QType::I7 => "int7",
             QType::U4 => "uint4",
             QType::I4 => "int4",
             QType::U2 => "uint2",
@@ -43,20 +49,24 @@ impl QType {
         }
     }
 
+    /// Bits each element takes in storage (int7 is stored as int8).
     pub fn bits(self) -> u32 {
         match self {
-            QType::U8 | QType::I8 => 8,
+            QType::U8 | QType::I8 | QType::I7 => 8,
             QType::U4 | QType::I4 => 4,
             QType::U2 | QType::I2 => 2,
         }
     }
 
     pub fn signed(self) -> bool {
-        matches!(self, QType::I8 | QType::I4 | QType::I2)
+        matches!(self, QType::I8 | QType::I7 | QType::I4 | QType::I2)
     }
 
     /// Full storage range, e.g. [-128, 127].
     pub fn range(self) -> (i32, i32) {
+        if self == QType::I7 {
+            return (-64, 63);
+        }
         let b = self.bits();
         if self.signed() {
             (-(1 << (b - 1)), (1 << (b - 1)) - 1)
@@ -79,7 +89,7 @@ impl QType {
     pub fn dtype(self) -> DType {
         match self {
             QType::U8 => DType::U8,
-            QType::I8 => DType::I8,
+            QType::I8 | QType::I7 => DType::I8,
             QType::U4 => DType::U4,
             QType::I4 => DType::I4,
             QType::U2 => DType::U2,
@@ -90,7 +100,7 @@ impl QType {
     /// The ONNX opset that first allows this type in QuantizeLinear/DequantizeLinear.
     pub fn min_opset(self) -> i64 {
         match self {
-            QType::U8 | QType::I8 => 10,
+            QType::U8 | QType::I8 | QType::I7 => 10,
             QType::U4 | QType::I4 => 21,
             QType::U2 | QType::I2 => 25,
         }
@@ -186,6 +196,8 @@ mod tests {
         assert_eq!(QType::I8.symmetric_range(), (-127, 127));
         assert_eq!(QType::U4.range(), (0, 15));
         assert_eq!(QType::I4.symmetric_range(), (-7, 7));
+        assert_eq!(QType::I7.symmetric_range(), (-63, 63));
+        assert_eq!(QType::I7.range(), (-64, 63));
         assert_eq!(QType::I2.range(), (-2, 1));
         assert!(QType::parse("int5").is_err());
         assert_eq!(

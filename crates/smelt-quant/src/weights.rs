@@ -267,7 +267,7 @@ impl QuantizedWeight {
 pub fn codes_data(qtype: QType, codes: &[i32]) -> Data {
     match qtype {
         QType::U8 => Data::U8(codes.iter().map(|&c| c as u8).collect()),
-        QType::I8 => Data::I8(codes.iter().map(|&c| c as i8).collect()),
+        QType::I8 | QType::I7 => Data::I8(codes.iter().map(|&c| c as i8).collect()),
         QType::U4 => Data::U4(codes.iter().map(|&c| Uint4::saturating(c as i64)).collect()),
         QType::I4 => Data::I4(codes.iter().map(|&c| Int4::saturating(c as i64)).collect()),
         QType::U2 => Data::U2(codes.iter().map(|&c| Uint2::saturating(c as i64)).collect()),

@@ -1,4 +1,4 @@
-use crate::args::{load_model, print_json, session};
+use crate::args::{load_model, print_json};
 use serde_json::json;
 use smelt_engine::analysis::{infer_shapes, model_stats, InputSpec};
 use smelt_tensor::Result;
@@ -22,7 +22,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     let opset = model.onnx_opset();
     // Statistics describe the file as written; the session folds constants for speed.
     let original = model.clone();
-    let s = session(model)?;
+    let s = smelt_engine::Session::reference(model)?;
     let spec = InputSpec {
         batch: 1,
         seq_len: a.seq_len,

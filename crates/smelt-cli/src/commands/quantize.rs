@@ -17,7 +17,8 @@ pub struct Args {
     /// weight-only.
     #[arg(long, default_value = "static", value_parser = ["static", "dynamic", "weight-only"])]
     mode: String,
-    /// Weight type: int8, uint8, int4, uint4, int2, uint2 (default int8; int4 for weight-only).
+    /// Weight type: int8, uint8, int7 (int8 with 7-bit codes, which x86 int8 kernels without
+    /// VNNI multiply exactly), int4, uint4, int2, uint2 (default int8; int4 for weight-only).
     #[arg(long)]
     weight_type: Option<String>,
     /// tensor, channel or block (default channel; block for 4-bit and lower weights).

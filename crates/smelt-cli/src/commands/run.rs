@@ -23,7 +23,13 @@ pub struct Args {
 }
 
 pub fn run(a: Args, json: bool) -> Result<()> {
-    let s = session(load_model(&a.model)?)?;
+    let model = load_model(&a.model)?;
+    // A value asked for by name must exist: fused QDQ patterns drop their intermediate values.
+    let s = if a.capture.is_empty() {
+        session(model)?
+    } else {
+        smelt_engine::Session::reference(model)?
+    };
     let mut given: Vec<(String, Tensor)> = Vec::new();
     for spec in &a.inputs {
         let Some((name, file)) = spec.split_once('=') else {

@@ -5,6 +5,7 @@
 //! per group (depthwise) use a direct loop, which beats a GEMM with K = kernel size.
 
 use super::gemm::{gemm, Bias};
+use super::quant;
 use rayon::prelude::*;
 use smelt_tensor::{bail, Result};
 
@@ -67,8 +68,9 @@ fn valid_range(out: usize, stride: usize, off: isize, len: usize) -> (usize, usi
     (lo, hi)
 }
 
-/// Unrolls patches of `x` (`[c, d, h, w]`) into `col` (`[c * kprod, out positions]`).
-fn im2col(g: &ConvGeom, c: usize, x: &[f32], col: &mut [f32]) {
+/// Unrolls patches of `x` (`[c, d, h, w]`) into `col` (`[c * kprod, out positions]`); positions
+/// in the padding read `pad` (zero, or a quantized input's zero point).
+fn im2col<T: Copy>(g: &ConvGeom, c: usize, x: &[T], pad: T, col: &mut [T]) {
     let [id, ih, iw] = g.input;
     let [kd, kh, kw] = g.kernel;
     let [od, oh, ow] = g.output;
@@ -91,12 +93,12 @@ fn im2col(g: &ConvGeom, c: usize, x: &[f32], col: &mut [f32]) {
                             let out = &mut dst[(z * oh + y) * ow..(z * oh + y + 1) * ow];
                             let iy = (y * g.strides[1]) as isize + offh;
                             if iz < 0 || iz >= id as isize || iy < 0 || iy >= ih as isize {
-                                out.fill(0.0);
+                                out.fill(pad);
                                 continue;
                             }
                             let src = &plane[(iz as usize * ih + iy as usize) * iw..][..iw];
-                            out[..w0].fill(0.0);
-                            out[w1..].fill(0.0);
+                            out[..w0].fill(pad);
+                            out[w1..].fill(pad);
                             let sw = g.strides[2];
                             if sw == 1 {
                                 let s0 = (w0 as isize + offw) as usize;
@@ -205,13 +207,81 @@ pub fn conv(
             return gemm(mg, cg, osz, wg, false, xg, false, o, 1.0, 0.0, bias);
         }
         let mut col = vec![0.0f32; cg * ksz * osz];
-        im2col(g, cg, xg, &mut col);
+        im2col(g, cg, xg, 0.0, &mut col);
         gemm(mg, cg * ksz, osz, wg, false, &col, false, o, 1.0, 0.0, bias)
     };
     let tasks = g.batch * g.groups;
     if tasks == 1 {
         task(0, out)
     } else if out.len() * cg * ksz < PAR_MIN_WORK {
+        out.chunks_mut(mg * osz)
+            .enumerate()
+            .try_for_each(|(t, o)| task(t, o))
+    } else {
+        out.par_chunks_mut(mg * osz)
+            .enumerate()
+            .try_for_each(|(t, o)| task(t, o))
+    }
+}
+
+/// Integer convolution with a float result: `out = acc * scale[oc] + bias[oc]`, where `acc` is
+/// the exact i32 sum of `(w - zw[oc]) * (x - zx)`. `x` holds i8 activations (`[batch, in_ch,
+/// *input]`), `w` u8 weights (`[out_ch, in_ch / groups, *kernel]`): the weights are the
+/// product's left side, so the output comes out channel-major with no transpose.
+#[allow(clippy::too_many_arguments)]
+pub fn qconv(
+    g: &ConvGeom,
+    x: &[i8],
+    zx: i8,
+    w: &[u8],
+    zw: &[u8],
+    scale: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    g.check()?;
+    let cg = g.in_ch / g.groups;
+    let mg = g.out_ch / g.groups;
+    let isz = prod(&g.input);
+    let ksz = prod(&g.kernel);
+    let osz = prod(&g.output);
+    if x.len() != g.batch * g.in_ch * isz
+        || w.len() != g.out_ch * cg * ksz
+        || out.len() != g.batch * g.out_ch * osz
+        || zw.len() != g.out_ch
+        || scale.len() != g.out_ch
+        || bias.is_some_and(|b| b.len() != g.out_ch)
+    {
+        bail!(Shape, "convolution buffers do not match geometry {g:?}");
+    }
+    if out.is_empty() {
+        return Ok(());
+    }
+    let pointwise =
+        ksz == 1 && g.strides == [1, 1, 1] && g.pads == [0, 0, 0] && g.input == g.output;
+    let zcols = vec![zx; osz];
+    let task = |t: usize, o: &mut [f32]| -> Result<()> {
+        let (b, gr) = (t / g.groups, t % g.groups);
+        let xg = &x[(b * g.in_ch + gr * cg) * isz..][..cg * isz];
+        let wg = &w[gr * mg * cg * ksz..][..mg * cg * ksz];
+        let k = cg * ksz;
+        let (zw, acc) = (
+            &zw[gr * mg..][..mg],
+            bytemuck::cast_slice_mut::<f32, i32>(o),
+        );
+        if pointwise {
+            quant::qgemm(mg, k, osz, wg, zw, xg, &zcols, acc)?;
+        } else {
+            let mut col = vec![0i8; k * osz];
+            im2col(g, cg, xg, zx, &mut col);
+            quant::qgemm(mg, k, osz, wg, zw, &col, &zcols, acc)?;
+        }
+        let bias = bias.map(|b| &b[gr * mg..][..mg]);
+        quant::scale_sums(o, osz, &scale[gr * mg..][..mg], bias, true);
+        Ok(())
+    };
+    let tasks = g.batch * g.groups;
+    if tasks == 1 || out.len() * cg * ksz < PAR_MIN_WORK {
         out.chunks_mut(mg * osz)
             .enumerate()
             .try_for_each(|(t, o)| task(t, o))
@@ -339,7 +409,7 @@ pub fn conv_weight_grad(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) -> 
         for gr in 0..g.groups {
             let xg = &x[(b * g.in_ch + gr * cg) * isz..][..cg * isz];
             let dyg = &dy[(b * g.out_ch + gr * mg) * osz..][..mg * osz];
-            im2col(g, cg, xg, &mut col);
+            im2col(g, cg, xg, 0.0, &mut col);
             let dwg = &mut dw[gr * mg * cg * ksz..][..mg * cg * ksz];
             // [mg, osz] x [osz, cg * ksz], accumulated over the batch.
             gemm(

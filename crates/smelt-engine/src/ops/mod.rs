@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod elementwise;
+pub mod fused;
 pub mod layout;
 pub mod misc;
 pub mod nn;
@@ -54,6 +55,7 @@ fn registry() -> &'static Registry {
         let mut r = Registry::new();
         attention::register(&mut r);
         elementwise::register(&mut r);
+        fused::register(&mut r);
         layout::register(&mut r);
         misc::register(&mut r);
         nn::register(&mut r);
@@ -68,8 +70,8 @@ fn registry() -> &'static Registry {
 pub fn lookup(domain: &str, op_type: &str) -> Option<OpFn> {
     match domain {
         "" | "ai.onnx" => registry().get(op_type).copied(),
-        "com.microsoft" => registry()
-            .get(format!("com.microsoft.{op_type}").as_str())
+        "com.microsoft" | "ai.smelt" => registry()
+            .get(format!("{domain}.{op_type}").as_str())
             .copied(),
         _ => None,
     }
@@ -77,7 +79,12 @@ pub fn lookup(domain: &str, op_type: &str) -> Option<OpFn> {
 
 /// Every registered op name (sorted), for `smelt inspect` and docs.
 pub fn supported_ops() -> Vec<&'static str> {
-    let mut v: Vec<_> = registry().keys().copied().collect();
+    // The engine's own ops (`ai.smelt.*`) exist only inside sessions.
+    let mut v: Vec<_> = registry()
+        .keys()
+        .copied()
+        .filter(|k| !k.starts_with("ai.smelt."))
+        .collect();
     v.sort_unstable();
     v
 }

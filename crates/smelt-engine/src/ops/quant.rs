@@ -6,6 +6,7 @@
 //! Integer products accumulate in i32 with wrap-around, as ONNX's int32 outputs imply.
 
 use super::{input, norm_axis, opt_input, OpCtx, Registry};
+use crate::kernels::quant::{self as kq, Q8};
 use rayon::prelude::*;
 use smelt_tensor::{
     bail, bf16, broadcast_shapes, broadcast_strides, checked_numel, f16, BroadcastIter, DType,
@@ -334,6 +335,9 @@ fn quantize_linear(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor
     };
 
     let shape = x.shape();
+    if let Some(t) = quantize_fast(x, scale, zp, out_dt, prec)? {
+        return Ok(vec![t]);
+    }
     let s_lay = Layout::new(shape, scale.shape(), axis, block)?;
     let scales = float_values(scale, "y_scale")?;
     let (z_lay, zps) = match zp {
@@ -379,6 +383,9 @@ fn dequantize_linear(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tens
     } else {
         scale.dtype()
     };
+    if let Some(t) = dequantize_fast(x, scale, zp, out_dt)? {
+        return Ok(vec![t]);
+    }
     let xv = int_values(x, "DequantizeLinear input")?;
     let shape = x.shape();
     let s_lay = Layout::new(shape, scale.shape(), axis, block)?;
@@ -417,6 +424,63 @@ fn dequantize_linear(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tens
         })
         .collect();
     Ok(vec![Tensor::new(shape.to_vec(), float_data(out_dt, y)?)?])
+}
+
+/// The common case, f32 to 8 bits with one scale and zero point, without the generic path's
+/// f64 round trip. `None` when the case does not apply.
+fn quantize_fast(
+    x: &Tensor,
+    scale: &Tensor,
+    zp: Option<&Tensor>,
+    out_dt: DType,
+    prec: DType,
+) -> Result<Option<Tensor>> {
+    if x.dtype() != DType::F32 || prec != DType::F32 || scale.numel() != 1 {
+        return Ok(None);
+    }
+    let s = scale.to_f32_vec()?[0];
+    let xs = x.as_slice::<f32>()?;
+    let shape = x.shape().to_vec();
+    Ok(Some(match (out_dt, zp.map(|z| z.data())) {
+        (DType::U8, None) => quantized::<u8>(xs, s, 0, shape)?,
+        (DType::U8, Some(Data::U8(z))) if z.len() == 1 => quantized(xs, s, z[0], shape)?,
+        (DType::I8, None) => quantized::<i8>(xs, s, 0, shape)?,
+        (DType::I8, Some(Data::I8(z))) if z.len() == 1 => quantized(xs, s, z[0], shape)?,
+        _ => return Ok(None),
+    }))
+}
+
+fn quantized<T: Q8 + smelt_tensor::Element>(
+    xs: &[f32],
+    s: f32,
+    z: T,
+    shape: Vec<usize>,
+) -> Result<Tensor> {
+    let mut q = vec![T::default(); xs.len()];
+    kq::quantize(xs, s, z, &mut q);
+    Tensor::from_vec(shape, q)
+}
+
+/// 8 bits to f32 with one scale and zero point (see [`quantize_fast`]).
+fn dequantize_fast(
+    x: &Tensor,
+    scale: &Tensor,
+    zp: Option<&Tensor>,
+    out_dt: DType,
+) -> Result<Option<Tensor>> {
+    if out_dt != DType::F32 || scale.dtype() != DType::F32 || scale.numel() != 1 {
+        return Ok(None);
+    }
+    let s = scale.to_f32_vec()?[0];
+    let mut out = vec![0f32; x.numel()];
+    match (x.data(), zp.map(|z| z.data())) {
+        (Data::U8(q), None) => kq::dequantize(q, s, 0, &mut out),
+        (Data::U8(q), Some(Data::U8(z))) if z.len() == 1 => kq::dequantize(q, s, z[0], &mut out),
+        (Data::I8(q), None) => kq::dequantize(q, s, 0, &mut out),
+        (Data::I8(q), Some(Data::I8(z))) if z.len() == 1 => kq::dequantize(q, s, z[0], &mut out),
+        _ => return Ok(None),
+    }
+    Ok(Some(Tensor::from_vec(x.shape().to_vec(), out)?))
 }
 
 fn dynamic_quantize_linear(_ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {

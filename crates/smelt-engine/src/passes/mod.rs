@@ -1,4 +1,8 @@
-//! Graph passes that need to evaluate ops.
+//! Graph passes that need the engine: folding constants evaluates ops, and `qdq` rewrites
+//! QDQ patterns into the engine's own integer ops.
+
+mod qdq;
+pub use qdq::FuseQdq;
 
 use crate::session::run_node;
 use smelt_ir::{Model, Pass, PassRecord};

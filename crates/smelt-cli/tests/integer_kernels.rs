@@ -1,0 +1,178 @@
+//! The engine's integer kernels against the reference QDQ evaluation: every quantized model
+//! runs both ways (`Session::new` fuses QDQ patterns into integer ops, `Session::reference`
+//! simulates them in float as ONNX defines them) and the outputs must agree.
+//!
+//! What "agree" means: the integer sums are exact where the reference adds rounded float
+//! products, so a value can differ in its last bits, and a QuantizeLinear after it by one step
+//! where it sits on a rounding boundary. The tolerances below allow that and nothing more.
+
+mod common;
+use common::*;
+use smelt_data::{Preprocess, Split};
+use smelt_engine::analysis::{synth_inputs, InputSpec};
+use smelt_engine::kernels::quant::int8_may_saturate;
+use smelt_engine::Session;
+use smelt_tensor::Tensor;
+use std::path::Path;
+
+fn quantize(input: &Path, output: &Path, extra: &[&str]) {
+    let out = smelt()
+        .arg("quantize")
+        .arg(input)
+        .arg("-o")
+        .arg(output)
+        .args(extra)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "quantize {extra:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Ops of the engine's own domain in a session's plan.
+fn fused_ops(s: &Session) -> usize {
+    s.graph()
+        .nodes
+        .iter()
+        .filter(|n| n.domain == "ai.smelt" && n.op_type != "FakeQuant")
+        .count()
+}
+
+/// Runs both sessions on each feed; returns the first output of each, concatenated.
+fn both(model: &Path, feeds: &[Vec<(String, Tensor)>]) -> (usize, Vec<f32>, Vec<f32>) {
+    let m = smelt_onnx::load(model).unwrap();
+    let fused = Session::new(m.clone()).unwrap();
+    let reference = Session::reference(m).unwrap();
+    assert_eq!(fused_ops(&reference), 0);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for feed in feeds {
+        let inputs: Vec<(&str, Tensor)> =
+            feed.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let x = fused.run(&inputs).unwrap();
+        let y = reference.run(&inputs).unwrap();
+        a.extend_from_slice(x[0].1.as_slice::<f32>().unwrap());
+        b.extend_from_slice(y[0].1.as_slice::<f32>().unwrap());
+    }
+    (fused_ops(&fused), a, b)
+}
+
+fn argmax(row: &[f32]) -> usize {
+    (0..row.len())
+        .max_by(|&i, &j| row[i].total_cmp(&row[j]))
+        .unwrap_or(0)
+}
+
+#[test]
+fn mnist8_integer_kernels_match_the_reference_for_every_scheme() {
+    let a = assets();
+    let dir = tempfile::tempdir().unwrap();
+    let dynb = dir.path().join("dyn.onnx");
+    run_json(
+        &["convert", "--dynamic-batch"],
+        &[&a.join("mnist-8/model.onnx"), Path::new("-o"), &dynb],
+    );
+    let ds = smelt_data::load_idx_dir(
+        &a.join("mnist"),
+        Split::Test,
+        Some(2000),
+        &Preprocess::default(),
+    )
+    .unwrap();
+    let feeds: Vec<_> = (0..20)
+        .map(|i| vec![("Input3".to_string(), ds.batch(i * 100, (i + 1) * 100))])
+        .collect();
+    let calib = a.join("mnist").display().to_string();
+    let schemes: [&[&str]; 6] = [
+        &[],
+        &["--act-type", "int8"],
+        &["--granularity", "tensor"],
+        &["--weight-asym"],
+        &["--weight-type", "uint8"],
+        &["--weight-type", "int7"],
+    ];
+    for (i, extra) in schemes.iter().enumerate() {
+        let q = dir.path().join(format!("q{i}.onnx"));
+        let mut args = vec!["--calib", &calib, "--split", "train", "--limit", "300"];
+        args.extend_from_slice(extra);
+        quantize(&dynb, &q, &args);
+        let (fused, x, y) = both(&q, &feeds);
+        // Full-range weights stay on the float path where the int8 kernel may saturate;
+        // int7 weights run as integers on every CPU.
+        let want = if int8_may_saturate() && !extra.contains(&"int7") {
+            0
+        } else {
+            3
+        };
+        assert_eq!(fused, want, "{extra:?}: layers on integer kernels");
+        let d = max_rel_diff(&x, &y, 10);
+        let same = x
+            .chunks(10)
+            .zip(y.chunks(10))
+            .filter(|(p, q)| argmax(p) == argmax(q))
+            .count();
+        eprintln!(
+            "mnist-8 {extra:?}: {fused} fused, max normwise diff {d:e}, top-1 same {same}/2000"
+        );
+        assert!(d <= 0.01, "{extra:?}: {d}");
+        assert!(same >= 1996, "{extra:?}: {same}/2000");
+    }
+}
+
+#[test]
+fn minilm_w8a8_integer_kernels_match_the_reference() {
+    let a = assets();
+    let dir = tempfile::tempdir().unwrap();
+    let fp32 = minilm_fp32(dir.path());
+    let q = dir.path().join("w8a8.onnx");
+    let brown = a.join("brown").display().to_string();
+    let tok = a.join("minilm/tokenizer.json").display().to_string();
+    quantize(
+        &fp32,
+        &q,
+        &[
+            "--calib",
+            &brown,
+            "--tokenizer",
+            &tok,
+            "--limit",
+            "32",
+            "--weight-type",
+            "int7",
+        ],
+    );
+    let g = smelt_onnx::load(&q).unwrap().graph;
+    let feeds: Vec<_> = (0..2)
+        .map(|seed| {
+            synth_inputs(
+                &g,
+                &InputSpec {
+                    batch: 2,
+                    seq_len: 48,
+                    seed,
+                },
+            )
+        })
+        .collect();
+    let (fused, x, y) = both(&q, &feeds);
+    let quantized = g
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "MatMul")
+        .filter(|n| {
+            // A weight: a DequantizeLinear of a constant.
+            g.nodes.iter().any(|p| {
+                p.op_type == "DequantizeLinear"
+                    && p.outputs[0] == n.inputs[1]
+                    && g.initializers.contains_key(&p.inputs[0])
+            })
+        })
+        .count();
+    let d = max_rel_diff(&x, &y, 384);
+    eprintln!("minilm W8A8 int7: {fused} of {quantized} MatMuls fused, max normwise diff {d:e}");
+    assert!(quantized >= 36, "{quantized}");
+    assert!(fused >= quantized, "{fused} fused of {quantized}");
+    assert!(d <= 0.01, "{d}");
+}

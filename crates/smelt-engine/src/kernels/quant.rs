@@ -1,0 +1,338 @@
+//! 8-bit quantization kernels: f32 <-> u8/i8 with one scale and zero point (the run-time path of
+//! every static activation), and the u8 x i8 -> i32 matrix product through rten-gemm.
+//!
+//! The float steps are the ONNX reference's, in f32: `q = sat(round_half_even(x / s) + z)` and
+//! `x = (q - z) * s`, so results equal the generic ops' bit for bit.
+
+use rayon::prelude::*;
+use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmOptions};
+use rten_tensor::Matrix;
+use smelt_tensor::{bail, Result};
+use std::sync::OnceLock;
+
+/// Elements per parallel task: below this one thread does the whole tensor.
+const CHUNK: usize = 1 << 15;
+
+/// An 8-bit quantized element type.
+pub trait Q8: Copy + Send + Sync + Default + 'static {
+    const LO: f32;
+    const HI: f32;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Q8 for u8 {
+    const LO: f32 = 0.0;
+    const HI: f32 = 255.0;
+    #[inline]
+    fn from_f32(v: f32) -> u8 {
+        v as u8
+    }
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+}
+
+impl Q8 for i8 {
+    const LO: f32 = -128.0;
+    const HI: f32 = 127.0;
+    #[inline]
+    fn from_f32(v: f32) -> i8 {
+        v as i8
+    }
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+}
+
+/// Rounds half to even: adding 1.5 * 2^23 leaves no fraction bits, and the default rounding
+/// mode rounds ties to even. Exact for |t| < 2^22; unlike `round_ties_even` on baseline
+/// x86-64 (a library call), it vectorizes.
+const MAGIC: f32 = 12_582_912.0;
+
+/// Runs `body` on `x` and `out` in chunks, in parallel when large, compiled for AVX2 when the
+/// CPU has it (the loops are the same; the wider registers are the gain).
+fn elementwise<A: Sync, B: Send>(x: &[A], out: &mut [B], body: impl Fn(&[A], &mut [B]) + Sync) {
+    let one = |x: &[A], out: &mut [B]| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // Safety: the CPU has AVX2, checked just above.
+            unsafe { avx2(x, out, &body) };
+            return;
+        }
+        body(x, out)
+    };
+    if x.len() <= CHUNK {
+        one(x, out);
+    } else {
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(o, x)| one(x, o));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn avx2<A, B>(x: &[A], out: &mut [B], body: &impl Fn(&[A], &mut [B])) {
+    body(x, out)
+}
+
+/// `out[i] = sat(round_half_even(x[i] / s) + z)`; NaN becomes 0, as in the reference.
+pub fn quantize<T: Q8>(x: &[f32], s: f32, z: T, out: &mut [T]) {
+    let zf = z.to_f32();
+    // Clamping before rounding gives the same result (the bounds are integers) and keeps the
+    // values in the rounding trick's range.
+    let (lo, hi) = (T::LO - zf, T::HI - zf);
+    elementwise(x, out, |x, out| {
+        for (o, &v) in out.iter_mut().zip(x) {
+            let t = (v / s).clamp(lo, hi);
+            *o = T::from_f32((t + MAGIC) - MAGIC + zf);
+        }
+    });
+}
+
+/// `out[i] = (q[i] - z) * s`.
+pub fn dequantize<T: Q8>(q: &[T], s: f32, z: T, out: &mut [f32]) {
+    let zf = z.to_f32();
+    elementwise(q, out, |q, out| {
+        for (o, &v) in out.iter_mut().zip(q) {
+            *o = (v.to_f32() - zf) * s;
+        }
+    });
+}
+
+fn int8_executor() -> &'static GemmExecutor<u8, i8, i32> {
+    // Sync but not Send, as for the f32 executor: the lock holds a leaked shared reference.
+    static EXEC: OnceLock<&'static GemmExecutor<u8, i8, i32>> = OnceLock::new();
+    EXEC.get_or_init(|| Box::leak(Box::new(GemmExecutor::<u8, i8, i32>::default())))
+}
+
+/// Whether this CPU's u8 x i8 kernel adds pairs of products in 16 bits with saturation
+/// (`vpmaddubsw` on x86 without VNNI). Then a product is exact only when every weight lies in
+/// [-64, 64]: 255 * 64 * 2 fits in an i16.
+pub fn int8_may_saturate() -> bool {
+    int8_executor().may_saturate()
+}
+
+/// The name of the u8 x i8 kernel in use (for reports).
+pub fn int8_kernel_name() -> &'static str {
+    int8_executor().kernel_name()
+}
+
+/// `out (m x n) = (a - za) @ (b - zb)` in exact i32 arithmetic: `a` row-major `m x k` u8 with
+/// one zero point per row, `b` row-major `k x n` i8 with one zero point per column. On a CPU
+/// where [`int8_may_saturate`], the caller keeps the operands in its safe range.
+#[allow(clippy::too_many_arguments)]
+pub fn qgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[u8],
+    za: &[u8],
+    b: &[i8],
+    zb: &[i8],
+    out: &mut [i32],
+) -> Result<()> {
+    if a.len() < m * k || b.len() < k * n || out.len() < m * n || za.len() != m || zb.len() != n {
+        bail!(
+            Shape,
+            "integer matmul {m}x{k} @ {k}x{n}: got {} / {} / {} elements and {} / {} zero points",
+            a.len(),
+            b.len(),
+            out.len(),
+            za.len(),
+            zb.len()
+        );
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        out[..m * n].fill(0);
+        return Ok(());
+    }
+    let am = match Matrix::from_data_with_strides([m, k], &a[..m * k], [k, 1]) {
+        Ok(v) => v,
+        Err(e) => bail!(Shape, "A of {m}x{k}: {e:?}"),
+    };
+    let bm = match Matrix::from_data_with_strides([k, n], &b[..k * n], [n, 1]) {
+        Ok(v) => v,
+        Err(e) => bail!(Shape, "B of {k}x{n}: {e:?}"),
+    };
+    // rten-gemm 0.27 applies per-row / per-column zero points to the wrong tiles past the
+    // first (a unit test below caught it), so the product runs without them and the zero
+    // points come in here: (a - za)(b - zb) = ab - za colsum(b) - zb rowsum(a) + k za zb.
+    if let Err(e) = int8_executor().gemm(
+        &mut out[..m * n],
+        GemmInputA::Unpacked(am),
+        GemmInputB::Unpacked(bm),
+        GemmOptions::default(),
+    ) {
+        bail!(Invalid, "integer matmul {m}x{k} @ {k}x{n} failed: {e:?}");
+    }
+    let mut colsum = vec![0i32; n];
+    if za.iter().any(|&z| z != 0) {
+        for row in b[..k * n].chunks(n) {
+            for (c, &v) in colsum.iter_mut().zip(row) {
+                *c += v as i32;
+            }
+        }
+    }
+    let rowsum: Vec<i32> = if zb.iter().any(|&z| z != 0) {
+        a[..m * k]
+            .chunks(k)
+            .map(|r| r.iter().map(|&v| v as i32).sum())
+            .collect()
+    } else {
+        vec![0; m]
+    };
+    let kk = k as i32;
+    let fix = |(i, row): (usize, &mut [i32])| {
+        let (zi, ri) = (za[i] as i32, rowsum[i]);
+        for (j, o) in row.iter_mut().enumerate() {
+            let zj = zb[j] as i32;
+            *o = o
+                .wrapping_sub(zi.wrapping_mul(colsum[j]))
+                .wrapping_sub(zj.wrapping_mul(ri))
+                .wrapping_add(kk.wrapping_mul(zi).wrapping_mul(zj));
+        }
+    };
+    if m * n > CHUNK {
+        out[..m * n].par_chunks_mut(n).enumerate().for_each(fix);
+    } else {
+        out[..m * n].chunks_mut(n).enumerate().for_each(fix);
+    }
+    Ok(())
+}
+
+/// `out[i] = dequantize(quantize(x[i]))`: a QuantizeLinear / DequantizeLinear pair in one pass,
+/// without the 8-bit tensor in between.
+pub fn fake_quantize<T: Q8>(x: &[f32], s: f32, z: T, out: &mut [f32]) {
+    let zf = z.to_f32();
+    let (lo, hi) = (T::LO - zf, T::HI - zf);
+    // NaN quantizes to 0, which dequantizes to -z * s.
+    let nan = -zf * s;
+    elementwise(x, out, |x, out| {
+        for (o, &v) in out.iter_mut().zip(x) {
+            // q - z is the rounded, clamped quotient itself: no integer conversion needed.
+            let t = (v / s).clamp(lo, hi);
+            let r = ((t + MAGIC) - MAGIC) * s;
+            *o = if v.is_nan() { nan } else { r };
+        }
+    });
+}
+
+/// The float result of an integer product, in place: `out` holds `m x n` i32 sums (as bits)
+/// and receives `acc * scale[j] + bias[j]` (per column `j`) or `acc * scale[i] + bias[i]`
+/// (per row `i`, when `per_row`).
+pub fn scale_sums(out: &mut [f32], n: usize, scale: &[f32], bias: Option<&[f32]>, per_row: bool) {
+    let rows = |r0: usize, o: &mut [f32]| {
+        for (r, row) in o.chunks_mut(n).enumerate() {
+            let at = |j: usize| if per_row { r0 + r } else { j };
+            match bias {
+                Some(b) => {
+                    for (j, y) in row.iter_mut().enumerate() {
+                        *y = (y.to_bits() as i32) as f32 * scale[at(j)] + b[at(j)];
+                    }
+                }
+                None => {
+                    for (j, y) in row.iter_mut().enumerate() {
+                        *y = (y.to_bits() as i32) as f32 * scale[at(j)];
+                    }
+                }
+            }
+        }
+    };
+    if n == 0 {
+        return;
+    }
+    let per_task = (CHUNK / n).max(1) * n;
+    if out.len() <= per_task {
+        rows(0, out);
+    } else {
+        out.par_chunks_mut(per_task)
+            .enumerate()
+            .for_each(|(t, o)| rows(t * per_task / n, o));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantize_rounds_half_even_saturates_and_zeroes_nan() {
+        let x = [0.25f32, 0.75, -10.0, 1000.0, f32::NAN, 0.5];
+        let mut q = [0u8; 6];
+        quantize(&x, 0.5, 3u8, &mut q);
+        assert_eq!(q, [3, 5, 0, 255, 0, 4]);
+        let mut qi = [0i8; 6];
+        quantize(&x, 0.5, -1i8, &mut qi);
+        assert_eq!(qi, [-1, 1, -21, 127, 0, 0]);
+        let mut fq = [0f32; 6];
+        fake_quantize(&x, 0.5, 3u8, &mut fq);
+        assert_eq!(fq, [0.0, 1.0, -1.5, 126.0, -1.5, 0.5]);
+        let mut back = [0f32; 6];
+        dequantize(&q, 0.5, 3u8, &mut back);
+        assert_eq!(back, [0.0, 1.0, -1.5, 126.0, -1.5, 0.5]);
+    }
+
+    #[test]
+    fn large_tensors_match_the_serial_path() {
+        let x: Vec<f32> = (0..100_000)
+            .map(|i| (i as f32 * 0.37).sin() * 4.0)
+            .collect();
+        let mut par = vec![0u8; x.len()];
+        quantize(&x, 0.03, 128u8, &mut par);
+        let serial: Vec<u8> = x
+            .iter()
+            .map(|&v| ((v / 0.03).round_ties_even() + 128.0).clamp(0.0, 255.0) as u8)
+            .collect();
+        assert_eq!(par, serial);
+        // Ties on both sides of zero, and values far outside the range.
+        let ties = [
+            0.5f32, 1.5, 2.5, -0.5, -1.5, -2.5, 1e30, -1e30, 126.5, 127.5,
+        ];
+        let mut q = [0i8; 10];
+        quantize(&ties, 1.0, 0i8, &mut q);
+        assert_eq!(q, [0, 2, 2, 0, -2, -2, 127, -128, 126, 127]);
+    }
+
+    #[test]
+    fn qgemm_is_exact_with_zero_points() {
+        for (m, k, n) in [
+            (7, 37, 5),
+            (8, 25, 784),
+            (100, 256, 10),
+            (16, 200, 196),
+            (1, 64, 9),
+        ] {
+            qgemm_case(m, k, n);
+        }
+    }
+
+    fn qgemm_case(m: usize, k: usize, n: usize) {
+        let a: Vec<u8> = (0..m * k).map(|i| (i * 53 % 256) as u8).collect();
+        // Weights within [-64, 64], which every kernel multiplies exactly.
+        let b: Vec<i8> = (0..k * n)
+            .map(|i| ((i * 29 % 129) as i32 - 64) as i8)
+            .collect();
+        let zb: Vec<i8> = (0..n).map(|j| (j * 7 % 100) as i8 - 50).collect();
+        let mut out = vec![0i32; m * n];
+        let za: Vec<u8> = (0..m).map(|i| (17 + i * 31 % 200) as u8).collect();
+        qgemm(m, k, n, &a, &za, &b, &zb, &mut out).unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let want: i32 = (0..k)
+                    .map(|p| {
+                        (a[i * k + p] as i32 - za[i] as i32) * (b[p * n + j] as i32 - zb[j] as i32)
+                    })
+                    .sum();
+                assert_eq!(out[i * n + j], want, "{m}x{k}x{n} at ({i}, {j})");
+            }
+        }
+        assert!(qgemm(m, k, n, &a[1..], &za, &b, &zb, &mut out).is_err());
+    }
+}

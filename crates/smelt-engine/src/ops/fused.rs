@@ -1,0 +1,165 @@
+//! The engine's own ops (domain `ai.smelt`), which only its passes create and which are never
+//! written to a file: QDQ patterns run as integer kernels (see `passes::qdq`).
+//!
+//! Each equals the QDQ subgraph it replaces up to f32 rounding of the sum: the integer
+//! accumulation is exact where the reference adds rounded float products, so an output may
+//! differ in its last bits, and a QuantizeLinear after it by one step at a rounding boundary.
+
+use super::nn::conv_geometry;
+use super::{input, opt_input, OpCtx, Registry};
+use crate::kernels::conv;
+use crate::kernels::quant as kq;
+use smelt_tensor::{bail, DType, Data, Result, Tensor};
+
+pub fn register(r: &mut Registry) {
+    r.insert("ai.smelt.QConv", qconv);
+    r.insert("ai.smelt.QMatMul", qmatmul);
+    r.insert("ai.smelt.FakeQuant", fake_quant);
+}
+
+/// An activation as f32 (a cast is exact: QuantizeLinear divides in f32 for any narrower float).
+fn activation(x: &Tensor) -> Result<std::borrow::Cow<'_, [f32]>> {
+    Ok(match x.data() {
+        Data::F32(v) => std::borrow::Cow::Borrowed(v.as_slice()),
+        _ if matches!(x.dtype(), DType::F16 | DType::BF16) => {
+            std::borrow::Cow::Owned(x.to_f32_vec()?)
+        }
+        _ => bail!(
+            Shape,
+            "a quantized activation must be float, got {}",
+            x.dtype()
+        ),
+    })
+}
+
+fn scalar_f32(t: &Tensor, what: &str) -> Result<f32> {
+    match t.data() {
+        Data::F32(v) if v.len() == 1 => Ok(v[0]),
+        _ => bail!(
+            Shape,
+            "{what} must be one f32, got {} {:?}",
+            t.dtype(),
+            t.shape()
+        ),
+    }
+}
+
+/// The activation's zero point as a signed offset from the quantized type's origin, and
+/// whether that type is u8 (absent means u8 with zero point 0).
+fn act_zero_point(z: Option<&Tensor>) -> Result<(i32, bool)> {
+    Ok(match z.map(|t| t.data()) {
+        None => (0, true),
+        Some(Data::U8(v)) if v.len() == 1 => (v[0] as i32, true),
+        Some(Data::I8(v)) if v.len() == 1 => (v[0] as i32, false),
+        Some(_) => bail!(Shape, "an activation zero point must be one u8 or i8 value"),
+    })
+}
+
+fn f32s<'a>(t: &'a Tensor, len: usize, what: &str) -> Result<&'a [f32]> {
+    let v = t.as_slice::<f32>()?;
+    if v.len() != len {
+        bail!(Shape, "{what} has {} values, expected {len}", v.len());
+    }
+    Ok(v)
+}
+
+/// Inputs: x (float), x_scale, x_zero_point?, w (u8, the Conv's weight shape), w_zero_point
+/// (u8, one per output channel), scale (f32 per output channel: x_scale * w_scale), bias?.
+/// The Conv's attributes are kept.
+fn qconv(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(inputs, 0)?;
+    let sx = scalar_f32(input(inputs, 1)?, "x_scale")?;
+    let (zx, is_u8) = act_zero_point(opt_input(inputs, 2))?;
+    let w = input(inputs, 3)?;
+    let (g, shape) = conv_geometry(ctx, x, w)?;
+    let m = g.out_ch;
+    let zw = w_zero_points::<u8>(input(inputs, 4)?, m)?;
+    let scale = f32s(input(inputs, 5)?, m, "scale")?;
+    let bias = opt_input(inputs, 6).map(|b| b.to_f32_vec()).transpose()?;
+    // Activations go in as i8: u8 values and their zero point shift down by 128 together.
+    let z8 = if is_u8 { zx - 128 } else { zx } as i8;
+    let xs = activation(x)?;
+    let mut q = vec![0i8; xs.len()];
+    kq::quantize(&xs, sx, z8, &mut q);
+    let mut out = vec![0f32; shape.iter().product()];
+    conv::qconv(
+        &g,
+        &q,
+        z8,
+        w.as_slice::<u8>()?,
+        zw,
+        scale,
+        bias.as_deref(),
+        &mut out,
+    )?;
+    Ok(vec![Tensor::from_vec(shape, out)?])
+}
+
+fn w_zero_points<T: smelt_tensor::Element>(t: &Tensor, len: usize) -> Result<&[T]> {
+    let v = t.as_slice::<T>()?;
+    if v.len() != len {
+        bail!(
+            Shape,
+            "weight zero point has {} values, expected {len}",
+            v.len()
+        );
+    }
+    Ok(v)
+}
+
+/// Inputs: x (float, `[..., K]`), x_scale, x_zero_point?, w (i8, `[K, N]`), w_zero_point (i8,
+/// `[N]`), scale (f32 `[N]`: x_scale * w_scale), bias? (`[N]`). Output `[..., N]`.
+fn qmatmul(_ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(inputs, 0)?;
+    let sx = scalar_f32(input(inputs, 1)?, "x_scale")?;
+    let (zx, is_u8) = act_zero_point(opt_input(inputs, 2))?;
+    let w = input(inputs, 3)?;
+    let [k, n] = w.shape() else {
+        bail!(Shape, "QMatMul weights must be 2-D, got {:?}", w.shape());
+    };
+    let (k, n) = (*k, *n);
+    if x.rank() == 0 || x.shape()[x.rank() - 1] != k {
+        bail!(
+            Shape,
+            "input of shape {:?} does not end in the weights' {k} rows",
+            x.shape()
+        );
+    }
+    let zw = w_zero_points::<i8>(input(inputs, 4)?, n)?;
+    let scale = f32s(input(inputs, 5)?, n, "scale")?;
+    let bias = opt_input(inputs, 6).map(|b| b.to_f32_vec()).transpose()?;
+    if bias.as_ref().is_some_and(|b| b.len() != n) {
+        bail!(Shape, "bias must have {n} values");
+    }
+    // Activations go in as u8: i8 values and their zero point shift up by 128 together.
+    let z8 = if is_u8 { zx } else { zx + 128 } as u8;
+    let xs = activation(x)?;
+    let m = xs.len() / k.max(1);
+    let mut q = vec![0u8; xs.len()];
+    kq::quantize(&xs, sx, z8, &mut q);
+    // The sums land in the output buffer and are scaled to floats in place.
+    let mut out = vec![0f32; m * n];
+    let acc = bytemuck::cast_slice_mut::<f32, i32>(&mut out);
+    kq::qgemm(m, k, n, &q, &vec![z8; m], w.as_slice::<i8>()?, zw, acc)?;
+    kq::scale_sums(&mut out, n, scale, bias.as_deref(), false);
+    let mut shape = x.shape().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = n;
+    }
+    Ok(vec![Tensor::from_vec(shape, out)?])
+}
+
+/// Inputs: x (float), scale, zero_point? (one each). Output: DequantizeLinear(QuantizeLinear(x)).
+fn fake_quant(_ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(inputs, 0)?;
+    let s = scalar_f32(input(inputs, 1)?, "scale")?;
+    let (z, is_u8) = act_zero_point(opt_input(inputs, 2))?;
+    let xs = activation(x)?;
+    let mut out = vec![0f32; xs.len()];
+    if is_u8 {
+        kq::fake_quantize(&xs, s, z as u8, &mut out);
+    } else {
+        kq::fake_quantize(&xs, s, z as i8, &mut out);
+    }
+    Ok(vec![Tensor::from_vec(x.shape().to_vec(), out)?])
+}

@@ -1,0 +1,364 @@
+//! `fuse-qdq`: runs a QDQ model on integer kernels instead of simulating it in float.
+//!
+//! A Conv, MatMul or Gemm whose input is `DequantizeLinear(QuantizeLinear(x))` and whose weight
+//! is `DequantizeLinear(int8 constant)` becomes one `ai.smelt.QConv` / `ai.smelt.QMatMul` that
+//! quantizes `x`, multiplies 8-bit values with i32 accumulation, and scales the sum back to
+//! float. The weights are converted once, here. A QuantizeLinear / DequantizeLinear pair left
+//! over (around pooling, before the model's end) becomes one `ai.smelt.FakeQuant` pass.
+//!
+//! On CPUs whose int8 kernel adds product pairs in 16 bits with saturation (x86 without VNNI),
+//! a layer is fused only when its weights lie in [-64, 64], where the sum is exact (quantize
+//! with `--reduce-range` to get such weights); other layers stay on the float path.
+
+use crate::kernels::quant::int8_may_saturate;
+use smelt_ir::{Graph, Model, Node, Pass, PassRecord};
+use smelt_tensor::{DType, Data, Result, Tensor};
+
+pub struct FuseQdq {
+    /// Whether the int8 kernel may saturate (see the module doc); the CPU's answer by default.
+    pub may_saturate: bool,
+}
+
+impl Default for FuseQdq {
+    fn default() -> Self {
+        FuseQdq {
+            may_saturate: int8_may_saturate(),
+        }
+    }
+}
+
+impl Pass for FuseQdq {
+    fn name(&self) -> &'static str {
+        "fuse-qdq"
+    }
+
+    fn run(&self, mut model: Model) -> Result<(Model, PassRecord)> {
+        let mut rec = PassRecord::new(self.name());
+        let g = &mut model.graph;
+        let mut fused = 0;
+        for i in 0..g.nodes.len() {
+            let n = &g.nodes[i];
+            if !n.domain.is_empty() || !matches!(n.op_type.as_str(), "Conv" | "MatMul" | "Gemm") {
+                continue;
+            }
+            match self.fuse(g, i) {
+                Ok(Some((node, inits))) => {
+                    for (name, t) in inits {
+                        g.initializers.insert(name, t);
+                    }
+                    g.nodes[i] = node;
+                    fused += 1;
+                }
+                Ok(None) => {}
+                Err(why) => rec.note(format!("{} stays in float: {why}", g.nodes[i].label())),
+            }
+        }
+        g.remove_dead();
+        let mut pairs = 0;
+        for i in 0..g.nodes.len() {
+            let n = &g.nodes[i];
+            if n.domain.is_empty() && n.op_type == "DequantizeLinear" {
+                if let Some(act) = activation_pair(g, &n.outputs[0]) {
+                    let out = n.outputs[0].clone();
+                    let name = n.name.clone();
+                    let mut inputs = vec![act.x.as_str(), act.scale.as_str()];
+                    inputs.extend(act.zero_point.as_deref());
+                    let mut fq = Node::new("FakeQuant", &name, &inputs, &[out.as_str()]);
+                    fq.domain = "ai.smelt".into();
+                    g.nodes[i] = fq;
+                    pairs += 1;
+                }
+            }
+        }
+        g.remove_dead();
+        if fused + pairs > 0 {
+            rec.note(format!(
+                "{fused} layers run on integer kernels ({}), {pairs} quantize-dequantize pairs \
+                 in one pass",
+                crate::kernels::quant::int8_kernel_name()
+            ));
+        }
+        Ok((model, rec))
+    }
+}
+
+/// A new node and the initializers it needs.
+type Fused = (Node, Vec<(String, Tensor)>);
+
+impl FuseQdq {
+    /// The fused form of node `i`: `Ok(None)` when it is not a QDQ pattern, `Err(reason)` when
+    /// it is one that cannot run on the integer kernels.
+    fn fuse(&self, g: &Graph, i: usize) -> std::result::Result<Option<Fused>, String> {
+        let n = &g.nodes[i];
+        let Some(act) = n.inputs.first().and_then(|x| activation_pair(g, x)) else {
+            return Ok(None);
+        };
+        let op = n.op_type.as_str();
+        let Some(w) = n.inputs.get(1).and_then(|x| weight_dq(g, x)) else {
+            return Ok(None);
+        };
+        let sx = g.initializers[&act.scale]
+            .as_slice::<f32>()
+            .map_err(|e| e.to_string())?[0];
+        let label = n.label();
+        let mut inputs = vec![
+            act.x.clone(),
+            act.scale.clone(),
+            act.zero_point.clone().unwrap_or_default(),
+        ];
+        let mut inits = Vec::new();
+        let mut add = |inputs: &mut Vec<String>, suffix: &str, t: Tensor| {
+            let name = g.unique_name(&format!("{label}_{suffix}"));
+            inputs.push(name.clone());
+            inits.push((name, t));
+        };
+        let node = match op {
+            "Conv" => {
+                let shape = w.q.shape().to_vec();
+                let m = shape[0];
+                let group = n.attr_int("group").ok().flatten().unwrap_or(1);
+                if shape.len() >= 3 && shape[1] == 1 && group > 1 {
+                    return Ok(None); // depthwise: the float direct loop is the better kernel
+                }
+                let (scales, zps) = w.per_channel(0, m)?;
+                // Weights are the product's u8 side: shift them (and their zero points) up.
+                let off = if self.may_saturate { 64 } else { 128 };
+                self.check_range(&w.values, &zps)?;
+                let u: Vec<u8> = w.values.iter().map(|&v| (v + off) as u8).collect();
+                let zu: Vec<u8> = zps.iter().map(|&z| (z + off) as u8).collect();
+                let sc: Vec<f32> = scales.iter().map(|&s| sx * s).collect();
+                add(&mut inputs, "qw", tensor(shape, u)?);
+                add(&mut inputs, "qw_zero_point", tensor(vec![m], zu)?);
+                add(&mut inputs, "qscale", tensor(vec![m], sc)?);
+                inputs.push(n.inputs.get(2).cloned().unwrap_or_default());
+                let mut node = n.clone();
+                node.inputs = inputs;
+                node
+            }
+            "MatMul" | "Gemm" => {
+                let &[k0, n0] = w.q.shape() else {
+                    return Ok(None);
+                };
+                let (mut k, mut nn) = (k0, n0);
+                let mut axis = 1;
+                let mut values = w.values.clone();
+                if op == "Gemm" {
+                    let int = |key| n.attr_int(key).ok().flatten().unwrap_or(0);
+                    let float = |key| n.attr_float(key).ok().flatten().unwrap_or(1.0);
+                    if int("transA") != 0 || float("alpha") != 1.0 || float("beta") != 1.0 {
+                        return Ok(None);
+                    }
+                    if int("transB") != 0 {
+                        // Stored [N, K]: transpose to the [K, N] the kernel takes.
+                        std::mem::swap(&mut k, &mut nn);
+                        values = (0..k * nn)
+                            .map(|p| w.values[(p % nn) * k + p / nn])
+                            .collect();
+                        axis = 0;
+                    }
+                    if let Some(c) = n.inputs.get(2).filter(|c| !c.is_empty()) {
+                        if const_numel(g, c) != Some(nn) {
+                            return Ok(None);
+                        }
+                    }
+                }
+                let (scales, zps) = w.per_channel(axis, nn)?;
+                self.check_range(&values, &zps)?;
+                let q: Vec<i8> = values.iter().map(|&v| v as i8).collect();
+                let z: Vec<i8> = zps.iter().map(|&v| v as i8).collect();
+                let sc: Vec<f32> = scales.iter().map(|&s| sx * s).collect();
+                add(&mut inputs, "qw", tensor(vec![k, nn], q)?);
+                add(&mut inputs, "qw_zero_point", tensor(vec![nn], z)?);
+                add(&mut inputs, "qscale", tensor(vec![nn], sc)?);
+                inputs.push(n.inputs.get(2).cloned().unwrap_or_default());
+                let mut node = Node::new("QMatMul", &n.name, &[], &[]);
+                node.inputs = inputs;
+                node.outputs = n.outputs.clone();
+                node
+            }
+            _ => return Ok(None),
+        };
+        let mut node = node;
+        node.op_type = format!("Q{}", if op == "Conv" { "Conv" } else { "MatMul" });
+        node.domain = "ai.smelt".into();
+        Ok(Some((node, inits)))
+    }
+
+    /// Weights (as signed 8-bit values) the kernel multiplies exactly.
+    fn check_range(&self, values: &[i32], zps: &[i32]) -> std::result::Result<(), String> {
+        if self.may_saturate && values.iter().any(|v| !(-64..=64).contains(v)) {
+            return Err(
+                "weights use the full 8-bit range, which this CPU's int8 kernel \
+                        (no VNNI) cannot multiply exactly; quantize with --reduce-range"
+                    .into(),
+            );
+        }
+        if zps.iter().any(|z| !(-64..=127).contains(z)) {
+            return Err("a weight zero point is outside [-64, 127]".into());
+        }
+        Ok(())
+    }
+}
+
+fn tensor<T: smelt_tensor::Element>(
+    shape: Vec<usize>,
+    v: Vec<T>,
+) -> std::result::Result<Tensor, String> {
+    Tensor::from_vec(shape, v).map_err(|e| e.to_string())
+}
+
+/// The float input and the quantization parameters of a `DequantizeLinear(QuantizeLinear(x))`
+/// pair producing `value`, per tensor, with the same constant scale and zero point on both.
+pub(crate) struct ActPair {
+    pub x: String,
+    pub scale: String,
+    pub zero_point: Option<String>,
+}
+
+fn plain(n: &Node, op: &str) -> bool {
+    n.domain.is_empty()
+        && n.op_type == op
+        && n.attr_int("block_size").ok().flatten().unwrap_or(0) == 0
+        && n.attr_int("output_dtype").ok().flatten().unwrap_or(0) == 0
+        && n.attr_int("precision").ok().flatten().unwrap_or(0) == 0
+}
+
+pub(crate) fn activation_pair(g: &Graph, value: &str) -> Option<ActPair> {
+    let d = &g.nodes[g.producer(value)?];
+    if !plain(d, "DequantizeLinear") {
+        return None;
+    }
+    let q = &g.nodes[g.producer(d.inputs.first()?)?];
+    if !plain(q, "QuantizeLinear") {
+        return None;
+    }
+    let arg = |n: &Node, i: usize| n.inputs.get(i).filter(|s| !s.is_empty()).cloned();
+    let (sq, sd) = (arg(q, 1)?, arg(d, 1)?);
+    let scalar_f32 = |name: &str| {
+        let t = g.initializers.get(name)?;
+        if t.dtype() != DType::F32 || t.numel() != 1 {
+            return None;
+        }
+        t.as_slice::<f32>().ok().map(|v| v[0])
+    };
+    let s = scalar_f32(&sd)?;
+    if scalar_f32(&sq)?.to_bits() != s.to_bits() || !(s.is_finite() && s > 0.0) {
+        return None;
+    }
+    let zero = |name: Option<String>| -> Option<Option<(DType, i64)>> {
+        let Some(name) = name else { return Some(None) };
+        let t = g.initializers.get(&name)?;
+        if t.numel() != 1 || !matches!(t.dtype(), DType::U8 | DType::I8) {
+            return None;
+        }
+        Some(Some((t.dtype(), t.to_i64_vec().ok()?[0])))
+    };
+    let (zq, zd) = (zero(arg(q, 2))?, zero(arg(d, 2))?);
+    let default = Some((DType::U8, 0));
+    if zq.or(default) != zd.or(default) {
+        return None;
+    }
+    Some(ActPair {
+        x: q.inputs[0].clone(),
+        scale: sd,
+        zero_point: arg(d, 2),
+    })
+}
+
+/// An 8-bit constant weight behind a DequantizeLinear, as signed values (u8 shifted by 128).
+struct WeightDq<'a> {
+    q: &'a Tensor,
+    values: Vec<i32>,
+    scales: Vec<f32>,
+    zero_points: Vec<i32>,
+    axis: usize,
+}
+
+impl WeightDq<'_> {
+    /// Scale and zero point for each of the `len` indices along `axis`.
+    fn per_channel(
+        &self,
+        axis: usize,
+        len: usize,
+    ) -> std::result::Result<(Vec<f32>, Vec<i32>), String> {
+        let expand = |v: &[f32]| -> Option<Vec<f32>> {
+            match v.len() {
+                1 => Some(vec![v[0]; len]),
+                l if l == len && self.axis == axis => Some(v.to_vec()),
+                _ => None,
+            }
+        };
+        let scales = expand(&self.scales).ok_or("weight scales are not per output channel")?;
+        let zps: Vec<i32> = match self.zero_points.len() {
+            1 => vec![self.zero_points[0]; len],
+            l if l == len && self.axis == axis => self.zero_points.clone(),
+            _ => return Err("weight zero points are not per output channel".into()),
+        };
+        Ok((scales, zps))
+    }
+}
+
+fn weight_dq<'a>(g: &'a Graph, value: &str) -> Option<WeightDq<'a>> {
+    let d = &g.nodes[g.producer(value)?];
+    if !plain(d, "DequantizeLinear") {
+        return None;
+    }
+    let q = g.initializers.get(d.inputs.first()?)?;
+    let shift = match q.dtype() {
+        DType::I8 => 0,
+        DType::U8 => 128,
+        _ => return None,
+    };
+    let s = g.initializers.get(d.inputs.get(1)?)?;
+    if s.dtype() != DType::F32 || s.rank() > 1 {
+        return None;
+    }
+    let scales = s.as_slice::<f32>().ok()?.to_vec();
+    if scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        return None;
+    }
+    let zero_points = match d.inputs.get(2).filter(|s| !s.is_empty()) {
+        Some(z) => {
+            let z = g.initializers.get(z)?;
+            if z.dtype() != q.dtype() || z.numel() != scales.len() {
+                return None;
+            }
+            z.to_i64_vec()
+                .ok()?
+                .iter()
+                .map(|&v| v as i32 - shift)
+                .collect()
+        }
+        None => vec![0],
+    };
+    let rank = q.rank() as i64;
+    let axis = d.attr_int("axis").ok().flatten().unwrap_or(1);
+    let axis = if axis < 0 { axis + rank } else { axis };
+    if !(0..rank.max(1)).contains(&axis) {
+        return None;
+    }
+    let values = match q.data() {
+        Data::I8(v) => v.iter().map(|&x| x as i32).collect(),
+        Data::U8(v) => v.iter().map(|&x| x as i32 - 128).collect(),
+        _ => return None,
+    };
+    Some(WeightDq {
+        q,
+        values,
+        scales,
+        zero_points,
+        axis: axis as usize,
+    })
+}
+
+/// Elements of a constant: an initializer, or a DequantizeLinear of one.
+fn const_numel(g: &Graph, value: &str) -> Option<usize> {
+    if let Some(t) = g.initializers.get(value) {
+        return Some(t.numel());
+    }
+    let d = &g.nodes[g.producer(value)?];
+    if d.op_type != "DequantizeLinear" {
+        return None;
+    }
+    g.initializers.get(d.inputs.first()?).map(Tensor::numel)
+}

@@ -329,7 +329,8 @@ fn weight_dq<'a>(g: &'a Graph, value: &str) -> Option<WeightDq<'a>> {
                 .map(|&v| v as i32 - shift)
                 .collect()
         }
-        None => vec![0],
+        // ONNX defaults the zero point to 0 in the stored type: -128 once u8 shifts to i8.
+        None => vec![-shift],
     };
     let rank = q.rank() as i64;
     let axis = d.attr_int("axis").ok().flatten().unwrap_or(1);

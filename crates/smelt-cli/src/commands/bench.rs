@@ -24,6 +24,40 @@ pub struct Args {
     /// Also report time per op type (measured in separate runs after the timed ones).
     #[arg(long)]
     profile: bool,
+    /// Also time this model (the original a compressed MODEL came from), in alternation with
+    /// MODEL on inputs of the same shapes, and report MODEL's speed-up over it.
+    #[arg(long, value_name = "BASELINE")]
+    compare: Option<PathBuf>,
+}
+
+/// Median of the run times in milliseconds, timing `a` and `b` in turns so that machine noise
+/// hits both alike.
+fn alternate(
+    runs: usize,
+    mut a: impl FnMut() -> Result<()>,
+    mut b: impl FnMut() -> Result<()>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut ta, mut tb) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    for _ in 0..runs {
+        let t = Instant::now();
+        a()?;
+        ta.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        b()?;
+        tb.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ta.sort_by(|x, y| x.total_cmp(y));
+    tb.sort_by(|x, y| x.total_cmp(y));
+    Ok((ta, tb))
+}
+
+/// Layers the engine runs on its integer kernels (fused QDQ patterns).
+fn integer_layers(s: &smelt_engine::Session) -> usize {
+    s.graph()
+        .nodes
+        .iter()
+        .filter(|n| n.domain == "ai.smelt" && n.op_type != "FakeQuant")
+        .count()
 }
 
 pub fn run(a: Args, json: bool) -> Result<()> {
@@ -38,16 +72,39 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         .iter()
         .map(|(n, t)| (n.as_str(), t.clone()))
         .collect();
+    let base = match &a.compare {
+        Some(p) => {
+            let b = session(load_model(p)?)?;
+            let inputs = synth_inputs(b.graph(), &spec);
+            Some((b, inputs))
+        }
+        None => None,
+    };
+    let base_feed: Vec<(&str, Tensor)> = base
+        .iter()
+        .flat_map(|(_, i)| i.iter().map(|(n, t)| (n.as_str(), t.clone())))
+        .collect();
     for _ in 0..a.warmup {
         s.run(&feed)?;
+        if let Some((b, _)) = &base {
+            b.run(&base_feed)?;
+        }
     }
-    let mut ms: Vec<f64> = Vec::with_capacity(a.runs);
-    for _ in 0..a.runs.max(1) {
-        let t = Instant::now();
-        s.run(&feed)?;
-        ms.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    ms.sort_by(|x, y| x.total_cmp(y));
+    let runs = a.runs.max(1);
+    let (ms, base_ms) = match &base {
+        Some((b, _)) => {
+            let (x, y) = alternate(
+                runs,
+                || s.run(&feed).map(drop),
+                || b.run(&base_feed).map(drop),
+            )?;
+            (x, Some(y))
+        }
+        None => (
+            alternate(runs, || s.run(&feed).map(drop), || Ok(()))?.0,
+            None,
+        ),
+    };
     let profile = if a.profile {
         let opts = smelt_engine::RunOptions {
             profile: true,
@@ -64,11 +121,18 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     let pct = |p: f64| ms[((ms.len() - 1) as f64 * p).round() as usize];
     let rss = peak_rss_bytes();
     let threads = rayon::current_num_threads();
+    let base_median = base_ms
+        .as_ref()
+        .map(|v| v[((v.len() - 1) as f64 * 0.5).round() as usize]);
+    let speedup = base_median.map(|b| b / pct(0.5));
     if json {
         print_json(&json!({
             "model": a.model.display().to_string(),
             "batch": a.batch, "threads": threads, "runs": ms.len(),
             "median_ms": pct(0.5), "p10_ms": pct(0.1), "p90_ms": pct(0.9),
+            "integer_layers": integer_layers(&s),
+            "baseline": a.compare.as_ref().map(|p| p.display().to_string()),
+            "baseline_median_ms": base_median, "speedup": speedup,
             "peak_rss_bytes": rss,
             "profile": profile.iter().map(|(op, t, n)| json!({"op_type": op, "ms_per_run": t * 1e3 / per_run, "calls_per_run": *n as f64 / per_run})).collect::<Vec<_>>(),
         }));
@@ -81,6 +145,17 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             pct(0.1),
             pct(0.9)
         );
+        let int = integer_layers(&s);
+        if int > 0 {
+            println!(
+                "integer    {int} layers on int8 kernels ({})",
+                smelt_engine::kernels::quant::int8_kernel_name()
+            );
+        }
+        if let (Some(p), Some(b), Some(x)) = (&a.compare, base_median, speedup) {
+            println!("baseline   {:.3} ms   ({})", b, p.display());
+            println!("speed-up   {x:.2}x  (baseline median / model median, timed in turns)");
+        }
         if let Some(r) = rss {
             println!("peak RSS   {:.1} MiB", r as f64 / (1024.0 * 1024.0));
         }

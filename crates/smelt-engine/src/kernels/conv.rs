@@ -224,7 +224,8 @@ pub fn conv(
     }
 }
 
-/// Integer convolution with a float result: `out = acc * scale[oc] + bias[oc]`, where `acc` is
+/// Integer convolution with a float result: `out = acc * scale[oc] + bias[oc]` (snapped to
+/// `grid` when given), where `acc` is
 /// the exact i32 sum of `(w - zw[oc]) * (x - zx)`. `x` holds i8 activations (`[batch, in_ch,
 /// *input]`), `w` u8 weights (`[out_ch, in_ch / groups, *kernel]`): the weights are the
 /// product's left side, so the output comes out channel-major with no transpose.
@@ -237,6 +238,7 @@ pub fn qconv(
     zw: &[u8],
     scale: &[f32],
     bias: Option<&[f32]>,
+    grid: Option<quant::Grid>,
     out: &mut [f32],
 ) -> Result<()> {
     g.check()?;
@@ -269,15 +271,15 @@ pub fn qconv(
             &zw[gr * mg..][..mg],
             bytemuck::cast_slice_mut::<f32, i32>(o),
         );
-        if pointwise {
-            quant::qgemm(mg, k, osz, wg, zw, xg, &zcols, acc)?;
+        let zp = if pointwise {
+            quant::qgemm(mg, k, osz, wg, zw, xg, &zcols, acc)?
         } else {
             let mut col = vec![0i8; k * osz];
             im2col(g, cg, xg, zx, &mut col);
-            quant::qgemm(mg, k, osz, wg, zw, &col, &zcols, acc)?;
-        }
+            quant::qgemm(mg, k, osz, wg, zw, &col, &zcols, acc)?
+        };
         let bias = bias.map(|b| &b[gr * mg..][..mg]);
-        quant::scale_sums(o, osz, &scale[gr * mg..][..mg], bias, true);
+        quant::scale_sums(o, osz, &zp, &scale[gr * mg..][..mg], bias, true, grid);
         Ok(())
     };
     let tasks = g.batch * g.groups;

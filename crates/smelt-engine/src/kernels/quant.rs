@@ -26,7 +26,8 @@ impl Q8 for u8 {
     const HI: f32 = 255.0;
     #[inline]
     fn from_f32(v: f32) -> u8 {
-        v as u8
+        // Through i32, which vectorizes (the value is in range, or NaN, which gives 0 both ways).
+        v as i32 as u8
     }
     #[inline]
     fn to_f32(self) -> f32 {
@@ -39,7 +40,7 @@ impl Q8 for i8 {
     const HI: f32 = 127.0;
     #[inline]
     fn from_f32(v: f32) -> i8 {
-        v as i8
+        v as i32 as i8
     }
     #[inline]
     fn to_f32(self) -> f32 {
@@ -121,9 +122,29 @@ pub fn int8_kernel_name() -> &'static str {
     int8_executor().kernel_name()
 }
 
-/// `out (m x n) = (a - za) @ (b - zb)` in exact i32 arithmetic: `a` row-major `m x k` u8 with
-/// one zero point per row, `b` row-major `k x n` i8 with one zero point per column. On a CPU
-/// where [`int8_may_saturate`], the caller keeps the operands in its safe range.
+/// The zero-point terms of an integer product computed without them: summed over `k`,
+/// `(a - za)(b - zb) = ab - za colsum(b) - zb (rowsum(a) - k za)`. Applied where the sums are
+/// read ([`scale_sums`]), so they cost no pass of their own.
+pub struct ZeroPoints {
+    za: Vec<i32>,
+    zb: Vec<i32>,
+    /// Per row: `rowsum(a) - k za`.
+    row: Vec<i32>,
+    colsum: Vec<i32>,
+}
+
+impl ZeroPoints {
+    /// The exact sum at `(i, j)` from the raw product there.
+    #[inline(always)]
+    pub fn sum(&self, i: usize, j: usize, raw: i32) -> i32 {
+        raw.wrapping_sub(self.za[i].wrapping_mul(self.colsum[j]))
+            .wrapping_sub(self.zb[j].wrapping_mul(self.row[i]))
+    }
+}
+
+/// The raw product `ab` (row-major `m x k` u8 times `k x n` i8) into `out`, and the terms that
+/// turn it into `(a - za) @ (b - zb)` with one zero point per row of `a` and per column of `b`.
+/// On a CPU where [`int8_may_saturate`], the caller keeps the operands in its safe range.
 #[allow(clippy::too_many_arguments)]
 pub fn qgemm(
     m: usize,
@@ -134,7 +155,7 @@ pub fn qgemm(
     b: &[i8],
     zb: &[i8],
     out: &mut [i32],
-) -> Result<()> {
+) -> Result<ZeroPoints> {
     if a.len() < m * k || b.len() < k * n || out.len() < m * n || za.len() != m || zb.len() != n {
         bail!(
             Shape,
@@ -146,12 +167,38 @@ pub fn qgemm(
             zb.len()
         );
     }
+    let za: Vec<i32> = za.iter().map(|&z| z as i32).collect();
+    let zb: Vec<i32> = zb.iter().map(|&z| z as i32).collect();
+    let mut colsum = vec![0i32; n];
+    if za.iter().any(|&z| z != 0) {
+        for row in b[..k * n].chunks(n.max(1)) {
+            for (c, &v) in colsum.iter_mut().zip(row) {
+                *c += v as i32;
+            }
+        }
+    }
+    let kk = k as i32;
+    let row: Vec<i32> = if zb.iter().any(|&z| z != 0) {
+        a[..m * k]
+            .chunks(k.max(1))
+            .zip(&za)
+            .map(|(r, &z)| r.iter().map(|&v| v as i32).sum::<i32>() - kk.wrapping_mul(z))
+            .collect()
+    } else {
+        vec![0; m]
+    };
+    let zp = ZeroPoints {
+        za,
+        zb,
+        row,
+        colsum,
+    };
     if m == 0 || n == 0 {
-        return Ok(());
+        return Ok(zp);
     }
     if k == 0 {
         out[..m * n].fill(0);
-        return Ok(());
+        return Ok(zp);
     }
     let am = match Matrix::from_data_with_strides([m, k], &a[..m * k], [k, 1]) {
         Ok(v) => v,
@@ -162,8 +209,7 @@ pub fn qgemm(
         Err(e) => bail!(Shape, "B of {k}x{n}: {e:?}"),
     };
     // rten-gemm 0.27 applies per-row / per-column zero points to the wrong tiles past the
-    // first (a unit test below caught it), so the product runs without them and the zero
-    // points come in here: (a - za)(b - zb) = ab - za colsum(b) - zb rowsum(a) + k za zb.
+    // first (the unit test below caught it), so the product runs without them.
     if let Err(e) = int8_executor().gemm(
         &mut out[..m * n],
         GemmInputA::Unpacked(am),
@@ -172,90 +218,128 @@ pub fn qgemm(
     ) {
         bail!(Invalid, "integer matmul {m}x{k} @ {k}x{n} failed: {e:?}");
     }
-    let mut colsum = vec![0i32; n];
-    if za.iter().any(|&z| z != 0) {
-        for row in b[..k * n].chunks(n) {
-            for (c, &v) in colsum.iter_mut().zip(row) {
-                *c += v as i32;
-            }
+    Ok(zp)
+}
+
+/// The values an 8-bit quantized tensor can dequantize to: `DequantizeLinear(QuantizeLinear(v))`
+/// maps `v` onto this grid.
+#[derive(Clone, Copy, Debug)]
+pub struct Grid {
+    s: f32,
+    lo: f32,
+    hi: f32,
+    nan: f32,
+}
+
+impl Grid {
+    pub fn new<T: Q8>(s: f32, z: T) -> Grid {
+        let zf = z.to_f32();
+        Grid {
+            s,
+            lo: T::LO - zf,
+            hi: T::HI - zf,
+            // NaN quantizes to 0, which dequantizes to -z * s.
+            nan: -zf * s,
         }
     }
-    let rowsum: Vec<i32> = if zb.iter().any(|&z| z != 0) {
-        a[..m * k]
-            .chunks(k)
-            .map(|r| r.iter().map(|&v| v as i32).sum())
-            .collect()
-    } else {
-        vec![0; m]
-    };
-    let kk = k as i32;
-    let fix = |(i, row): (usize, &mut [i32])| {
-        let (zi, ri) = (za[i] as i32, rowsum[i]);
-        for (j, o) in row.iter_mut().enumerate() {
-            let zj = zb[j] as i32;
-            *o = o
-                .wrapping_sub(zi.wrapping_mul(colsum[j]))
-                .wrapping_sub(zj.wrapping_mul(ri))
-                .wrapping_add(kk.wrapping_mul(zi).wrapping_mul(zj));
+
+    #[inline(always)]
+    pub fn snap(&self, v: f32) -> f32 {
+        // q - z is the rounded, clamped quotient itself: no integer conversion needed.
+        let t = (v / self.s).clamp(self.lo, self.hi);
+        let r = ((t + MAGIC) - MAGIC) * self.s;
+        if v.is_nan() {
+            self.nan
+        } else {
+            r
         }
-    };
-    if m * n > CHUNK {
-        out[..m * n].par_chunks_mut(n).enumerate().for_each(fix);
-    } else {
-        out[..m * n].chunks_mut(n).enumerate().for_each(fix);
     }
-    Ok(())
 }
 
 /// `out[i] = dequantize(quantize(x[i]))`: a QuantizeLinear / DequantizeLinear pair in one pass,
 /// without the 8-bit tensor in between.
-pub fn fake_quantize<T: Q8>(x: &[f32], s: f32, z: T, out: &mut [f32]) {
-    let zf = z.to_f32();
-    let (lo, hi) = (T::LO - zf, T::HI - zf);
-    // NaN quantizes to 0, which dequantizes to -z * s.
-    let nan = -zf * s;
+pub fn fake_quantize(x: &[f32], grid: Grid, out: &mut [f32]) {
     elementwise(x, out, |x, out| {
         for (o, &v) in out.iter_mut().zip(x) {
-            // q - z is the rounded, clamped quotient itself: no integer conversion needed.
-            let t = (v / s).clamp(lo, hi);
-            let r = ((t + MAGIC) - MAGIC) * s;
-            *o = if v.is_nan() { nan } else { r };
+            *o = grid.snap(v);
         }
     });
 }
 
-/// The float result of an integer product, in place: `out` holds `m x n` i32 sums (as bits)
-/// and receives `acc * scale[j] + bias[j]` (per column `j`) or `acc * scale[i] + bias[i]`
-/// (per row `i`, when `per_row`).
-pub fn scale_sums(out: &mut [f32], n: usize, scale: &[f32], bias: Option<&[f32]>, per_row: bool) {
+/// The float result of an integer product, in place: `out` holds `m x n` raw i32 products
+/// (as bits, from [`qgemm`], made exact by `zp`) and receives `acc * scale[j] + bias[j]` (per column `j`) or `acc * scale[i] + bias[i]`
+/// (per row `i`, when `per_row`), snapped onto `grid` when the next op quantizes it.
+pub fn scale_sums(
+    out: &mut [f32],
+    n: usize,
+    zp: &ZeroPoints,
+    scale: &[f32],
+    bias: Option<&[f32]>,
+    per_row: bool,
+    grid: Option<Grid>,
+) {
+    if n == 0 {
+        return;
+    }
+    let zeros;
+    let bias = match bias {
+        Some(b) => b,
+        None => {
+            zeros = vec![0f32; if per_row { out.len() / n } else { n }];
+            &zeros
+        }
+    };
     let rows = |r0: usize, o: &mut [f32]| {
         for (r, row) in o.chunks_mut(n).enumerate() {
-            let at = |j: usize| if per_row { r0 + r } else { j };
-            match bias {
-                Some(b) => {
-                    for (j, y) in row.iter_mut().enumerate() {
-                        *y = (y.to_bits() as i32) as f32 * scale[at(j)] + b[at(j)];
-                    }
+            let i = r0 + r;
+            let (za, ri) = (zp.za[i], zp.row[i]);
+            let terms = zp.colsum.iter().zip(&zp.zb);
+            if per_row {
+                let (s, b) = (scale[i], bias[i]);
+                for (y, (&c, &z)) in row.iter_mut().zip(terms) {
+                    let acc = (y.to_bits() as i32)
+                        .wrapping_sub(za.wrapping_mul(c))
+                        .wrapping_sub(z.wrapping_mul(ri));
+                    *y = acc as f32 * s + b;
                 }
-                None => {
-                    for (j, y) in row.iter_mut().enumerate() {
-                        *y = (y.to_bits() as i32) as f32 * scale[at(j)];
-                    }
+            } else {
+                for (((y, (&c, &z)), &s), &b) in row.iter_mut().zip(terms).zip(scale).zip(bias) {
+                    let acc = (y.to_bits() as i32)
+                        .wrapping_sub(za.wrapping_mul(c))
+                        .wrapping_sub(z.wrapping_mul(ri));
+                    *y = acc as f32 * s + b;
+                }
+            }
+            if let Some(g) = grid {
+                for y in row.iter_mut() {
+                    *y = g.snap(*y);
                 }
             }
         }
     };
-    if n == 0 {
-        return;
-    }
     let per_task = (CHUNK / n).max(1) * n;
+    let run = |t: usize, o: &mut [f32]| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // Safety: the CPU has AVX2, checked just above.
+            unsafe { avx2_rows(t * per_task / n, o, &rows) };
+            return;
+        }
+        rows(t * per_task / n, o)
+    };
     if out.len() <= per_task {
-        rows(0, out);
+        run(0, out);
     } else {
         out.par_chunks_mut(per_task)
             .enumerate()
-            .for_each(|(t, o)| rows(t * per_task / n, o));
+            .for_each(|(t, o)| run(t, o));
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn avx2_rows(r0: usize, o: &mut [f32], rows: &impl Fn(usize, &mut [f32])) {
+    rows(r0, o)
 }
 
 #[cfg(test)]
@@ -272,7 +356,7 @@ mod tests {
         quantize(&x, 0.5, -1i8, &mut qi);
         assert_eq!(qi, [-1, 1, -21, 127, 0, 0]);
         let mut fq = [0f32; 6];
-        fake_quantize(&x, 0.5, 3u8, &mut fq);
+        fake_quantize(&x, Grid::new(0.5, 3u8), &mut fq);
         assert_eq!(fq, [0.0, 1.0, -1.5, 126.0, -1.5, 0.5]);
         let mut back = [0f32; 6];
         dequantize(&q, 0.5, 3u8, &mut back);
@@ -322,7 +406,7 @@ mod tests {
         let zb: Vec<i8> = (0..n).map(|j| (j * 7 % 100) as i8 - 50).collect();
         let mut out = vec![0i32; m * n];
         let za: Vec<u8> = (0..m).map(|i| (17 + i * 31 % 200) as u8).collect();
-        qgemm(m, k, n, &a, &za, &b, &zb, &mut out).unwrap();
+        let zp = qgemm(m, k, n, &a, &za, &b, &zb, &mut out).unwrap();
         for i in 0..m {
             for j in 0..n {
                 let want: i32 = (0..k)
@@ -330,7 +414,8 @@ mod tests {
                         (a[i * k + p] as i32 - za[i] as i32) * (b[p * n + j] as i32 - zb[j] as i32)
                     })
                     .sum();
-                assert_eq!(out[i * n + j], want, "{m}x{k}x{n} at ({i}, {j})");
+                let got = zp.sum(i, j, out[i * n + j]);
+                assert_eq!(got, want, "{m}x{k}x{n} at ({i}, {j})");
             }
         }
         assert!(qgemm(m, k, n, &a[1..], &za, &b, &zb, &mut out).is_err());

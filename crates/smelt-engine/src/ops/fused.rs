@@ -64,7 +64,8 @@ fn f32s<'a>(t: &'a Tensor, len: usize, what: &str) -> Result<&'a [f32]> {
 }
 
 /// Inputs: x (float), x_scale, x_zero_point?, w (u8, the Conv's weight shape), w_zero_point
-/// (u8, one per output channel), scale (f32 per output channel: x_scale * w_scale), bias?.
+/// (u8, one per output channel), scale (f32 per output channel: x_scale * w_scale), bias?,
+/// y_scale?, y_zero_point? (the output snapped to that grid, when a Q/DQ pair followed).
 /// The Conv's attributes are kept.
 fn qconv(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(inputs, 0)?;
@@ -90,6 +91,7 @@ fn qconv(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         zw,
         scale,
         bias.as_deref(),
+        grid(inputs, 7)?,
         &mut out,
     )?;
     Ok(vec![Tensor::from_vec(shape, out)?])
@@ -108,7 +110,8 @@ fn w_zero_points<T: smelt_tensor::Element>(t: &Tensor, len: usize) -> Result<&[T
 }
 
 /// Inputs: x (float, `[..., K]`), x_scale, x_zero_point?, w (i8, `[K, N]`), w_zero_point (i8,
-/// `[N]`), scale (f32 `[N]`: x_scale * w_scale), bias? (`[N]`). Output `[..., N]`.
+/// `[N]`), scale (f32 `[N]`: x_scale * w_scale), bias? (`[N]`), y_scale?, y_zero_point? (as
+/// for QConv). Output `[..., N]`.
 fn qmatmul(_ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(inputs, 0)?;
     let sx = scalar_f32(input(inputs, 1)?, "x_scale")?;
@@ -140,8 +143,9 @@ fn qmatmul(_ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     // The sums land in the output buffer and are scaled to floats in place.
     let mut out = vec![0f32; m * n];
     let acc = bytemuck::cast_slice_mut::<f32, i32>(&mut out);
-    kq::qgemm(m, k, n, &q, &vec![z8; m], w.as_slice::<i8>()?, zw, acc)?;
-    kq::scale_sums(&mut out, n, scale, bias.as_deref(), false);
+    let zp = kq::qgemm(m, k, n, &q, &vec![z8; m], w.as_slice::<i8>()?, zw, acc)?;
+    let y_grid = grid(inputs, 7)?;
+    kq::scale_sums(&mut out, n, &zp, scale, bias.as_deref(), false, y_grid);
     let mut shape = x.shape().to_vec();
     if let Some(last) = shape.last_mut() {
         *last = n;
@@ -149,17 +153,28 @@ fn qmatmul(_ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     Ok(vec![Tensor::from_vec(shape, out)?])
 }
 
+/// The grid of a scale and optional zero point (u8 or i8) among the inputs.
+fn grid(inputs: &[Option<&Tensor>], at: usize) -> Result<Option<kq::Grid>> {
+    let Some(s) = opt_input(inputs, at) else {
+        return Ok(None);
+    };
+    let s = scalar_f32(s, "output scale")?;
+    let (z, is_u8) = act_zero_point(opt_input(inputs, at + 1))?;
+    Ok(Some(if is_u8 {
+        kq::Grid::new(s, z as u8)
+    } else {
+        kq::Grid::new(s, z as i8)
+    }))
+}
+
 /// Inputs: x (float), scale, zero_point? (one each). Output: DequantizeLinear(QuantizeLinear(x)).
 fn fake_quant(_ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(inputs, 0)?;
-    let s = scalar_f32(input(inputs, 1)?, "scale")?;
-    let (z, is_u8) = act_zero_point(opt_input(inputs, 2))?;
+    let Some(g) = grid(inputs, 1)? else {
+        bail!(Invalid, "FakeQuant needs a scale");
+    };
     let xs = activation(x)?;
     let mut out = vec![0f32; xs.len()];
-    if is_u8 {
-        kq::fake_quantize(&xs, s, z as u8, &mut out);
-    } else {
-        kq::fake_quantize(&xs, s, z as i8, &mut out);
-    }
+    kq::fake_quantize(&xs, g, &mut out);
     Ok(vec![Tensor::from_vec(x.shape().to_vec(), out)?])
 }

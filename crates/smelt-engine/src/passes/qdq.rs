@@ -53,11 +53,14 @@ impl Pass for FuseQdq {
                 Err(why) => rec.note(format!("{} stays in float: {why}", g.nodes[i].label())),
             }
         }
+        let biases = absorb_bias_adds(g);
+        g.remove_dead();
+        let snapped = absorb_output_pairs(g);
         g.remove_dead();
         let mut pairs = 0;
         for i in 0..g.nodes.len() {
             let n = &g.nodes[i];
-            if n.domain.is_empty() && n.op_type == "DequantizeLinear" {
+            if n.domain.is_empty() && n.op_type == "DequantizeLinear" && n.outputs.len() == 1 {
                 if let Some(act) = activation_pair(g, &n.outputs[0]) {
                     let out = n.outputs[0].clone();
                     let name = n.name.clone();
@@ -73,13 +76,115 @@ impl Pass for FuseQdq {
         g.remove_dead();
         if fused + pairs > 0 {
             rec.note(format!(
-                "{fused} layers run on integer kernels ({}), {pairs} quantize-dequantize pairs \
-                 in one pass",
+                "{fused} layers run on integer kernels ({}, {biases} bias Adds and {snapped} \
+                 output quantize-dequantize pairs absorbed), {pairs} other pairs in one pass",
                 crate::kernels::quant::int8_kernel_name()
             ));
         }
         Ok((model, rec))
     }
+}
+
+/// A bias Add right after a fused MatMul (`Add(QMatMul(x), b)` with a constant 1-D `b`, how
+/// transformers write a linear layer) becomes the QMatMul's bias: one pass over the output
+/// instead of two, with the same f32 operations (`acc * scale`, then `+ b`).
+fn absorb_bias_adds(g: &mut Graph) -> usize {
+    let outputs: std::collections::HashSet<String> =
+        g.outputs.iter().map(|o| o.name.clone()).collect();
+    let (mut absorbed, mut dead) = (0, Vec::new());
+    for i in 0..g.nodes.len() {
+        let n = &g.nodes[i];
+        if n.domain != "ai.smelt"
+            || n.op_type != "QMatMul"
+            || n.inputs.get(6).is_some_and(|b| !b.is_empty())
+        {
+            continue;
+        }
+        let out = n.outputs[0].clone();
+        let n_cols = g.initializers.get(&n.inputs[5]).map(Tensor::numel);
+        let users = g.consumers(&out);
+        let [u] = users[..] else { continue };
+        let add = &g.nodes[u];
+        if !add.domain.is_empty()
+            || add.op_type != "Add"
+            || add.outputs.len() != 1
+            || outputs.contains(&out)
+        {
+            continue;
+        }
+        let Some(other) = add.inputs.iter().find(|x| **x != out) else {
+            continue;
+        };
+        let fits = g
+            .initializers
+            .get(other)
+            .is_some_and(|b| b.dtype() == DType::F32 && b.rank() == 1 && Some(b.numel()) == n_cols);
+        if !fits {
+            continue;
+        }
+        let (bias, add_out) = (other.clone(), add.outputs[0].clone());
+        let node = &mut g.nodes[i];
+        node.inputs.resize(6, String::new());
+        node.inputs.push(bias);
+        node.outputs[0] = add_out;
+        dead.push(u);
+        absorbed += 1;
+    }
+    remove_nodes(g, &dead);
+    absorbed
+}
+
+/// A QuantizeLinear / DequantizeLinear pair right after a fused op (its output quantized for
+/// the next layer) becomes that op's output grid: the op snaps its results while they are in
+/// cache, and the pair's two passes go.
+fn absorb_output_pairs(g: &mut Graph) -> usize {
+    let outputs: std::collections::HashSet<String> =
+        g.outputs.iter().map(|o| o.name.clone()).collect();
+    let (mut absorbed, mut dead) = (0, Vec::new());
+    for d in 0..g.nodes.len() {
+        let n = &g.nodes[d];
+        if !n.domain.is_empty() || n.op_type != "DequantizeLinear" || n.outputs.len() != 1 {
+            continue;
+        }
+        let Some(act) = activation_pair(g, &n.outputs[0]) else {
+            continue;
+        };
+        let Some(f) = g.producer(&act.x) else {
+            continue;
+        };
+        let fused = &g.nodes[f];
+        if fused.domain != "ai.smelt"
+            || !matches!(fused.op_type.as_str(), "QConv" | "QMatMul")
+            || fused.inputs.len() > 7
+            || outputs.contains(&act.x)
+        {
+            continue;
+        }
+        // The op's output feeds only the QuantizeLinear, which feeds only this DequantizeLinear.
+        let q = g.consumers(&act.x);
+        if q.len() != 1 || g.consumers(&g.nodes[q[0]].outputs[0]) != [d] {
+            continue;
+        }
+        let out = n.outputs[0].clone();
+        let node = &mut g.nodes[f];
+        node.inputs.resize(7, String::new());
+        node.inputs.push(act.scale);
+        node.inputs.push(act.zero_point.unwrap_or_default());
+        node.outputs[0] = out;
+        dead.push(d);
+        absorbed += 1;
+    }
+    remove_nodes(g, &dead);
+    absorbed
+}
+
+/// Drops the nodes at these indices.
+fn remove_nodes(g: &mut Graph, dead: &[usize]) {
+    let mut i = 0;
+    g.nodes.retain(|_| {
+        i += 1;
+        !dead.contains(&(i - 1))
+    });
 }
 
 /// A new node and the initializers it needs.
@@ -90,6 +195,9 @@ impl FuseQdq {
     /// it is one that cannot run on the integer kernels.
     fn fuse(&self, g: &Graph, i: usize) -> std::result::Result<Option<Fused>, String> {
         let n = &g.nodes[i];
+        if n.outputs.len() != 1 {
+            return Ok(None);
+        }
         let Some(act) = n.inputs.first().and_then(|x| activation_pair(g, x)) else {
             return Ok(None);
         };
@@ -115,6 +223,9 @@ impl FuseQdq {
         let node = match op {
             "Conv" => {
                 let shape = w.q.shape().to_vec();
+                if shape.len() < 3 {
+                    return Ok(None);
+                }
                 let m = shape[0];
                 let group = n.attr_int("group").ok().flatten().unwrap_or(1);
                 if shape.len() >= 3 && shape[1] == 1 && group > 1 {
@@ -259,7 +370,7 @@ pub(crate) fn activation_pair(g: &Graph, value: &str) -> Option<ActPair> {
         return None;
     }
     Some(ActPair {
-        x: q.inputs[0].clone(),
+        x: q.inputs.first()?.clone(),
         scale: sd,
         zero_point: arg(d, 2),
     })

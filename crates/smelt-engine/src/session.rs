@@ -56,6 +56,13 @@ impl Session {
         let opset = model.onnx_opset();
         model.graph.topo_order()?;
         check_ops(&model.graph)?;
+        if let Some(n) = model.graph.nodes.iter().find(|n| n.domain == "ai.smelt") {
+            bail!(
+                Unsupported,
+                "{}: the ai.smelt domain is internal to smelt's engine; no model file may use it",
+                n.label()
+            );
+        }
         // Before folding, which would turn the int8 weights into float ones.
         let model = if fuse {
             crate::passes::FuseQdq::default().run(model)?.0
@@ -674,7 +681,7 @@ pub fn for_each_run(
     feeds: &[Feed],
     mut f: impl FnMut(usize, Captured) -> Result<()>,
 ) -> Result<()> {
-    let session = Session::new(model.clone())?;
+    let session = Session::reference(model.clone())?;
     let opts = RunOptions {
         capture: values.to_vec(),
         ..Default::default()

@@ -137,7 +137,7 @@ fn qmatmul(_ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     // Activations go in as u8: i8 values and their zero point shift up by 128 together.
     let z8 = if is_u8 { zx } else { zx + 128 } as u8;
     let xs = activation(x)?;
-    let m = xs.len() / k.max(1);
+    let m: usize = x.shape()[..x.rank() - 1].iter().product();
     let mut q = vec![0u8; xs.len()];
     kq::quantize(&xs, sx, z8, &mut q);
     // The sums land in the output buffer and are scaled to floats in place.

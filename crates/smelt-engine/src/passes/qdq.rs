@@ -35,6 +35,11 @@ impl Pass for FuseQdq {
     fn run(&self, mut model: Model) -> Result<(Model, PassRecord)> {
         let mut rec = PassRecord::new(self.name());
         let g = &mut model.graph;
+        // Renaming values would hide them from If/Loop/Scan bodies that read them.
+        if g.nodes.iter().any(|n| smelt_ir::subgraphs(n).next().is_some()) {
+            rec.note("the graph has control flow: QDQ patterns stay as written");
+            return Ok((model, rec));
+        }
         let mut fused = 0;
         for i in 0..g.nodes.len() {
             let n = &g.nodes[i];
@@ -100,8 +105,10 @@ fn absorb_bias_adds(g: &mut Graph) -> usize {
         {
             continue;
         }
-        let out = n.outputs[0].clone();
-        let n_cols = g.initializers.get(&n.inputs[5]).map(Tensor::numel);
+        let (Some(out), Some(scale)) = (n.outputs.first().cloned(), n.inputs.get(5)) else {
+            continue;
+        };
+        let n_cols = g.initializers.get(scale).map(Tensor::numel);
         let users = g.consumers(&out);
         let [u] = users[..] else { continue };
         let add = &g.nodes[u];
@@ -162,7 +169,10 @@ fn absorb_output_pairs(g: &mut Graph) -> usize {
         }
         // The op's output feeds only the QuantizeLinear, which feeds only this DequantizeLinear.
         let q = g.consumers(&act.x);
-        if q.len() != 1 || g.consumers(&g.nodes[q[0]].outputs[0]) != [d] {
+        if q.len() != 1
+            || g.consumers(&g.nodes[q[0]].outputs[0]) != [d]
+            || outputs.contains(&g.nodes[q[0]].outputs[0])
+        {
             continue;
         }
         let out = n.outputs[0].clone();
@@ -267,8 +277,13 @@ impl FuseQdq {
                             .collect();
                         axis = 0;
                     }
+                    // C must add per column: [N] or [1, N] (an [N, 1] would add per row).
                     if let Some(c) = n.inputs.get(2).filter(|c| !c.is_empty()) {
-                        if const_numel(g, c) != Some(nn) {
+                        let per_column = |s: &[usize]| match s {
+                            [x] | [1, x] => *x == nn,
+                            _ => false,
+                        };
+                        if !const_shape(g, c).is_some_and(|s| per_column(&s)) {
                             return Ok(None);
                         }
                     }
@@ -463,14 +478,16 @@ fn weight_dq<'a>(g: &'a Graph, value: &str) -> Option<WeightDq<'a>> {
     })
 }
 
-/// Elements of a constant: an initializer, or a DequantizeLinear of one.
-fn const_numel(g: &Graph, value: &str) -> Option<usize> {
+/// The shape of a constant: an initializer, or a DequantizeLinear of one.
+fn const_shape(g: &Graph, value: &str) -> Option<Vec<usize>> {
     if let Some(t) = g.initializers.get(value) {
-        return Some(t.numel());
+        return Some(t.shape().to_vec());
     }
     let d = &g.nodes[g.producer(value)?];
     if d.op_type != "DequantizeLinear" {
         return None;
     }
-    g.initializers.get(d.inputs.first()?).map(Tensor::numel)
+    g.initializers
+        .get(d.inputs.first()?)
+        .map(|t| t.shape().to_vec())
 }

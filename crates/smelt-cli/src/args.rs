@@ -270,7 +270,8 @@ pub fn refuse_overwrite(input: &Path, output: &Path, force: bool) -> Result<()> 
 }
 
 pub fn load_model(path: &Path) -> Result<Model> {
-    smelt_onnx::load(path).map_err(|e| e.context(path.display()))
+    // The loader names the file in every error it returns.
+    smelt_onnx::load(path)
 }
 
 pub fn session(model: Model) -> Result<Session> {

@@ -3,7 +3,11 @@
 
 mod args;
 mod commands;
+mod memcap;
 mod progress;
+
+#[global_allocator]
+static ALLOC: memcap::Capped = memcap::Capped;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -22,6 +26,16 @@ struct Cli {
     /// Print one JSON object on stdout instead of the human summary.
     #[arg(long, global = true)]
     json: bool,
+    /// Refuse any tensor (read from a file or computed) with more elements than this.
+    #[arg(long, global = true, default_value_t = smelt_tensor::DEFAULT_MAX_ELEMENTS)]
+    max_tensor_elements: usize,
+    /// Refuse model files larger than this many bytes (external data is bounded per tensor).
+    #[arg(long, global = true, default_value_t = smelt_tensor::DEFAULT_MAX_FILE_BYTES)]
+    max_model_bytes: u64,
+    /// Stop with an error before the heap passes this size: a number of bytes, or with a
+    /// K, M or G suffix (default: no cap).
+    #[arg(long, global = true, value_parser = parse_bytes)]
+    max_memory: Option<usize>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -65,9 +79,30 @@ fn keep_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
 
+/// `4096`, `512K`, `300M`, `2G` (binary multiples).
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let (num, mult) = match s.trim().char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 1usize << 10),
+        Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.trim()
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("expected a positive size such as 4096, 512M or 2G, got {s:?}"))
+}
+
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
+    smelt_tensor::set_max_elements(cli.max_tensor_elements);
+    smelt_tensor::set_max_file_bytes(cli.max_model_bytes);
+    if let Some(cap) = cli.max_memory {
+        memcap::set_cap(cap);
+    }
     if let Some(t) = cli.threads {
         if let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(t.max(1))
@@ -113,7 +148,14 @@ fn main() -> ExitCode {
             ExitCode::from(130)
         }
         Ok(Err(e)) => {
-            eprintln!("error: {e}");
+            // One line, so scripts can grep it: messages from parsers may span several.
+            let msg = e.to_string();
+            let msg: Vec<&str> = msg
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("error: {}", msg.join(" "));
             ExitCode::FAILURE
         }
         Err(_) => ExitCode::from(2),

@@ -2,7 +2,7 @@
 //! dims, then the raw bytes. Only the bytes needed for `limit` rows are read.
 
 use crate::{Dataset, Layout, Preprocess, Split};
-use smelt_tensor::{bail, checked_numel, Error, Result, Tensor, DEFAULT_MAX_ELEMENTS};
+use smelt_tensor::{bail, checked_numel, max_elements, Error, Result, Tensor};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -104,7 +104,7 @@ fn open_idx(path: &Path, magic: u32, what: &str) -> Result<(File, Vec<usize>, u6
 fn read_images(path: &Path, limit: Option<usize>) -> Result<(Vec<u8>, usize, usize, usize)> {
     let (mut f, dims, body_len) = open_idx(path, IMAGES_MAGIC, "images")?;
     let (n, rows, cols) = (dims[0], dims[1], dims[2]);
-    let numel = checked_numel(&dims, DEFAULT_MAX_ELEMENTS)
+    let numel = checked_numel(&dims, max_elements())
         .map_err(|e| e.context(format!("MNIST idx file {}", path.display())))?;
     if (numel as u64) > body_len {
         bail!(

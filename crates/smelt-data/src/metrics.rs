@@ -37,6 +37,23 @@ fn argmax(row: &[f64]) -> usize {
     best
 }
 
+/// Refuses labels that no class of a `classes`-way output can match: an accuracy counted
+/// against them would be silently wrong. `first` is the index of `labels[0]` in the dataset.
+pub fn check_labels(labels: &[i64], classes: usize, first: usize) -> Result<()> {
+    if let Some((i, &y)) = labels
+        .iter()
+        .enumerate()
+        .find(|(_, &y)| y < 0 || y as u64 >= classes as u64)
+    {
+        bail!(
+            Input,
+            "label {y} of sample {} is outside the model's {classes} classes",
+            first + i
+        );
+    }
+    Ok(())
+}
+
 /// Fraction of predictions equal to their label, over the common length (0 when empty).
 pub fn accuracy(pred: &[usize], labels: &[i64]) -> f64 {
     let n = pred.len().min(labels.len());

@@ -7,8 +7,12 @@ use std::path::Path;
 pub fn read(path: &Path) -> Result<Tensor> {
     let io = |e: std::io::Error| Error::io(format!("reading {}", path.display()), e);
     let bytes = std::fs::read(path).map_err(io)?;
-    let npy = npyz::NpyFile::new(&bytes[..])
-        .map_err(|e| Error::Input(format!("{}: not a .npy file: {e}", path.display())))?;
+    let npy = npyz::NpyFile::new(&bytes[..]).map_err(|e| {
+        // The header parser's message is a multi-line source excerpt; its first line says it.
+        let e = e.to_string();
+        let first = e.lines().next().unwrap_or_default().trim_end_matches(':');
+        Error::Input(format!("{}: not a .npy file: {first}", path.display()))
+    })?;
     if npy.order() != npyz::Order::C {
         bail!(
             Input,
@@ -17,7 +21,7 @@ pub fn read(path: &Path) -> Result<Tensor> {
         );
     }
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
-    smelt_tensor::checked_numel(&shape, smelt_tensor::DEFAULT_MAX_ELEMENTS)?;
+    smelt_tensor::checked_numel(&shape, smelt_tensor::max_elements())?;
     let descr = npy.dtype().descr();
     let data = match descr.trim_matches('\'').trim_start_matches(['<', '|', '=']) {
         "f4" => Data::F32(npy.into_vec().map_err(io)?),

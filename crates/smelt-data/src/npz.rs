@@ -3,7 +3,7 @@
 use crate::{Dataset, Preprocess};
 use npyz::npz::NpzArchive;
 use npyz::{DType, Deserialize, NpyFile, Order, TypeChar};
-use smelt_tensor::{bail, checked_numel, Error, Result, Tensor, DEFAULT_MAX_ELEMENTS};
+use smelt_tensor::{bail, checked_numel, max_elements, Error, Result, Tensor};
 use std::io::Read;
 use std::path::Path;
 
@@ -122,7 +122,7 @@ fn read_array<R: Read, O: Target>(file: NpyFile<R>, limit: Option<usize>) -> Res
     if shape.is_empty() {
         bail!(Input, "needs a leading row axis, got a 0-d array");
     }
-    let numel = checked_numel(&shape, DEFAULT_MAX_ELEMENTS)?;
+    let numel = checked_numel(&shape, max_elements())?;
     let total_rows = shape[0];
     let keep_rows = limit.map_or(total_rows, |l| l.min(total_rows));
     let row: usize = shape[1..].iter().product();
@@ -221,6 +221,41 @@ fn fortran_to_c<O: Copy>(v: &[O], shape: &[usize]) -> Vec<O> {
         }
     }
     out
+}
+
+/// Writes float32 and int64 tensors as an `.npz` archive (e.g. a dataset `x`, `y`).
+pub fn write_npz(path: &Path, arrays: &[(&str, &Tensor)]) -> Result<()> {
+    use npyz::WriterBuilder;
+    let io = |e: std::io::Error| Error::io(format!("writing {}", path.display()), e);
+    let mut buf = std::io::Cursor::new(Vec::new());
+    {
+        let mut w = npyz::npz::NpzWriter::new(&mut buf);
+        for (name, t) in arrays {
+            let shape: Vec<u64> = t.shape().iter().map(|&d| d as u64).collect();
+            macro_rules! put {
+                ($ty:ty) => {{
+                    let mut a = w
+                        .array::<$ty>(name, Default::default())
+                        .map_err(io)?
+                        .default_dtype()
+                        .shape(&shape)
+                        .begin_nd()
+                        .map_err(io)?;
+                    a.extend(t.as_slice::<$ty>()?.iter().copied()).map_err(io)?;
+                    a.finish().map_err(io)?;
+                }};
+            }
+            match t.dtype() {
+                smelt_tensor::DType::F32 => put!(f32),
+                smelt_tensor::DType::I64 => put!(i64),
+                d => bail!(
+                    Unsupported,
+                    "npz array `{name}`: writing {d} is not supported"
+                ),
+            }
+        }
+    }
+    std::fs::write(path, buf.into_inner()).map_err(io)
 }
 
 #[cfg(test)]

@@ -85,7 +85,16 @@ impl TempFile {
         let name = dest
             .file_name()
             .ok_or_else(|| Error::Input(format!("{} is not a file path", dest.display())))?;
-        let tmp = parent_dir(dest).join(format!(
+        let dir = parent_dir(dest);
+        if !dir.is_dir() {
+            bail!(
+                Input,
+                "cannot write {}: the folder {} does not exist",
+                dest.display(),
+                dir.display()
+            );
+        }
+        let tmp = dir.join(format!(
             ".{}.tmp-{}-{}",
             name.to_string_lossy(),
             std::process::id(),

@@ -25,8 +25,12 @@ pub(crate) fn model_from_proto(m: ModelProto, ctx: &Ctx) -> Result<Model> {
             })?;
             Ok(OpsetImport { domain, version })
         })
-        .collect::<Result<_>>()?;
+        .collect::<Result<Vec<_>>>()?;
+    check_versions(&m, &opsets)?;
     let graph = graph_from_proto(graph, ctx)?;
+    if graph.outputs.is_empty() {
+        bail!(Invalid, "graph '{}' declares no outputs", graph.name);
+    }
     Ok(Model {
         ir_version: m.ir_version.unwrap_or(0),
         opsets,
@@ -42,6 +46,46 @@ pub(crate) fn model_from_proto(m: ModelProto, ctx: &Ctx) -> Result<Model> {
             .collect(),
         graph,
     })
+}
+
+/// Newest IR version and default-domain opset smelt knows (those of ONNX 1.23): a file from a
+/// newer ONNX may use semantics smelt would silently get wrong, so it is refused up front.
+pub const MAX_IR_VERSION: i64 = 13;
+pub const MAX_OPSET: i64 = 27;
+
+fn check_versions(m: &ModelProto, opsets: &[OpsetImport]) -> Result<()> {
+    match m.ir_version {
+        None | Some(0) => bail!(Invalid, "the model declares no IR version"),
+        Some(v) if !(1..=MAX_IR_VERSION).contains(&v) => bail!(
+            Unsupported,
+            "IR version {v} is not supported (smelt reads IR versions 1 to {MAX_IR_VERSION})"
+        ),
+        _ => {}
+    }
+    let is_default = |d: &str| d.is_empty() || d == "ai.onnx";
+    let default = opsets.iter().find(|o| is_default(&o.domain));
+    match default {
+        Some(o) if !(1..=MAX_OPSET).contains(&o.version) => bail!(
+            Unsupported,
+            "opset {} of the ONNX domain is not supported (smelt knows opsets 1 to {MAX_OPSET})",
+            o.version
+        ),
+        Some(_) => {}
+        None => {
+            let uses_default = m
+                .graph
+                .iter()
+                .flat_map(|g| &g.node)
+                .any(|n| is_default(n.domain.as_deref().unwrap_or("")));
+            if uses_default {
+                bail!(
+                    Invalid,
+                    "the model imports no opset for the ONNX domain its nodes use"
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn graph_from_proto(g: &GraphProto, ctx: &Ctx) -> Result<Graph> {

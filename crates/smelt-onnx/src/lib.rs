@@ -17,7 +17,7 @@ mod tensor;
 
 use prost::Message;
 use smelt_ir::Model;
-use smelt_tensor::{bail, Error, Result, Tensor, DEFAULT_MAX_ELEMENTS};
+use smelt_tensor::{bail, max_elements, Error, Result, Tensor};
 use std::path::Path;
 
 pub use fsutil::write_atomic;
@@ -37,9 +37,8 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
-            max_tensor_elements: DEFAULT_MAX_ELEMENTS,
-            // Protobuf itself cannot exceed 2 GiB.
-            max_file_bytes: 1 << 31,
+            max_tensor_elements: max_elements(),
+            max_file_bytes: smelt_tensor::max_file_bytes(),
         }
     }
 }

@@ -80,8 +80,11 @@ impl Masks {
     }
 
     pub fn from_safetensors(bytes: &[u8]) -> Result<Masks> {
-        let st = safetensors::SafeTensors::deserialize(bytes)
-            .map_err(|e| smelt_tensor::Error::Input(format!("reading masks: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
+            smelt_tensor::Error::Input(format!(
+                "not a masks file (smelt writes them as safetensors): {e}"
+            ))
+        })?;
         let mut out = BTreeMap::new();
         for (name, v) in st.tensors() {
             if v.dtype() != safetensors::Dtype::U8 {
@@ -102,7 +105,7 @@ impl Masks {
         let bytes = std::fs::read(path).map_err(|e| {
             smelt_tensor::Error::Input(format!("cannot read masks {}: {e}", path.display()))
         })?;
-        Masks::from_safetensors(&bytes)
+        Masks::from_safetensors(&bytes).map_err(|e| e.context(path.display()))
     }
 }
 

@@ -38,12 +38,21 @@ impl Error {
 
     /// Prefixes the message with where it happened (e.g. a node name), keeping the kind.
     pub fn context(self, what: impl std::fmt::Display) -> Self {
+        let what = what.to_string();
+        // Layers that each name the node or file would otherwise repeat it.
+        let add = |m: String| {
+            if m.starts_with(&format!("{what}: ")) {
+                m
+            } else {
+                format!("{what}: {m}")
+            }
+        };
         match self {
-            Error::Invalid(m) => Error::Invalid(format!("{what}: {m}")),
-            Error::Unsupported(m) => Error::Unsupported(format!("{what}: {m}")),
-            Error::Shape(m) => Error::Shape(format!("{what}: {m}")),
-            Error::Limit(m) => Error::Limit(format!("{what}: {m}")),
-            Error::Input(m) => Error::Input(format!("{what}: {m}")),
+            Error::Invalid(m) => Error::Invalid(add(m)),
+            Error::Unsupported(m) => Error::Unsupported(add(m)),
+            Error::Shape(m) => Error::Shape(add(m)),
+            Error::Limit(m) => Error::Limit(add(m)),
+            Error::Input(m) => Error::Input(add(m)),
             Error::Interrupted => Error::Interrupted,
             Error::Io { context, source } => Error::Io {
                 context: format!("{what}: {context}"),

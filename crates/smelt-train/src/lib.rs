@@ -247,6 +247,13 @@ pub fn accuracy(s: &Session, input: &str, data: &Samples, batch: usize) -> Resul
         let logits = out[0].1.as_slice::<f32>()?;
         let c = logits.len() / idx.len();
         for (k, &i) in idx.iter().enumerate() {
+            if data.y[i] < 0 || data.y[i] as u64 >= c as u64 {
+                bail!(
+                    Input,
+                    "label {} of sample {i} is outside the model's {c} classes",
+                    data.y[i]
+                );
+            }
             let row = &logits[k * c..(k + 1) * c];
             let best = (0..c).fold(0, |b, j| if row[j] > row[b] { j } else { b });
             ok += usize::from(best as i64 == data.y[i]);

@@ -48,6 +48,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         if let Some(labels) = &batches.labels {
             let pred = smelt_data::top1(out)?;
             let y = &labels[i];
+            smelt_data::check_labels(y, out.shape()[1], labelled)?;
             correct += pred
                 .iter()
                 .zip(y)

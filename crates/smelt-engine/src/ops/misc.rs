@@ -464,7 +464,7 @@ fn max_unpool(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
             xs.len()
         );
     }
-    let total = smelt_tensor::checked_numel(&out_shape, usize::MAX)?;
+    let total = smelt_tensor::checked_numel(&out_shape, smelt_tensor::max_elements())?;
     let idx = idx_t.to_i64_vec()?;
     let mut out = Data::zeros(x.dtype(), total);
     let in_total: usize = inferred.iter().product();
@@ -627,7 +627,7 @@ fn center_crop_pad(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor
             }
         })
         .collect();
-    let total = smelt_tensor::checked_numel(&out_shape, usize::MAX)?;
+    let total = smelt_tensor::checked_numel(&out_shape, smelt_tensor::max_elements())?;
     let (in_str, out_str) = (strides_of(x.shape()), strides_of(&out_shape));
     let (mut src, mut dst) = (Vec::new(), Vec::new());
     'outer: for o in 0..total {

@@ -9,8 +9,8 @@ use super::{input, norm_axis, opt_input, OpCtx, Registry};
 use crate::kernels::quant::{self as kq, Q8};
 use rayon::prelude::*;
 use smelt_tensor::{
-    bail, bf16, broadcast_shapes, broadcast_strides, checked_numel, f16, BroadcastIter, DType,
-    Data, Error, Result, Tensor, DEFAULT_MAX_ELEMENTS,
+    bail, bf16, broadcast_shapes, broadcast_strides, checked_numel, f16, max_elements,
+    BroadcastIter, DType, Data, Error, Result, Tensor,
 };
 
 pub fn register(r: &mut Registry) {
@@ -553,7 +553,7 @@ fn matmul_i32(
         out_shape.push(n);
     }
     let nb: usize = batch.iter().product();
-    let total = checked_numel(&[nb, m, n], DEFAULT_MAX_ELEMENTS)?;
+    let total = checked_numel(&[nb, m, n], max_elements())?;
     let mut out = vec![0i32; total];
     if total == 0 {
         return Ok((out, out_shape));
@@ -951,11 +951,11 @@ fn conv_geometry(ctx: &OpCtx, xs: &[usize], ws: &[usize]) -> Result<ConvGeom> {
     // Refuse outputs (and the im2col buffer) too large to allocate before allocating.
     let mut out_shape = vec![batch, out_ch];
     out_shape.extend_from_slice(&out_sp);
-    checked_numel(&out_shape, DEFAULT_MAX_ELEMENTS)?;
+    checked_numel(&out_shape, max_elements())?;
     let mut col_shape = vec![ws[1]];
     col_shape.extend_from_slice(&k_sp);
     col_shape.extend_from_slice(&out_sp);
-    checked_numel(&col_shape, DEFAULT_MAX_ELEMENTS)?;
+    checked_numel(&col_shape, max_elements())?;
     Ok(ConvGeom {
         batch,
         in_ch,

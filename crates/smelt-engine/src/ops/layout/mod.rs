@@ -10,8 +10,8 @@ mod tests;
 
 use super::Registry;
 use smelt_tensor::{
-    bail, checked_numel, dispatch, BroadcastIter, Data, Element, Error, Result, Tensor,
-    DEFAULT_MAX_ELEMENTS,
+    bail, checked_numel, dispatch, max_elements, BroadcastIter, Data, Element, Error, Result,
+    Tensor,
 };
 
 pub fn register(r: &mut Registry) {
@@ -23,7 +23,7 @@ pub fn register(r: &mut Registry) {
 /// Checks an output shape whose size comes from tensor data (not from the graph's own tensors)
 /// so a hostile model cannot request a huge allocation.
 fn bounded(shape: &[usize]) -> Result<usize> {
-    checked_numel(shape, DEFAULT_MAX_ELEMENTS)
+    checked_numel(shape, max_elements())
 }
 
 /// A non-negative i64 read from data as a dimension.

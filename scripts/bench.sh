@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side latency: smelt's engine vs onnxruntime, same models, same input shapes, same
-# thread count, in one run. Prints median latencies and the ratio smelt/onnxruntime (lower is
-# better for smelt). Usage: scripts/bench.sh [--threads 2] [--runs 20]
+# thread count, in one run. Prints median latencies, peak memory (RSS) and the ratios
+# smelt/onnxruntime (lower is better for smelt). Usage: scripts/bench.sh [--threads 2] [--runs 20]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=2; RUNS=20
@@ -12,12 +12,25 @@ cargo build --release -q -p smelt-cli
 SMELT=target/release/smelt
 WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
 # MNIST-8 is exported with batch 1; the dynamic-batch pass lets both runtimes take batch 32.
-$SMELT convert "$ASSETS/mnist-8/model.onnx" -o "$WORK/mnist8-dyn.onnx" --dynamic-batch --json >/dev/null
-printf '%-14s %6s %12s %12s %8s\n' model batch smelt_ms ort_ms ratio
-for spec in "mnist8:$WORK/mnist8-dyn.onnx:1" "mnist8:$WORK/mnist8-dyn.onnx:32" \
-            "minilm:$ASSETS/minilm-int8/model.onnx:1" "minilm:$ASSETS/minilm-int8/model.onnx:32"; do
-  IFS=: read -r name model batch <<<"$spec"
-  s=$($SMELT bench "$model" --batch "$batch" --seq-len 128 --threads "$THREADS" --runs "$RUNS" --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["median_ms"])')
-  o=$("$PY" scripts/ort_bench.py "$model" --batch "$batch" --seq-len 128 --threads "$THREADS" --runs "$RUNS" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["median_ms"])')
-  "$PY" -c "import sys; s,o=float('$s'),float('$o'); print('%-14s %6s %12.3f %12.3f %8.2f' % ('$name', '$batch', s, o, s/o))"
+# Each model comes in fp32 and W8A8 (static, per-channel int8 weights, uint8 activations, QDQ):
+# the W8A8 files are smelt's own quantizer output, which both runtimes execute on integer kernels.
+$SMELT convert "$ASSETS/mnist-8/model.onnx" -o "$WORK/mnist8-fp32.onnx" --dynamic-batch --json >/dev/null
+$SMELT quantize "$WORK/mnist8-fp32.onnx" -o "$WORK/mnist8-w8a8.onnx" --calib "$ASSETS/mnist" \
+    --split train --limit 200 --json >/dev/null
+$SMELT convert "$ASSETS/minilm-int8/model.onnx" -o "$WORK/minilm-fp32.onnx" --dequantize-weights --json >/dev/null
+$SMELT quantize "$WORK/minilm-fp32.onnx" -o "$WORK/minilm-w8a8.onnx" --calib "$ASSETS/brown" \
+    --tokenizer "$ASSETS/minilm/tokenizer.json" --limit 64 --json >/dev/null
+printf '%-12s %6s %10s %10s %7s %9s %9s %7s\n' model batch smelt_ms ort_ms ratio smelt_MB ort_MB ratio
+for spec in mnist8-fp32:1 mnist8-fp32:32 mnist8-w8a8:1 mnist8-w8a8:32 \
+            minilm-fp32:1 minilm-fp32:32 minilm-w8a8:1 minilm-w8a8:32; do
+  IFS=: read -r name batch <<<"$spec"
+  model="$WORK/$name.onnx"
+  s=$($SMELT bench "$model" --batch "$batch" --seq-len 128 --threads "$THREADS" --runs "$RUNS" --json)
+  o=$("$PY" scripts/ort_bench.py "$model" --batch "$batch" --seq-len 128 --threads "$THREADS" --runs "$RUNS")
+  "$PY" -c "
+import json, sys
+s, o = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+sm, om = s['peak_rss_bytes'] / 2**20, o['peak_rss_bytes'] / 2**20
+print('%-12s %6s %10.3f %10.3f %7.2f %9.0f %9.0f %7.2f' % ('$name', '$batch', s['median_ms'],
+      o['median_ms'], s['median_ms'] / o['median_ms'], sm, om, sm / om))" "$s" "$o"
 done

@@ -8,7 +8,8 @@ use std::sync::OnceLock;
 fn tokenizer() -> &'static PathBuf {
     static T: OnceLock<PathBuf> = OnceLock::new();
     T.get_or_init(|| {
-        let assets = std::env::var("SMELT_ASSETS").expect("set SMELT_ASSETS (scripts/fetch-assets.sh)");
+        let assets =
+            std::env::var("SMELT_ASSETS").expect("set SMELT_ASSETS (scripts/fetch-assets.sh)");
         let p = PathBuf::from(assets).join("minilm/tokenizer.json");
         assert!(p.exists(), "{} is missing", p.display());
         p

@@ -81,7 +81,8 @@ fn keep_freed_memory() {}
 
 /// `4096`, `512K`, `300M`, `2G` (binary multiples).
 fn parse_bytes(s: &str) -> Result<usize, String> {
-    let (num, mult) = match s.trim().char_indices().last() {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
         Some((i, 'k' | 'K')) => (&s[..i], 1usize << 10),
         Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
         Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),

@@ -43,6 +43,13 @@ impl std::fmt::Write for StackBuf {
 #[cold]
 fn over_cap(size: usize, live: usize, cap: usize) -> ! {
     use std::fmt::Write;
+    // Only the first thread over the cap reports; the others wait for it to end the process.
+    static REPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if REPORTING.swap(true, Ordering::SeqCst) {
+        loop {
+            std::thread::park();
+        }
+    }
     let mut b = StackBuf {
         buf: [0; 256],
         len: 0,
@@ -68,29 +75,49 @@ fn account(size: usize) {
     }
 }
 
+/// Gives back the count of an allocation that did not happen.
+#[inline]
+fn unaccount(size: usize) {
+    LIVE.fetch_sub(size, Ordering::Relaxed);
+}
+
 // SAFETY: delegates every call to the system allocator; only counts sizes around it.
 unsafe impl GlobalAlloc for Capped {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         account(layout.size());
-        System.alloc(layout)
+        let p = System.alloc(layout);
+        if p.is_null() {
+            unaccount(layout.size());
+        }
+        p
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         account(layout.size());
-        System.alloc_zeroed(layout)
+        let p = System.alloc_zeroed(layout);
+        if p.is_null() {
+            unaccount(layout.size());
+        }
+        p
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        unaccount(layout.size());
         System.dealloc(ptr, layout)
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size > layout.size() {
-            account(new_size - layout.size());
-        } else {
-            LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+        let old = layout.size();
+        if new_size > old {
+            account(new_size - old);
         }
-        System.realloc(ptr, layout, new_size)
+        let p = System.realloc(ptr, layout, new_size);
+        match (p.is_null(), new_size > old) {
+            // Failed: the old block stays, so the growth never happened.
+            (true, true) => unaccount(new_size - old),
+            (false, false) => unaccount(old - new_size),
+            _ => {}
+        }
+        p
     }
 }

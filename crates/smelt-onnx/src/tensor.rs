@@ -523,6 +523,14 @@ mod tests {
         };
         m.graph.initializers.insert("w".into(), w.clone());
         m.graph.initializers.insert("zp".into(), small.clone());
+        m.graph
+            .nodes
+            .push(smelt_ir::Node::new("Identity", "id", &["w"], &["y"]));
+        m.graph.outputs.push(smelt_ir::ValueInfo::new(
+            "y",
+            DType::I4,
+            vec![smelt_ir::Dim::Fixed(3001)],
+        ));
         let bytes = crate::encode(&m).unwrap();
         let back = crate::decode(&bytes, None, &LoadOptions::default()).unwrap();
         assert_eq!(back.graph.initializers["w"], w);

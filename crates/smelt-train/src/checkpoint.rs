@@ -160,6 +160,16 @@ impl Checkpoint {
             states.insert(name.clone(), State { m, v, step });
         }
         let model = smelt_onnx::load(&path.join("model.onnx"))?;
+        // Optimizer moments must match the weights they belong to, or a resumed run would
+        // update the wrong elements.
+        for (name, s) in &states {
+            let n = model.graph.initializers.get(name).map(|t| t.numel());
+            if n != Some(s.m.len()) || n != Some(s.v.len()) {
+                return Err(bad(format!(
+                    "optimizer state for '{name}' does not match the model's weights"
+                )));
+            }
+        }
         let best = match meta.best_score {
             Some(score) => Some((score, smelt_onnx::load(&path.join("best.onnx"))?)),
             None => None,

@@ -19,12 +19,6 @@ pub fn set_cap(bytes: usize) {
     CAP.store(bytes, Ordering::Relaxed);
 }
 
-/// Heap bytes held right now.
-#[allow(dead_code)]
-pub fn live_bytes() -> usize {
-    LIVE.load(Ordering::Relaxed)
-}
-
 /// Formats into a fixed buffer: the allocator cannot allocate to report its own failure.
 struct StackBuf {
     buf: [u8; 256],

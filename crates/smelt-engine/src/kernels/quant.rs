@@ -10,8 +10,7 @@ use rten_tensor::Matrix;
 use smelt_tensor::{bail, Result};
 use std::sync::OnceLock;
 
-/// Elements per parallel task: below this one thread does the whole tensor.
-const CHUNK: usize = 1 << 15;
+use super::{elementwise, CHUNK};
 
 /// An 8-bit quantized element type.
 pub trait Q8: Copy + Send + Sync + Default + 'static {
@@ -52,33 +51,6 @@ impl Q8 for i8 {
 /// mode rounds ties to even. Exact for |t| < 2^22; unlike `round_ties_even` on baseline
 /// x86-64 (a library call), it vectorizes.
 const MAGIC: f32 = 12_582_912.0;
-
-/// Runs `body` on `x` and `out` in chunks, in parallel when large, compiled for AVX2 when the
-/// CPU has it (the loops are the same; the wider registers are the gain).
-fn elementwise<A: Sync, B: Send>(x: &[A], out: &mut [B], body: impl Fn(&[A], &mut [B]) + Sync) {
-    let one = |x: &[A], out: &mut [B]| {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // Safety: the CPU has AVX2, checked just above.
-            unsafe { avx2(x, out, &body) };
-            return;
-        }
-        body(x, out)
-    };
-    if x.len() <= CHUNK {
-        one(x, out);
-    } else {
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(o, x)| one(x, o));
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn avx2<A, B>(x: &[A], out: &mut [B], body: &impl Fn(&[A], &mut [B])) {
-    body(x, out)
-}
 
 /// `out[i] = sat(round_half_even(x[i] / s) + z)`; NaN becomes 0, as in the reference.
 pub fn quantize<T: Q8>(x: &[f32], s: f32, z: T, out: &mut [T]) {

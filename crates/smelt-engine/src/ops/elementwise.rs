@@ -1435,7 +1435,15 @@ pub fn register(r: &mut Registry) {
     unary_float!(r, "Acosh", x => x.acosh());
     unary_float!(r, "Atanh", x => x.atanh());
     unary_float!(r, "Tanh", x => x.tanh());
-    unary_float!(r, "Erf", x => erf(x as f64) as F);
+    r.insert("Erf", |_: &OpCtx, inputs: &[Option<&Tensor>]| {
+        let t = input(inputs, 0)?;
+        if let Ok(x) = t.as_slice::<f32>() {
+            let mut out = vec![0f32; x.len()];
+            crate::kernels::erf::erf(x, &mut out);
+            return Ok(vec![Tensor::from_vec(t.shape().to_vec(), out)?]);
+        }
+        Ok(vec![float_map!(t, "Erf", F, x => erf(x as f64) as F)?])
+    });
     unary_float!(r, "Sigmoid", x => 1.0 / (1.0 + (-x).exp()));
     unary_float!(r, "Softsign", x => x / (1.0 + x.abs()));
     unary_float!(r, "Softplus", x => softplus(x as f64) as F);

@@ -11,7 +11,7 @@ use common::*;
 use smelt_data::{Preprocess, Split};
 use smelt_engine::analysis::{synth_inputs, InputSpec};
 use smelt_engine::kernels::quant::int8_may_saturate;
-use smelt_engine::Session;
+use smelt_engine::{RunOptions, Session};
 use smelt_tensor::Tensor;
 use std::path::Path;
 
@@ -171,8 +171,83 @@ fn minilm_w8a8_integer_kernels_match_the_reference() {
         })
         .count();
     let d = max_rel_diff(&x, &y, 384);
-    eprintln!("minilm W8A8 int7: {fused} of {quantized} MatMuls fused, max normwise diff {d:e}");
+    // Twelve layers of coarse activation steps (LayerNorm outputs with outlier channels) turn a
+    // one-step flip into a visible difference downstream, and float sums in another order flip
+    // some. How far that goes is measured, not guessed: the reference itself, with its float
+    // parameters scaled by 1 +- 3e-7 (rounding-level noise), drifts from the unperturbed
+    // reference by `noise`. The integer kernels may drift no further than that, with room for
+    // the randomness of which values flip.
+    let m = smelt_onnx::load(&q).unwrap();
+    let reference = Session::reference(m.clone()).unwrap();
+    let noise = [1.0 + 3e-7, 1.0 - 3e-7]
+        .iter()
+        .map(|&f| {
+            let nudged = Session::reference(scaled_float_params(&m, f)).unwrap();
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for feed in &feeds {
+                let inputs: Vec<(&str, Tensor)> =
+                    feed.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+                a.extend_from_slice(nudged.run(&inputs).unwrap()[0].1.as_slice::<f32>().unwrap());
+                b.extend_from_slice(
+                    reference.run(&inputs).unwrap()[0]
+                        .1
+                        .as_slice::<f32>()
+                        .unwrap(),
+                );
+            }
+            max_rel_diff(&a, &b, 384)
+        })
+        .fold(0.0f32, f32::max);
+    eprintln!(
+        "minilm W8A8 int7: {fused} of {quantized} MatMuls fused, max normwise diff {d:e} \
+         (rounding-noise drift of the reference itself: {noise:e})"
+    );
     assert!(quantized >= 36, "{quantized}");
     assert!(fused >= quantized, "{fused} fused of {quantized}");
-    assert!(d <= 0.01, "{d}");
+    assert!(d <= 0.01f32.max(3.0 * noise), "{d} (noise {noise})");
+    // The first layers see bit-identical inputs on both paths: there only the order of float
+    // sums differs, so they must agree to float rounding.
+    let first = first_layer_diff(&q, &feeds[0]);
+    assert!(first <= 1e-5, "first layer: {first}");
+}
+
+/// The model with every float parameter of more than one element scaled by `f`.
+fn scaled_float_params(m: &smelt_ir::Model, f: f32) -> smelt_ir::Model {
+    let mut m = m.clone();
+    for t in m.graph.initializers.values_mut() {
+        if t.numel() < 2 {
+            continue;
+        }
+        if let Ok(v) = t.as_slice::<f32>() {
+            let v: Vec<f32> = v.iter().map(|x| x * f).collect();
+            *t = Tensor::from_vec(t.shape().to_vec(), v).unwrap();
+        }
+    }
+    m
+}
+
+/// Normwise difference between the fused and reference outputs of the model's first fused op.
+fn first_layer_diff(model: &Path, feed: &[(String, Tensor)]) -> f32 {
+    let m = smelt_onnx::load(model).unwrap();
+    let fused = Session::new(m.clone()).unwrap();
+    let reference = Session::reference(m).unwrap();
+    let first = fused
+        .graph()
+        .nodes
+        .iter()
+        .find(|n| n.domain == "ai.smelt" && n.op_type != "FakeQuant")
+        .unwrap();
+    let name = first.outputs[0].clone();
+    let opts = RunOptions {
+        capture: vec![name.clone()],
+        ..Default::default()
+    };
+    let inputs: Vec<(&str, Tensor)> = feed.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let (_, a) = fused.run_with(&inputs, &opts).unwrap();
+    let (_, b) = reference.run_with(&inputs, &opts).unwrap();
+    let (a, b) = (
+        a[&name].as_slice::<f32>().unwrap(),
+        b[&name].as_slice::<f32>().unwrap(),
+    );
+    max_rel_diff(a, b, 384)
 }

@@ -200,6 +200,25 @@ impl Session {
         Ok((outs, captured))
     }
 
+    /// Whether `node`'s first input is a computed value that no later node (nor the caller)
+    /// reads, so the node may take it over.
+    fn input_dies_here(
+        &self,
+        node: &Node,
+        pos: usize,
+        keep: &HashSet<&str>,
+        values: &HashMap<String, Tensor>,
+    ) -> bool {
+        let Some(name) = node.inputs.first() else {
+            return false;
+        };
+        !name.is_empty()
+            && values.contains_key(name)
+            && self.last_use.get(name) == Some(&pos)
+            && !keep.contains(name.as_str())
+            && !node.inputs[1..].contains(name)
+    }
+
     fn execute(
         &self,
         g: &Graph,
@@ -212,13 +231,37 @@ impl Session {
         for (pos, &(i, f)) in self.plan.iter().enumerate() {
             let node = &g.nodes[i];
             let started = opts.profile.then(std::time::Instant::now);
-            let outs = {
+            let view = if self.input_dies_here(node, pos, keep, &values) {
                 let scope = Scope {
                     values: &values,
                     initializers: &g.initializers,
                     outer: None,
                 };
-                run_one(node, f, self.opset, &scope)?
+                let ins = node_inputs(node, &scope)?;
+                let ctx = OpCtx {
+                    node,
+                    opset: self.opset,
+                };
+                ops::layout::view_shape(&ctx, &ins)
+                    .transpose()
+                    .map_err(|e| e.context(node.label()))?
+            } else {
+                None
+            };
+            let outs = match view {
+                // A reshape of a value nothing else reads: its buffer moves, no copy.
+                Some(shape) => match values.remove(&node.inputs[0]) {
+                    Some(t) => vec![t.reshape(shape).map_err(|e| e.context(node.label()))?],
+                    None => bail!(Invalid, "value '{}' is missing", node.inputs[0]),
+                },
+                None => {
+                    let scope = Scope {
+                        values: &values,
+                        initializers: &g.initializers,
+                        outer: None,
+                    };
+                    run_one(node, f, self.opset, &scope)?
+                }
             };
             if let Some(t0) = started {
                 let mut p = self.profile.lock().unwrap_or_else(|e| e.into_inner());
@@ -263,9 +306,8 @@ impl Scope<'_> {
     }
 }
 
-fn run_one(node: &Node, f: OpFn, opset: i64, scope: &Scope) -> Result<Vec<Tensor>> {
-    let ins: Vec<Option<&Tensor>> = node
-        .inputs
+fn node_inputs<'a>(node: &Node, scope: &'a Scope) -> Result<Vec<Option<&'a Tensor>>> {
+    node.inputs
         .iter()
         .map(|name| {
             if name.is_empty() {
@@ -278,7 +320,11 @@ fn run_one(node: &Node, f: OpFn, opset: i64, scope: &Scope) -> Result<Vec<Tensor
             }
         })
         .collect::<Result<_>>()
-        .map_err(|e| e.context(node.label()))?;
+        .map_err(|e| e.context(node.label()))
+}
+
+fn run_one(node: &Node, f: OpFn, opset: i64, scope: &Scope) -> Result<Vec<Tensor>> {
+    let ins = node_inputs(node, scope)?;
     let res = match node.op_type.as_str() {
         "If" | "Loop" | "Scan" if node.domain.is_empty() => control_flow(node, opset, &ins, scope),
         _ => f(&OpCtx { node, opset }, &ins),

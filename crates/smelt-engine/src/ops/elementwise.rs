@@ -664,10 +664,40 @@ where
             return Ok((shape, zip_block(b, a, mid, inner, |y, x| f(x, y))));
         }
     }
-    // Both operands broadcast: walk output rows, each a strided run in both inputs.
     let r = shape.len();
     let sa = broadcast_strides(ash, &shape);
     let sb = broadcast_strides(bsh, &shape);
+    // Both operands broadcast but share full trailing dims (an attention mask [B,1,S,S] added
+    // to scores [B,H,S,S]): contiguous runs in both, walked in parallel.
+    let full = |sh: &[usize], i: usize| {
+        let off = r - sh.len();
+        i >= off && sh[i - off] == shape[i]
+    };
+    let split = (0..r)
+        .rev()
+        .find(|&i| !(full(ash, i) && full(bsh, i)))
+        .map_or(0, |i| i + 1);
+    let run: usize = shape[split..].iter().product();
+    if run >= 64 && n >= PAR_MIN {
+        let starts = |st: &[usize]| -> Vec<usize> {
+            BroadcastIter::new(&shape[..split], st[..split].to_vec(), 0).collect()
+        };
+        let (ra, rb) = (starts(&sa), starts(&sb));
+        let per_task = (CHUNK / run).max(1);
+        let mut out = vec![U::default(); n];
+        out.par_chunks_mut(per_task * run)
+            .enumerate()
+            .for_each(|(t, o)| {
+                for (k, o) in o.chunks_mut(run).enumerate() {
+                    let (x, y) = (ra[t * per_task + k], rb[t * per_task + k]);
+                    for ((o, &p), &q) in o.iter_mut().zip(&a[x..x + run]).zip(&b[y..y + run]) {
+                        *o = f(p, q);
+                    }
+                }
+            });
+        return Ok((shape, out));
+    }
+    // Otherwise walk output rows, each a strided run in both inputs.
     let len = shape[r - 1];
     let (ia, ib) = (sa[r - 1], sb[r - 1]);
     let mut out = Vec::with_capacity(n);
@@ -1316,6 +1346,18 @@ fn op_where(_: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         });
         return Ok(vec![Tensor::new(shape, data)?]);
     }
+    // Each operand whole or one value (Where(IsNaN(p), 0, p) after a softmax): in parallel.
+    let whole_or_one = |len: usize| len == n || len == 1;
+    if n >= PAR_MIN && whole_or_one(cv.len()) && whole_or_one(x.numel()) && whole_or_one(y.numel())
+    {
+        let data = num_dispatch!(x.data(), T, xv => {
+            let yv = T::slice(y.data()).ok_or_else(|| mismatch(x, y))?;
+            Some(T::wrap(select(cv, xv, yv, n)))
+        }, else => None);
+        if let Some(data) = data {
+            return Ok(vec![Tensor::new(shape, data)?]);
+        }
+    }
     // Walk the output row by row (rows = all but the last axis): the outer offsets come from
     // an odometer per input, the inner loop is a plain stride (0 or 1) walk.
     let rank = shape.len();
@@ -1351,6 +1393,27 @@ fn op_where(_: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         Data::Str(out)
     });
     Ok(vec![Tensor::new(shape, data)?])
+}
+
+/// `out[i] = c[i] ? x[i] : y[i]` over `n` elements, where an operand of one value stands for all.
+fn select<T: Copy + Default + Send + Sync>(c: &[bool], x: &[T], y: &[T], n: usize) -> Vec<T> {
+    #[inline(always)]
+    fn at<V: Copy>(v: &[V], i: usize) -> V {
+        if v.len() == 1 {
+            v[0]
+        } else {
+            v[i]
+        }
+    }
+    let mut out = vec![T::default(); n];
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(t, o)| {
+        let base = t * CHUNK;
+        for (k, o) in o.iter_mut().enumerate() {
+            let i = base + k;
+            *o = if at(c, i) { at(x, i) } else { at(y, i) };
+        }
+    });
+    out
 }
 
 fn op_cast(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {

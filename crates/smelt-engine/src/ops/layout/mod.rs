@@ -5,6 +5,7 @@
 mod copy;
 mod index;
 mod shape;
+pub use shape::view_shape;
 #[cfg(test)]
 mod tests;
 

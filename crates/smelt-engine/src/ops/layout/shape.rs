@@ -143,7 +143,30 @@ pub(super) fn reshape_target(from: &[usize], spec: &[i64], allowzero: bool) -> R
     Ok(out)
 }
 
+/// The output shape of a view op (Identity, Reshape, Flatten, Squeeze, Unsqueeze): ops whose
+/// output is their first input's data under a new shape. The session uses it to hand the
+/// input's buffer over instead of copying it when nothing else reads the input; `None` for any
+/// other op.
+pub fn view_shape(ctx: &OpCtx, ins: &[Option<&Tensor>]) -> Option<Result<Vec<usize>>> {
+    if !ctx.node.domain.is_empty() {
+        return None;
+    }
+    Some(match ctx.node.op_type.as_str() {
+        "Identity" => input(ins, 0).map(|t| t.shape().to_vec()),
+        "Reshape" => reshape_shape(ctx, ins),
+        "Flatten" => flatten_shape(ctx, ins),
+        "Squeeze" => squeeze_shape(ctx, ins),
+        "Unsqueeze" => unsqueeze_shape(ctx, ins),
+        _ => return None,
+    })
+}
+
 fn reshape(ctx: &OpCtx, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let shape = reshape_shape(ctx, ins)?;
+    Ok(vec![input(ins, 0)?.clone().reshape(shape)?])
+}
+
+fn reshape_shape(ctx: &OpCtx, ins: &[Option<&Tensor>]) -> Result<Vec<usize>> {
     let t = input(ins, 0)?;
     let spec = match opt_input(ins, 1) {
         Some(s) => s.to_i64_vec()?,
@@ -152,11 +175,15 @@ fn reshape(ctx: &OpCtx, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
             None => bail!(Invalid, "Reshape needs a shape input"),
         },
     };
-    let shape = reshape_target(t.shape(), &spec, ctx.int("allowzero", 0)? != 0)?;
-    Ok(vec![t.clone().reshape(shape)?])
+    reshape_target(t.shape(), &spec, ctx.int("allowzero", 0)? != 0)
 }
 
 fn flatten(ctx: &OpCtx, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let shape = flatten_shape(ctx, ins)?;
+    Ok(vec![input(ins, 0)?.clone().reshape(shape)?])
+}
+
+fn flatten_shape(ctx: &OpCtx, ins: &[Option<&Tensor>]) -> Result<Vec<usize>> {
     let t = input(ins, 0)?;
     let r = t.rank() as i64;
     let a = ctx.int("axis", 1)?;
@@ -165,8 +192,7 @@ fn flatten(ctx: &OpCtx, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         bail!(Shape, "Flatten axis {a} is out of range for rank {r}");
     }
     let (outer, inner) = t.shape().split_at(a as usize);
-    let shape = vec![outer.iter().product(), inner.iter().product()];
-    Ok(vec![t.clone().reshape(shape)?])
+    Ok(vec![outer.iter().product(), inner.iter().product()])
 }
 
 /// Axes from the input (opset 13+) or the attribute (before).
@@ -178,9 +204,14 @@ fn axes_arg(ctx: &OpCtx, ins: &[Option<&Tensor>], i: usize) -> Result<Option<Vec
 }
 
 fn squeeze(ctx: &OpCtx, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let shape = squeeze_shape(ctx, ins)?;
+    Ok(vec![input(ins, 0)?.clone().reshape(shape)?])
+}
+
+fn squeeze_shape(ctx: &OpCtx, ins: &[Option<&Tensor>]) -> Result<Vec<usize>> {
     let t = input(ins, 0)?;
     let r = t.rank();
-    let shape: Vec<usize> = match axes_arg(ctx, ins, 1)? {
+    Ok(match axes_arg(ctx, ins, 1)? {
         Some(axes) if !axes.is_empty() => {
             let mut drop = vec![false; r];
             for a in axes {
@@ -203,11 +234,15 @@ fn squeeze(ctx: &OpCtx, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
                 .collect()
         }
         _ => t.shape().iter().copied().filter(|&n| n != 1).collect(),
-    };
-    Ok(vec![t.clone().reshape(shape)?])
+    })
 }
 
 fn unsqueeze(ctx: &OpCtx, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let shape = unsqueeze_shape(ctx, ins)?;
+    Ok(vec![input(ins, 0)?.clone().reshape(shape)?])
+}
+
+fn unsqueeze_shape(ctx: &OpCtx, ins: &[Option<&Tensor>]) -> Result<Vec<usize>> {
     let t = input(ins, 0)?;
     let Some(axes) = axes_arg(ctx, ins, 1)? else {
         bail!(Invalid, "Unsqueeze needs axes");
@@ -221,11 +256,10 @@ fn unsqueeze(ctx: &OpCtx, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         }
     }
     let mut src = t.shape().iter();
-    let shape: Vec<usize> = new
+    Ok(new
         .iter()
         .map(|&n| if n { 1 } else { *src.next().unwrap_or(&1) })
-        .collect();
-    Ok(vec![t.clone().reshape(shape)?])
+        .collect())
 }
 
 /// Inference-mode Dropout: the identity, plus an all-true mask when asked for.

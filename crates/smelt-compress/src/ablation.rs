@@ -50,7 +50,7 @@ pub fn ablate(
     // The folded form the scores are computed on (a Reshape of a weight becomes the weight).
     let model = &smelt_train::prepare(model.clone())?;
     let base = accuracy(model, val)?;
-    let shapes = infer_shapes(&Session::new(model.clone())?, &InputSpec::default())?;
+    let shapes = infer_shapes(&Session::reference(model.clone())?, &InputSpec::default())?;
     let (groups, _) = find_groups(model, &shapes);
     let mut out = Vec::new();
     for grp in groups.iter().filter(|g| g.channels >= min_channels) {

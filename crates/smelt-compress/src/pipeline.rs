@@ -73,7 +73,7 @@ fn channel_shares(
     let base = crate::measure::accuracy(model, &tune)?;
     let prepared = smelt_train::prepare(model.clone())?;
     let shapes = smelt_engine::analysis::infer_shapes(
-        &smelt_engine::Session::new(prepared.clone())?,
+        &smelt_engine::Session::reference(prepared.clone())?,
         &Default::default(),
     )?;
     let (groups, _) = smelt_prune::structured::find_groups(&prepared, &shapes);
@@ -277,11 +277,8 @@ pub fn run(
                     optimizer: Optimizer::parse(optimizer, 0.9)?,
                     schedule: Schedule::Cosine { warmup: 0 },
                     seed,
-                    distill: (*distill > 0.0).then(|| Distill {
-                        teacher: original.clone(),
-                        temperature: 4.0,
-                        alpha: *distill,
-                    }),
+                    distill: (*distill > 0.0)
+                        .then(|| Distill::logits(original.clone(), 4.0, *distill)),
                     masks: masks.clone(),
                     max_steps: *max_steps,
                     qat: match qat.as_deref() {

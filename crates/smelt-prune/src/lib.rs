@@ -149,8 +149,10 @@ fn check_weights(model: &Model) -> Result<()> {
     Ok(())
 }
 
+/// The shape of every value of the model's own graph (the reference session keeps them all;
+/// the running one fuses some away).
 fn shapes(model: &Model) -> Result<HashMap<String, (DType, Vec<usize>)>> {
-    let s = Session::new(model.clone())?;
+    let s = Session::reference(model.clone())?;
     infer_shapes(&s, &InputSpec::default())
 }
 

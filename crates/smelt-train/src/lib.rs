@@ -34,6 +34,26 @@ pub struct Distill {
     pub temperature: f32,
     /// Weight of the distillation term; the hard-label loss gets `1 - alpha`.
     pub alpha: f32,
+    /// Weight of feature matching ([`loss::feature_match`], averaged over `features`), added
+    /// to the loss; 0 turns it off.
+    pub feature_weight: f32,
+    /// The intermediate values to match, by name in both models. Empty: every Conv, Gemm
+    /// and MatMul output the two share with the same shape (a layer that structured pruning
+    /// narrowed has no counterpart and is left out).
+    pub features: Vec<String>,
+}
+
+impl Distill {
+    /// Logit distillation only, the default: KL at temperature `temperature`, weight `alpha`.
+    pub fn logits(teacher: Model, temperature: f32, alpha: f32) -> Distill {
+        Distill {
+            teacher,
+            temperature,
+            alpha,
+            feature_weight: 0.0,
+            features: Vec::new(),
+        }
+    }
 }
 
 pub struct Options {
@@ -347,7 +367,21 @@ pub fn finetune(
         None => None,
     };
     let mut session = Session::unfolded(model.clone())?;
-    let needed = grad::needed_values(&model, &params)?;
+    let features = match (&teacher, &opts.distill) {
+        (Some((ts, tin)), Some(d)) if d.feature_weight > 0.0 => {
+            let probe = rows(train.x, &[0])?;
+            matched_features(&session, &input, ts, tin, &probe, &d.features)?
+        }
+        _ => Vec::new(),
+    };
+    let mut needed = grad::needed_values(&model, &params)?;
+    needed.extend(
+        features
+            .iter()
+            .filter(|f| !needed.contains(f))
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
     let n = train.y.len();
     let batch = opts.batch.max(1);
     let steps_per_epoch = n.div_ceil(batch);
@@ -395,12 +429,32 @@ pub fn finetune(
             let x = rows(train.x, chunk)?;
             let y: Vec<i64> = chunk.iter().map(|&i| train.y[i]).collect();
             let (loss, grads) =
-                batch_gradients(&session, &input, &x, &params, &needed, |logits| {
+                batch_gradients(&session, &input, &x, &params, &needed, |logits, values| {
                     let (mut loss, mut dlogits) =
                         loss::cross_entropy_scaled(logits, &y, opts.loss_temperature)?;
+                    let mut seeds = Vec::new();
                     if let (Some((ts, tin)), Some(d)) = (&teacher, &opts.distill) {
-                        let t = ts.run(&[(tin.as_str(), x.clone())])?.remove(0).1;
-                        let (kl, dk) = loss::distill(logits, &t, d.temperature)?;
+                        let (outs, tv) = ts.run_with(
+                            &[(tin.as_str(), x.clone())],
+                            &RunOptions {
+                                capture: features.clone(),
+                                ..Default::default()
+                            },
+                        )?;
+                        let t = &outs[0].1;
+                        // Each matched value's loss, averaged, weighted by feature_weight.
+                        let w = d.feature_weight / features.len().max(1) as f32;
+                        for f in &features {
+                            let (fl, df) = loss::feature_match(&values[f], &tv[f])?;
+                            loss += w as f64 * fl;
+                            let df: Vec<f32> =
+                                df.as_slice::<f32>()?.iter().map(|g| w * g).collect();
+                            seeds.push((
+                                f.clone(),
+                                Tensor::from_vec(values[f].shape().to_vec(), df)?,
+                            ));
+                        }
+                        let (kl, dk) = loss::distill(logits, t, d.temperature)?;
                         loss = (1.0 - d.alpha as f64) * loss + d.alpha as f64 * kl;
                         let (a, b) = (1.0 - d.alpha, d.alpha);
                         let dv: Vec<f32> = dlogits
@@ -418,7 +472,7 @@ pub fn finetune(
                             opts.lr
                         );
                     }
-                    Ok((loss, dlogits))
+                    Ok((loss, dlogits, seeds))
                 })?;
             let lr = opts.schedule.rate(opts.lr, step, total);
             for name in &params {
@@ -511,6 +565,82 @@ pub fn finetune(
     })
 }
 
+/// The values feature matching compares: `asked` by name (each must exist in both models
+/// with the same shape), or with none asked, every Conv, Gemm and MatMul output that both
+/// share with the same shape on `probe`, except the student's graph outputs (the logits have
+/// their own loss).
+fn matched_features(
+    student: &Session,
+    input: &str,
+    teacher: &Session,
+    teacher_input: &str,
+    probe: &Tensor,
+    asked: &[String],
+) -> Result<Vec<String>> {
+    let sg = student.graph();
+    let produced = |s: &Session| -> HashSet<String> {
+        s.graph()
+            .nodes
+            .iter()
+            .flat_map(|n| n.outputs.iter().cloned())
+            .collect()
+    };
+    let (sp, tp) = (produced(student), produced(teacher));
+    let candidates: Vec<String> = if asked.is_empty() {
+        sg.nodes
+            .iter()
+            .filter(|n| {
+                n.domain.is_empty() && matches!(n.op_type.as_str(), "Conv" | "Gemm" | "MatMul")
+            })
+            .map(|n| n.outputs[0].clone())
+            .filter(|o| tp.contains(o) && !sg.outputs.iter().any(|v| &v.name == o))
+            .collect()
+    } else {
+        for f in asked {
+            if !sp.contains(f) || !tp.contains(f) {
+                bail!(
+                    Input,
+                    "feature '{f}' is not computed by both the model and the teacher"
+                );
+            }
+        }
+        asked.to_vec()
+    };
+    let shapes = |s: &Session, inp: &str| -> Result<HashMap<String, Vec<usize>>> {
+        let (_, v) = s.run_with(
+            &[(inp, probe.clone())],
+            &RunOptions {
+                capture: candidates.clone(),
+                ..Default::default()
+            },
+        )?;
+        Ok(v.into_iter()
+            .map(|(k, t)| (k, t.shape().to_vec()))
+            .collect())
+    };
+    let (ss, ts) = (shapes(student, input)?, shapes(teacher, teacher_input)?);
+    let mut out = Vec::new();
+    for f in candidates {
+        if ss.get(&f) == ts.get(&f) {
+            out.push(f);
+        } else if !asked.is_empty() {
+            bail!(
+                Input,
+                "feature '{f}' has shape {:?} in the model but {:?} in the teacher",
+                ss.get(&f),
+                ts.get(&f)
+            );
+        }
+    }
+    if out.is_empty() {
+        bail!(
+            Input,
+            "feature matching found no value that the model and the teacher share with the same shape"
+        );
+    }
+    Ok(out)
+}
+
 /// Magnitude masks at the schedule's sparsity for `step`, over the current weights; weights
 /// that `fixed` masks (given by the user) stay cut.
 fn gradual_masks(
@@ -558,15 +688,21 @@ fn gradual_masks(
 
 /// One forward and backward pass on `x`, keeping the `needed` values
 /// (`grad::needed_values` of `params`, computed once per run): `objective` maps the first
-/// output to (loss, d loss / d output); returns the loss and the gradients of `params`.
-fn batch_gradients(
+/// output and the kept values to (loss, d loss / d output, and the loss's gradients with
+/// respect to kept intermediate values, if it reads any); returns the loss and the gradients
+/// of `params`.
+fn batch_gradients<Objective>(
     session: &Session,
     input: &str,
     x: &Tensor,
     params: &[String],
     needed: &[String],
-    objective: impl FnOnce(&Tensor) -> Result<(f64, Tensor)>,
-) -> Result<(f64, HashMap<String, Tensor>)> {
+    objective: Objective,
+) -> Result<(f64, HashMap<String, Tensor>)>
+where
+    Objective:
+        FnOnce(&Tensor, &HashMap<String, Tensor>) -> Result<(f64, Tensor, Vec<(String, Tensor)>)>,
+{
     let (outs, mut values) = session.run_with(
         &[(input, x.clone())],
         &RunOptions {
@@ -574,11 +710,11 @@ fn batch_gradients(
             ..Default::default()
         },
     )?;
-    let (loss, d) = objective(&outs[0].1)?;
-    let output = outs[0].0.clone();
+    let (loss, d, mut seeds) = objective(&outs[0].1, &values)?;
+    seeds.push((outs[0].0.clone(), d));
     values.insert(input.to_string(), x.clone());
     values.extend(outs);
-    let grads = grad::backward(session.model(), &values, &[(output, d)], params)?;
+    let grads = grad::backward(session.model(), &values, &seeds, params)?;
     Ok((loss, grads))
 }
 
@@ -607,8 +743,9 @@ pub fn taylor_scores(
     for chunk in idx.chunks(batch.max(1)) {
         let x = rows(data.x, chunk)?;
         let y: Vec<i64> = chunk.iter().map(|&i| data.y[i]).collect();
-        let (_, grads) = batch_gradients(&session, &input, &x, &params, &needed, |logits| {
-            loss::cross_entropy_scaled(logits, &y, temperature)
+        let (_, grads) = batch_gradients(&session, &input, &x, &params, &needed, |logits, _| {
+            let (l, d) = loss::cross_entropy_scaled(logits, &y, temperature)?;
+            Ok((l, d, Vec::new()))
         })?;
         for (name, g) in grads {
             let w = session.model().graph.initializers[&name].as_slice::<f32>()?;

@@ -76,6 +76,23 @@ pub fn distill(student: &Tensor, teacher: &Tensor, t: f32) -> Result<(f64, Tenso
     ))
 }
 
+/// Feature matching (FitNets, Romero et al. 2015): the mean squared error between a student's
+/// intermediate value and the teacher's, divided by the teacher's mean square so that layers of
+/// any scale weigh alike. Returns the loss and its gradient with respect to the student's value.
+pub fn feature_match(student: &Tensor, teacher: &Tensor) -> Result<(f64, Tensor)> {
+    let (loss, grad) = mse(student, teacher)?;
+    let t = teacher.as_slice::<f32>()?;
+    let power = t.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / t.len().max(1) as f64;
+    // A dead layer (all zeros in the teacher) still gets a bounded, well-defined target.
+    let norm = power.max(1e-12);
+    let g: Vec<f32> = grad
+        .as_slice::<f32>()?
+        .iter()
+        .map(|&v| (v as f64 / norm) as f32)
+        .collect();
+    Ok((loss / norm, Tensor::from_vec(student.shape().to_vec(), g)?))
+}
+
 /// Mean squared error against a target of the same shape.
 pub fn mse(out: &Tensor, target: &Tensor) -> Result<(f64, Tensor)> {
     if out.shape() != target.shape() {
@@ -144,5 +161,11 @@ mod tests {
         fd(|x| mse(x, &t).unwrap().0, &x, &mse(&x, &t).unwrap().1);
         // Distilling from itself costs nothing.
         assert!(distill(&x, &x, 3.0).unwrap().0.abs() < 1e-12);
+        fd(
+            |x| feature_match(x, &t).unwrap().0,
+            &x,
+            &feature_match(&x, &t).unwrap().1,
+        );
+        assert!(feature_match(&t, &t).unwrap().0.abs() < 1e-12);
     }
 }

@@ -57,6 +57,15 @@ pub struct Args {
     /// Weight of the distillation loss (the label loss gets 1 - alpha).
     #[arg(long, default_value_t = 0.5)]
     alpha: f32,
+    /// Feature matching with the teacher: weight of the mean squared error between the two
+    /// models' intermediate values (each divided by the teacher's mean square), added to the
+    /// loss. 0 (the default) matches logits only.
+    #[arg(long, default_value_t = 0.0)]
+    feature_weight: f32,
+    /// The values to match, by name (comma-separated); by default every Conv, Gemm and
+    /// MatMul output that both models share with the same shape.
+    #[arg(long, value_delimiter = ',')]
+    features: Vec<String>,
     /// Stop after this many steps in all.
     #[arg(long)]
     max_steps: Option<usize>,
@@ -138,11 +147,20 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         weight_decay: a.weight_decay,
         seed: a.seed,
         distill: match &a.distill_from {
+            Some(_) if !(a.feature_weight >= 0.0 && a.feature_weight.is_finite()) => {
+                bail!(Input, "--feature-weight must be a finite number >= 0")
+            }
             Some(p) => Some(Distill {
-                teacher: load_model(p)?,
-                temperature: a.temperature,
-                alpha: a.alpha,
+                feature_weight: a.feature_weight,
+                features: a.features.clone(),
+                ..Distill::logits(load_model(p)?, a.temperature, a.alpha)
             }),
+            None if a.feature_weight > 0.0 || !a.features.is_empty() => {
+                bail!(
+                    Input,
+                    "feature matching needs a teacher: give --distill-from"
+                )
+            }
             None => None,
         },
         masks: a

@@ -26,15 +26,20 @@ const Q: [f64; 5] = [
 ];
 
 #[inline(always)]
-fn erf1(v: f32) -> f32 {
+fn erf64(x: f64) -> f64 {
     // NaN passes through clamp and the arithmetic unchanged.
-    let x = (v as f64).clamp(-4.0, 4.0);
+    let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
     let p = P.iter().fold(0.0, |acc, &c| acc * x2 + c);
     let q = Q.iter().fold(0.0, |acc, &c| acc * x2 + c);
     // The approximation reaches 1 + 5e-8 at |x| = 4; the clamp keeps the result in [-1, 1]
     // whatever the rounding.
-    (x * p / q).clamp(-1.0, 1.0) as f32
+    (x * p / q).clamp(-1.0, 1.0)
+}
+
+#[inline(always)]
+fn erf1(v: f32) -> f32 {
+    erf64(v as f64) as f32
 }
 
 /// `out[i] = erf(x[i])`.
@@ -42,6 +47,16 @@ pub fn erf(x: &[f32], out: &mut [f32]) {
     elementwise(x, out, |x, out| {
         for (o, &v) in out.iter_mut().zip(x) {
             *o = erf1(v);
+        }
+    });
+}
+
+/// `out[i] = gelu(x[i]) = 0.5 x (1 + erf(x / sqrt 2))`, in f64 like [`erf`].
+pub fn gelu(x: &[f32], out: &mut [f32]) {
+    elementwise(x, out, |x, out| {
+        for (o, &v) in out.iter_mut().zip(x) {
+            let v = v as f64;
+            *o = (0.5 * v * (1.0 + erf64(v * std::f64::consts::FRAC_1_SQRT_2))) as f32;
         }
     });
 }
@@ -64,5 +79,20 @@ mod tests {
         super::erf(&[f32::NAN, f32::INFINITY, -1e30, 0.0], &mut edge);
         assert!(edge[0].is_nan());
         assert_eq!(&edge[1..], &[1.0, -1.0, 0.0]);
+    }
+
+    #[test]
+    fn gelu_within_1e6_of_the_exact_one() {
+        let xs: Vec<f32> = (-10_000..=10_000).map(|i| i as f32 * 1e-3).collect();
+        let mut out = vec![0f32; xs.len()];
+        super::gelu(&xs, &mut out);
+        for (&x, &y) in xs.iter().zip(&out) {
+            let v = x as f64;
+            let want = 0.5 * v * (1.0 + crate::ops::elementwise::erf(v / std::f64::consts::SQRT_2));
+            assert!(
+                (y as f64 - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "gelu({x}) = {y}, want {want}"
+            );
+        }
     }
 }

@@ -5,6 +5,7 @@ pub mod erf;
 pub mod gemm;
 pub mod pool;
 pub mod quant;
+pub mod softmax;
 
 use rayon::prelude::*;
 
@@ -18,15 +19,7 @@ pub(crate) fn elementwise<A: Sync, B: Send>(
     out: &mut [B],
     body: impl Fn(&[A], &mut [B]) + Sync,
 ) {
-    let one = |x: &[A], out: &mut [B]| {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // Safety: the CPU has AVX2, checked just above.
-            unsafe { avx2(x, out, &body) };
-            return;
-        }
-        body(x, out)
-    };
+    let one = |x: &[A], out: &mut [B]| simd(x, out, &body);
     if x.len() <= CHUNK {
         one(x, out);
     } else {
@@ -34,6 +27,17 @@ pub(crate) fn elementwise<A: Sync, B: Send>(
             .zip(x.par_chunks(CHUNK))
             .for_each(|(o, x)| one(x, o));
     }
+}
+
+/// Runs `body` once on the whole of `x` and `out`, compiled for AVX2 when the CPU has it.
+pub(crate) fn simd<A, B>(x: &[A], out: &mut [B], body: &impl Fn(&[A], &mut [B])) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // Safety: the CPU has AVX2, checked just above.
+        unsafe { avx2(x, out, body) };
+        return;
+    }
+    body(x, out)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -1532,13 +1532,29 @@ pub fn register(r: &mut Registry) {
     unary_float!(r, "HardSigmoid", |ctx| (alpha, beta) = { (ctx.float("alpha", 0.2)?, ctx.float("beta", 0.5)?) }, x => {
         (alpha as F * x + beta as F).clamp(0.0, 1.0)
     });
-    unary_float!(r, "Gelu", |ctx| tanh = {
-        match ctx.string("approximate", "none")?.as_str() {
-            "none" => false,
-            "tanh" => true,
-            a => bail!(Invalid, "Gelu approximate must be none or tanh, got {a:?}"),
+    r.insert("Gelu", |ctx: &OpCtx, inputs: &[Option<&Tensor>]| {
+        let t = input(inputs, 0)?;
+        if let (Ok(x), "none") = (
+            t.as_slice::<f32>(),
+            ctx.string("approximate", "none")?.as_str(),
+        ) {
+            let mut out = vec![0f32; x.len()];
+            crate::kernels::erf::gelu(x, &mut out);
+            return Ok(vec![Tensor::from_vec(t.shape().to_vec(), out)?]);
         }
-    }, x => {
+        gelu_generic(ctx, inputs)
+    });
+}
+
+/// Gelu for every float type and both forms (the f32 exact form has a kernel).
+fn gelu_generic(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let tanh = match ctx.string("approximate", "none")?.as_str() {
+        "none" => false,
+        "tanh" => true,
+        a => bail!(Invalid, "Gelu approximate must be none or tanh, got {a:?}"),
+    };
+    let t = input(inputs, 0)?;
+    Ok(vec![float_map!(t, "Gelu", F, x => {
         let v = x as f64;
         let inner = if tanh {
             ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh()
@@ -1546,7 +1562,7 @@ pub fn register(r: &mut Registry) {
             erf(v * std::f64::consts::FRAC_1_SQRT_2)
         };
         (0.5 * v * (1.0 + inner)) as F
-    });
+    })?])
 }
 
 /// ln(1 + e^x) without overflow for large x.

@@ -484,6 +484,11 @@ fn softmax_op(ctx: &OpCtx, inputs: &[Option<&Tensor>], log: bool) -> Result<Vec<
     let x = input(inputs, 0)?;
     let (_, len, inner) = softmax_layout(ctx, x.shape())?;
     let data = match x.data() {
+        Data::F32(v) if inner == 1 && !log => {
+            let mut out = vec![0f32; v.len()];
+            crate::kernels::softmax::softmax_rows(v, len, &mut out);
+            Data::F32(out)
+        }
         Data::F32(v) => Data::F32(softmax_all(v, len, inner, log)),
         Data::F64(v) => Data::F64(softmax_all(v, len, inner, log)),
         Data::F16(v) => {

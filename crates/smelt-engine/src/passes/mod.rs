@@ -1,7 +1,10 @@
-//! Graph passes that need the engine: folding constants evaluates ops, and `qdq` rewrites
-//! QDQ patterns into the engine's own integer ops.
+//! Graph passes that need the engine: folding constants evaluates ops, `qdq` rewrites
+//! QDQ patterns into the engine's own integer ops, and `gelu` collapses a written-out GELU
+//! into one op.
 
+mod gelu;
 mod qdq;
+pub use gelu::FuseGelu;
 pub use qdq::FuseQdq;
 
 use crate::session::run_node;

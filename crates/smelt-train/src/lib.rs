@@ -362,7 +362,15 @@ pub fn finetune(
     let teacher = match &opts.distill {
         Some(d) => {
             let t = prepare(d.teacher.clone())?;
-            Some((Session::new(t)?, input_name(&d.teacher)?))
+            let input = input_name(&d.teacher)?;
+            // Feature matching reads values of the file's graph, which only the reference
+            // session keeps all of (the running one fuses some away).
+            let s = if d.feature_weight > 0.0 {
+                Session::reference(t)?
+            } else {
+                Session::new(t)?
+            };
+            Some((s, input))
         }
         None => None,
     };
@@ -444,9 +452,10 @@ pub fn finetune(
                         let t = &outs[0].1;
                         // Each matched value's loss, averaged, weighted by feature_weight.
                         let w = d.feature_weight / features.len().max(1) as f32;
+                        let mut matched = 0f64;
                         for f in &features {
                             let (fl, df) = loss::feature_match(&values[f], &tv[f])?;
-                            loss += w as f64 * fl;
+                            matched += w as f64 * fl;
                             let df: Vec<f32> =
                                 df.as_slice::<f32>()?.iter().map(|g| w * g).collect();
                             seeds.push((
@@ -455,7 +464,8 @@ pub fn finetune(
                             ));
                         }
                         let (kl, dk) = loss::distill(logits, t, d.temperature)?;
-                        loss = (1.0 - d.alpha as f64) * loss + d.alpha as f64 * kl;
+                        // Label and logit losses blend by alpha; feature matching adds on top.
+                        loss = (1.0 - d.alpha as f64) * loss + d.alpha as f64 * kl + matched;
                         let (a, b) = (1.0 - d.alpha, d.alpha);
                         let dv: Vec<f32> = dlogits
                             .as_slice::<f32>()?
@@ -596,7 +606,10 @@ fn matched_features(
             .filter(|o| tp.contains(o) && !sg.outputs.iter().any(|v| &v.name == o))
             .collect()
     } else {
-        for f in asked {
+        for (i, f) in asked.iter().enumerate() {
+            if asked[..i].contains(f) {
+                bail!(Input, "feature '{f}' is named twice");
+            }
             if !sp.contains(f) || !tp.contains(f) {
                 bail!(
                     Input,

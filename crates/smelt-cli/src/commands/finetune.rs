@@ -150,6 +150,9 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             Some(_) if !(a.feature_weight >= 0.0 && a.feature_weight.is_finite()) => {
                 bail!(Input, "--feature-weight must be a finite number >= 0")
             }
+            Some(_) if a.feature_weight == 0.0 && !a.features.is_empty() => {
+                bail!(Input, "--features needs a --feature-weight above 0")
+            }
             Some(p) => Some(Distill {
                 feature_weight: a.feature_weight,
                 features: a.features.clone(),

@@ -36,6 +36,8 @@ impl Pass for FuseGelu {
             }
         }
         if fused > 0 {
+            // remove_dead walks the nodes backwards: they must be in order.
+            g.sort()?;
             g.remove_dead();
             rec.note(format!("{fused} GELU subgraphs became Gelu nodes"));
         }
@@ -55,8 +57,9 @@ fn scalar(g: &Graph, value: &str) -> Option<f32> {
             n.attr_tensor("value").ok()??
         }
     };
+    // Rank 0 or [1] only: a [1, 1, 1] constant would broadcast x to a higher rank.
     match t.as_slice::<f32>() {
-        Ok([v]) => Some(*v),
+        Ok([v]) if t.rank() <= 1 => Some(*v),
         _ => None,
     }
 }
@@ -101,8 +104,9 @@ fn one_plus_erf(g: &Graph, value: &str, reader: usize) -> Option<String> {
     }
     let x = match s.op_type.as_str() {
         "Div"
-            if scalar(g, &s.inputs[1])
-                .is_some_and(|c| (c - std::f32::consts::SQRT_2).abs() < 1e-4) =>
+            if s.inputs.len() == 2
+                && scalar(g, &s.inputs[1])
+                    .is_some_and(|c| (c - std::f32::consts::SQRT_2).abs() < 1e-4) =>
         {
             &s.inputs[0]
         }

@@ -407,6 +407,12 @@ impl Graph {
         before - self.inputs.len()
     }
 
+    /// Whether any node carries a subgraph (If, Loop, Scan): passes that rename or remove
+    /// values leave such graphs alone, since a body may read values by name.
+    pub fn has_subgraphs(&self) -> bool {
+        self.nodes.iter().any(|n| subgraphs(n).next().is_some())
+    }
+
     /// Removes nodes whose outputs no graph output depends on, and initializers nothing reads.
     /// Returns how many nodes and initializers were removed.
     pub fn remove_dead(&mut self) -> (usize, usize) {

@@ -20,10 +20,7 @@ impl Pass for FuseGelu {
     fn run(&self, mut model: Model) -> Result<(Model, PassRecord)> {
         let mut rec = PassRecord::new(self.name());
         let g = &mut model.graph;
-        if g.nodes
-            .iter()
-            .any(|n| smelt_ir::subgraphs(n).next().is_some())
-        {
+        if g.has_subgraphs() {
             rec.note("the graph has control flow: left as written");
             return Ok((model, rec));
         }

@@ -36,10 +36,7 @@ impl Pass for FuseQdq {
         let mut rec = PassRecord::new(self.name());
         let g = &mut model.graph;
         // Renaming values would hide them from If/Loop/Scan bodies that read them.
-        if g.nodes
-            .iter()
-            .any(|n| smelt_ir::subgraphs(n).next().is_some())
-        {
+        if g.has_subgraphs() {
             rec.note("the graph has control flow: QDQ patterns stay as written");
             return Ok((model, rec));
         }

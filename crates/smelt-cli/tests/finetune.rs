@@ -245,28 +245,31 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     );
 }
 
-/// Gradual pruning inside the loop reaches its sparsity exactly, writes the masks beside the
-/// output, and the output's zeros are exactly the masked weights.
+/// Issue 5's unstructured target: MNIST-8 pruned gradually to 80% (global magnitude, Zhu &
+/// Gupta's cubic schedule over the first half of the run) while it trains for two epochs
+/// reaches >= 0.988 (fp32: 0.9891); the sparsity is exactly 80%, the masks are written beside
+/// the output, and the output's zeros are exactly the masked weights. (Seeds 1 and 2 give
+/// 0.9880 and 0.9886; pruning first and then fine-tuning gets 0.9874.)
 #[test]
-fn gradual_pruning_while_training() {
+fn gradual_pruning_to_80_percent_while_training_keeps_accuracy() {
     let a = assets();
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("g50.onnx");
+    let out = dir.path().join("g80.onnx");
     let v = run_json(
         &[
             "finetune",
             "--split",
             "train",
-            "--limit",
-            "1280",
             "--epochs",
-            "1",
+            "2",
             "--lr",
-            "3e-5",
+            "0.3",
+            "--loss-temperature",
+            "1000",
             "--prune-to",
-            "0.5",
-            "--prune-every",
-            "5",
+            "0.8",
+            "--prune-scope",
+            "global",
             "--prune-until",
             "0.5",
         ],
@@ -278,21 +281,29 @@ fn gradual_pruning_while_training() {
             &a.join("mnist"),
         ],
     );
-    assert_eq!(v["sparsity"].as_f64().unwrap(), 0.5);
-    let masks = dir.path().join("g50.masks.safetensors");
+    assert_eq!(v["sparsity"].as_f64().unwrap(), 0.8);
+    let masks = dir.path().join("g80.masks.safetensors");
     assert_eq!(v["masks"].as_str().unwrap(), masks.display().to_string());
     let m = smelt_prune::Masks::load(&masks).unwrap();
     assert_eq!(m.0.len(), 3, "two convolutions and the classifier");
     let t = smelt_onnx::load(&out).unwrap();
+    let (mut total, mut zero) = (0, 0);
     for (name, mask) in &m.0 {
         let w = t.graph.initializers[name].as_slice::<f32>().unwrap();
         for (x, k) in w.iter().zip(&mask.keep) {
             assert_eq!(*x == 0.0, !*k, "{name}");
+            total += 1;
+            zero += (*x == 0.0) as usize;
         }
     }
+    assert_eq!(
+        (zero, total),
+        (4768, 5960),
+        "exactly 80% of the weights are zero"
+    );
     let acc = smelt_accuracy(&out);
-    eprintln!("mnist-8 gradual 50% over 10 steps of 64, 10 more: {acc}");
-    assert!(acc > 0.95, "{acc}");
+    eprintln!("mnist-8 gradual 80% global over 2 epochs: {acc}");
+    assert!(acc >= 0.988, "{acc}");
 }
 
 /// Issue 5's structured target: MNIST-8 with half its channels removed (Taylor importance,

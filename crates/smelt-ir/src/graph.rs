@@ -441,6 +441,9 @@ impl Graph {
         self.inputs.retain(|v| !dead.contains(&v.name));
         let before = self.initializers.len();
         self.initializers.retain(|k, _| !dead.contains(k));
+        // Types declared for values no live node reads would describe nothing (or a value of
+        // the same name that a rewrite gave another type).
+        self.value_info.retain(|v| live.contains(&v.name));
         (nodes_removed, before - self.initializers.len())
     }
 

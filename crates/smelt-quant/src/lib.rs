@@ -9,6 +9,7 @@
 
 pub mod bias_correction;
 pub mod calibrate;
+pub mod compact;
 pub mod dynamic;
 pub mod equalize;
 pub mod gptq;
@@ -94,6 +95,9 @@ pub struct Options {
     /// Per-node weight schemes (nodes named by their first output) that replace `weights`:
     /// mixed precision.
     pub weight_overrides: std::collections::BTreeMap<String, WeightScheme>,
+    /// Finish with [`compact::CompactQdq`] (the form written to files); off for the training
+    /// form of QAT, which needs every op in float.
+    pub compact: bool,
 }
 
 impl Default for Options {
@@ -117,6 +121,7 @@ impl Default for Options {
             only: None,
             ranges: None,
             weight_overrides: Default::default(),
+            compact: true,
         }
     }
 }
@@ -439,6 +444,12 @@ pub fn quantize(
     }
     model.graph.sort()?;
     model.graph.remove_dead();
+    if opts.compact {
+        let (m, rec) = compact::CompactQdq.run(model)?;
+        man.notes
+            .extend(rec.changes.iter().map(|c| format!("compact-qdq: {c}")));
+        model = m;
+    }
     Ok((model, man))
 }
 

@@ -9,7 +9,7 @@
 //! its node's input and weight, giving the same QDQ form the quantizer writes.
 
 use smelt_engine::ops::{lookup, OpCtx};
-use smelt_ir::{Model, Node};
+use smelt_ir::{Model, Node, Pass};
 use smelt_tensor::{bail, DType, Result, Tensor};
 
 /// What [`to_training`] changed: the names a training loop needs.
@@ -225,7 +225,7 @@ pub fn to_qdq(mut model: Model, form: &TrainingForm) -> Result<Model> {
         }
     }
     model.graph.sort()?;
-    Ok(model)
+    Ok(crate::compact::CompactQdq.run(model)?.0)
 }
 
 #[cfg(test)]

@@ -792,7 +792,11 @@ fn fake_quantize(
         .chunks(opts.batch.max(1))
         .map(|idx| Ok(vec![(input.to_string(), rows(train.x, idx)?)]))
         .collect::<Result<_>>()?;
-    let (m, _) = smelt_quant::quantize(model, &q.quant, &calib, |_, _, _| {})?;
+    let quant = smelt_quant::Options {
+        compact: false,
+        ..q.quant.clone()
+    };
+    let (m, _) = smelt_quant::quantize(model, &quant, &calib, |_, _, _| {})?;
     smelt_quant::qat::to_training(m)
 }
 

@@ -1,5 +1,6 @@
 use crate::args::{load_model, print_json, refuse_overwrite, DataArgs};
 use serde_json::json;
+use smelt_ir::Pass;
 use smelt_quant::inputs::{quantize_inputs, InputPreprocess};
 use smelt_quant::{Clip, Mode, ObserverKind, Options, QType, WeightScheme};
 use smelt_tensor::{bail, Result};
@@ -91,6 +92,11 @@ pub struct Args {
     /// Samples of --val used by --sensitivity.
     #[arg(long, default_value_t = 2000)]
     val_limit: usize,
+    /// Rename every internal value and node to a short id (inputs and outputs keep their
+    /// names): the smallest file, for shipping, but hard to read; --exclude and the manifest
+    /// still use the original names.
+    #[arg(long)]
+    compact_names: bool,
     /// Write the per-tensor manifest (JSON) here.
     #[arg(long)]
     manifest: Option<PathBuf>,
@@ -140,6 +146,7 @@ fn options(a: &Args) -> Result<Options> {
         only: None,
         ranges: None,
         weight_overrides: Default::default(),
+        compact: true,
     })
 }
 
@@ -185,6 +192,11 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     } else {
         None
     };
+    if a.compact_names {
+        let (m, rec) = smelt_ir::passes::CompactNames.run(qmodel)?;
+        qmodel = m;
+        manifest.notes.extend(rec.changes);
+    }
     smelt_onnx::save(&qmodel, &a.output)?;
     let seconds = started.elapsed().as_secs_f64();
     let in_bytes = std::fs::metadata(&a.model).map(|m| m.len()).unwrap_or(0);

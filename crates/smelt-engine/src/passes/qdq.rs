@@ -40,6 +40,8 @@ impl Pass for FuseQdq {
             rec.note("the graph has control flow: QDQ patterns stay as written");
             return Ok((model, rec));
         }
+        let lifted = views_to_float(g)?;
+        g.remove_dead();
         let mut fused = 0;
         for i in 0..g.nodes.len() {
             let n = &g.nodes[i];
@@ -79,6 +81,12 @@ impl Pass for FuseQdq {
             }
         }
         g.remove_dead();
+        if lifted > 0 {
+            rec.note(format!(
+                "{lifted} chains of pooling or reshaping on 8-bit codes run in float before \
+                 their quantization"
+            ));
+        }
         if fused + pairs > 0 {
             rec.note(format!(
                 "{fused} layers run on integer kernels ({}, {biases} bias Adds and {snapped} \
@@ -186,6 +194,89 @@ fn absorb_output_pairs(g: &mut Graph) -> usize {
     }
     remove_nodes(g, &dead);
     absorbed
+}
+
+/// Ops that only pick or move values: on codes or on floats, quantizing before or after them
+/// gives the same codes (quantization is monotone).
+const VIEWS: &[&str] = &[
+    "MaxPool",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+];
+
+/// `Q(x) -> views on codes -> DQ` (how smelt and other quantizers write pooling between
+/// quantized layers) becomes `views on x -> Q -> DQ`, an activation pair the next layer fuses
+/// with. Exact: the views commute with quantization. Returns the chains rewritten.
+fn views_to_float(g: &mut Graph) -> Result<usize> {
+    let outputs: std::collections::HashSet<String> =
+        g.outputs.iter().map(|o| o.name.clone()).collect();
+    let mut lifted = 0;
+    for d in 0..g.nodes.len() {
+        if !plain(&g.nodes[d], "DequantizeLinear") {
+            continue;
+        }
+        // Walk up from the DequantizeLinear through single-use views to a QuantizeLinear.
+        let mut chain = Vec::new();
+        let mut value = g.nodes[d].inputs.first().cloned().unwrap_or_default();
+        let q = loop {
+            let Some(p) = g.producer(&value) else {
+                break None;
+            };
+            let n = &g.nodes[p];
+            if plain(n, "QuantizeLinear") {
+                break Some(p);
+            }
+            let single = g.consumers(&value).len() == 1 && !outputs.contains(&value);
+            if !n.domain.is_empty()
+                || !VIEWS.contains(&n.op_type.as_str())
+                || n.outputs.len() != 1
+                || !single
+            {
+                break None;
+            }
+            chain.push(p);
+            value = n.inputs.first().cloned().unwrap_or_default();
+        };
+        let Some(q) = q.filter(|_| !chain.is_empty()) else {
+            continue;
+        };
+        let per_tensor = g.nodes[q]
+            .inputs
+            .get(1)
+            .and_then(|s| g.initializers.get(s))
+            .is_some_and(|s| s.numel() == 1);
+        if !per_tensor {
+            continue;
+        }
+        // The first view (last in the walk) reads the float input instead of the codes, and a
+        // new QuantizeLinear after the last view gives the DequantizeLinear its codes.
+        let x = g.nodes[q].inputs[0].clone();
+        let first = *chain.last().unwrap();
+        let now_float: Vec<String> = chain
+            .iter()
+            .map(|&i| g.nodes[i].outputs[0].clone())
+            .collect();
+        g.value_info.retain(|v| !now_float.contains(&v.name));
+        g.nodes[first].inputs[0] = x;
+        let last_out = g.nodes[chain[0]].outputs[0].clone();
+        let codes = g.unique_name(&format!("{last_out}_codes"));
+        let mut requant = g.nodes[q].clone();
+        requant.name = g.unique_name(&format!("{}_requantize", g.nodes[q].name));
+        requant.inputs[0] = last_out;
+        requant.outputs = vec![codes.clone()];
+        g.nodes[d].inputs[0] = codes;
+        g.nodes.push(requant);
+        lifted += 1;
+    }
+    if lifted > 0 {
+        // The new QuantizeLinears were appended: put them before their readers.
+        g.sort()?;
+    }
+    Ok(lifted)
 }
 
 /// Drops the nodes at these indices.
@@ -490,4 +581,93 @@ fn const_shape(g: &Graph, value: &str) -> Option<Vec<usize>> {
     g.initializers
         .get(d.inputs.first()?)
         .map(|t| t.shape().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Session;
+    use smelt_ir::{Attr, Dim, OpsetImport, ValueInfo};
+
+    fn scalar<T: smelt_tensor::Element>(v: T) -> Tensor {
+        Tensor::from_vec(vec![], vec![v]).unwrap()
+    }
+
+    /// Pooling written on 8-bit codes (`Q -> MaxPool -> Reshape -> DQ`) before a quantized
+    /// MatMul: the views move back to floats and the MatMul still fuses.
+    #[test]
+    fn views_on_codes_move_to_floats_and_the_next_layer_fuses() {
+        let w: Vec<i8> = (0..12).map(|i| (i * 7 % 19) as i8 - 9).collect();
+        let nodes = vec![
+            Node::new("QuantizeLinear", "q", &["x", "s", "z"], &["xq"]),
+            Node::new("MaxPool", "pool", &["xq"], &["p"])
+                .with_attr("kernel_shape", Attr::Ints(vec![2, 2]))
+                .with_attr("strides", Attr::Ints(vec![2, 2])),
+            Node::new("Reshape", "flat", &["p", "shape"], &["r"]),
+            Node::new("DequantizeLinear", "d", &["r", "s", "z"], &["rd"]),
+            Node::new("DequantizeLinear", "dw", &["wq", "ws"], &["w"])
+                .with_attr("axis", Attr::Int(1)),
+            Node::new("MatMul", "mm", &["rd", "w"], &["y"]),
+        ];
+        let inits = [
+            ("s", scalar(0.05f32)),
+            ("z", scalar(100u8)),
+            ("shape", Tensor::from_vec(vec![2], vec![2i64, 4]).unwrap()),
+            ("wq", Tensor::from_vec(vec![4, 3], w).unwrap()),
+            (
+                "ws",
+                Tensor::from_vec(vec![3], vec![0.1f32, 0.2, 0.3]).unwrap(),
+            ),
+        ];
+        let m = Model {
+            ir_version: 8,
+            opsets: vec![OpsetImport {
+                domain: String::new(),
+                version: 13,
+            }],
+            graph: Graph {
+                inputs: vec![ValueInfo::new(
+                    "x",
+                    DType::F32,
+                    [2, 1, 4, 4].map(Dim::Fixed).to_vec(),
+                )],
+                outputs: vec![ValueInfo::new("y", DType::F32, vec![])],
+                initializers: inits.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                nodes,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (f, rec) = FuseQdq {
+            may_saturate: false,
+        }
+        .run(m.clone())
+        .unwrap();
+        let g = &f.graph;
+        let pool = &g.nodes[g.producer("p").unwrap()];
+        assert_eq!(pool.inputs[0], "x", "{:?}", rec.changes);
+        let mm = &g.nodes[g.producer("y").unwrap()];
+        assert_eq!(
+            (mm.domain.as_str(), mm.op_type.as_str()),
+            ("ai.smelt", "QMatMul")
+        );
+        let x: Vec<f32> = (0..32)
+            .map(|i| ((i * 13 % 32) as f32 - 12.0) * 0.37)
+            .collect();
+        let x = Tensor::from_vec(vec![2, 1, 4, 4], x).unwrap();
+        let run = |s: Session| {
+            s.run(&[("x", x.clone())]).unwrap()[0]
+                .1
+                .to_f32_vec()
+                .unwrap()
+        };
+        let want = run(Session::reference(m.clone()).unwrap());
+        let got = run(Session::new(m).unwrap());
+        for (a, b) in want.iter().zip(&got) {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                "{want:?} vs {got:?}"
+            );
+        }
+    }
 }

@@ -12,7 +12,7 @@ use smelt_data::{Preprocess, Split};
 use smelt_engine::analysis::{synth_inputs, InputSpec};
 use smelt_engine::kernels::quant::int8_may_saturate;
 use smelt_engine::{RunOptions, Session};
-use smelt_tensor::Tensor;
+use smelt_tensor::{DType, Tensor};
 use std::path::Path;
 
 fn quantize(input: &Path, output: &Path, extra: &[&str]) {
@@ -206,9 +206,13 @@ fn minilm_w8a8_integer_kernels_match_the_reference() {
     assert!(fused >= quantized, "{fused} fused of {quantized}");
     assert!(d <= 0.01f32.max(3.0 * noise), "{d} (noise {noise})");
     // The first layers see bit-identical inputs on both paths: there only the order of float
-    // sums differs, so they must agree to float rounding.
-    let first = first_layer_diff(&q, &feeds[0]);
-    assert!(first <= 1e-5, "first layer: {first}");
+    // sums differs, so they must agree to float rounding (or, snapped onto the next grid, to
+    // the same step but for the rare sum at a rounding boundary).
+    let (first, snapped) = first_layer_diff(&q, &feeds[0]);
+    assert!(
+        first <= if snapped { 1e-3 } else { 1e-5 },
+        "first layer: {first}"
+    );
 }
 
 /// The model with every float parameter of more than one element scaled by `f`.
@@ -226,16 +230,24 @@ fn scaled_float_params(m: &smelt_ir::Model, f: f32) -> smelt_ir::Model {
     m
 }
 
-/// Normwise difference between the fused and reference outputs of the model's first fused op.
-fn first_layer_diff(model: &Path, feed: &[(String, Tensor)]) -> f32 {
+/// Normwise difference between the fused and reference outputs of the model's first fused op
+/// (skipping ops that absorbed a scalar Mul, whose value is scaled). When the op snaps its
+/// output onto the next quantization grid, the reference value is snapped the same way; a sum
+/// at a rounding boundary may land one step away, so then the share of such values is
+/// returned instead (every value must be within one step).
+fn first_layer_diff(model: &Path, feed: &[(String, Tensor)]) -> (f32, bool) {
     let m = smelt_onnx::load(model).unwrap();
     let fused = Session::new(m.clone()).unwrap();
-    let reference = Session::reference(m).unwrap();
+    let reference = Session::reference(m.clone()).unwrap();
     let first = fused
         .graph()
         .nodes
         .iter()
-        .find(|n| n.domain == "ai.smelt" && n.op_type != "FakeQuant")
+        .find(|n| {
+            n.domain == "ai.smelt"
+                && n.op_type != "FakeQuant"
+                && !n.inputs.get(5).is_some_and(|s| s.ends_with("_scale_x_c"))
+        })
         .unwrap();
     let name = first.outputs[0].clone();
     let opts = RunOptions {
@@ -249,5 +261,32 @@ fn first_layer_diff(model: &Path, feed: &[(String, Tensor)]) -> f32 {
         a[&name].as_slice::<f32>().unwrap(),
         b[&name].as_slice::<f32>().unwrap(),
     );
-    max_rel_diff(a, b, 384)
+    let Some(grid) = first.inputs.get(7).filter(|s| !s.is_empty()) else {
+        return (max_rel_diff(a, b, 384), false);
+    };
+    let s = m.graph.initializers[grid].as_slice::<f32>().unwrap()[0];
+    let (z, lo, hi) = match first.inputs.get(8).filter(|z| !z.is_empty()) {
+        Some(z) => {
+            let t = &m.graph.initializers[z];
+            let v = t.to_i64_vec().unwrap()[0] as f32;
+            if t.dtype() == DType::I8 {
+                (v, -128.0, 127.0)
+            } else {
+                (v, 0.0, 255.0)
+            }
+        }
+        None => (0.0, 0.0, 255.0),
+    };
+    let snap = |v: f32| ((v / s).round_ties_even() + z).clamp(lo, hi) * s - z * s;
+    let mut off = 0;
+    for (x, y) in a.iter().zip(b) {
+        let d = (x - snap(*y)).abs();
+        assert!(d <= s * 1.001, "{x} vs {} (step {s})", snap(*y));
+        off += usize::from(d > s * 1e-3);
+    }
+    eprintln!(
+        "first fused layer '{name}': {off} of {} values one step away",
+        a.len()
+    );
+    (off as f32 / a.len() as f32, true)
 }

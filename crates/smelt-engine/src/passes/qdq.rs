@@ -62,6 +62,9 @@ impl Pass for FuseQdq {
         }
         let biases = absorb_bias_adds(g);
         g.remove_dead();
+        let scaled = scalar_muls_into_fused(g);
+        g.remove_dead();
+        let hoisted = pairs_above_views(g)?;
         let snapped = absorb_output_pairs(g);
         g.remove_dead();
         let mut pairs = 0;
@@ -90,7 +93,8 @@ impl Pass for FuseQdq {
         if fused + pairs > 0 {
             rec.note(format!(
                 "{fused} layers run on integer kernels ({}, {biases} bias Adds and {snapped} \
-                 output quantize-dequantize pairs absorbed), {pairs} other pairs in one pass",
+                 output quantize-dequantize pairs absorbed, {hoisted} of them moved above \
+                 reshapes, {scaled} scalar Muls folded), {pairs} other pairs in one pass",
                 crate::kernels::quant::int8_kernel_name()
             ));
         }
@@ -277,6 +281,186 @@ fn views_to_float(g: &mut Graph) -> Result<usize> {
         g.sort()?;
     }
     Ok(lifted)
+}
+
+/// How many nodes read the values of `v`: Shape ops, which read only its shape, do not count.
+fn value_readers(g: &Graph, v: &str) -> usize {
+    g.consumers(v)
+        .iter()
+        .filter(|&&c| !(g.nodes[c].domain.is_empty() && g.nodes[c].op_type == "Shape"))
+        .count()
+}
+
+/// `QMatMul -> views -> Mul(constant scalar c)` (attention scaling its queries or keys by
+/// 1/sqrt(d) after splitting heads) folds `c` into the QMatMul's scales and bias, and the Mul
+/// goes. Equal up to f32 rounding (`(acc s + b) c` becomes `acc (s c) + b c`), like the fused
+/// ops themselves. Returns the Muls folded.
+fn scalar_muls_into_fused(g: &mut Graph) -> usize {
+    let outputs: std::collections::HashSet<String> =
+        g.outputs.iter().map(|o| o.name.clone()).collect();
+    let mut dead = Vec::new();
+    for m in 0..g.nodes.len() {
+        let n = &g.nodes[m];
+        if !n.domain.is_empty() || n.op_type != "Mul" || n.inputs.len() != 2 {
+            continue;
+        }
+        let scalar = |x: &String| {
+            let t = g.initializers.get(x)?;
+            // Rank <= 1: a scalar that cannot broadcast the product to a higher rank.
+            (t.dtype() == DType::F32 && t.numel() == 1 && t.rank() <= 1)
+                .then(|| t.as_slice::<f32>().ok().map(|v| v[0]))
+                .flatten()
+        };
+        let (value, c) = match (scalar(&n.inputs[0]), scalar(&n.inputs[1])) {
+            (None, Some(c)) => (n.inputs[0].clone(), c),
+            (Some(c), None) => (n.inputs[1].clone(), c),
+            _ => continue,
+        };
+        if !c.is_finite() {
+            continue;
+        }
+        // Walk up through single-use views to a QMatMul whose output nothing else reads.
+        let mut v = value.clone();
+        let fused = loop {
+            // The Mul's input is renamed away; values further up may also feed Shape ops.
+            let readers = if v == value {
+                g.consumers(&v).len()
+            } else {
+                value_readers(g, &v)
+            };
+            if readers != 1 || outputs.contains(&v) {
+                break None;
+            }
+            let Some(p) = g.producer(&v) else { break None };
+            let pn = &g.nodes[p];
+            if pn.domain == "ai.smelt" && pn.op_type == "QMatMul" && pn.inputs.len() <= 7 {
+                break Some(p);
+            }
+            if !pn.domain.is_empty()
+                || !matches!(
+                    pn.op_type.as_str(),
+                    "Reshape" | "Flatten" | "Transpose" | "Squeeze" | "Unsqueeze" | "Identity"
+                )
+                || pn.outputs.len() != 1
+            {
+                break None;
+            }
+            v = pn.inputs.first().cloned().unwrap_or_default();
+        };
+        let Some(f) = fused else { continue };
+        let scaled = |g: &Graph, name: &str| -> Option<Tensor> {
+            let t = g.initializers.get(name)?;
+            let v: Vec<f32> = t.as_slice::<f32>().ok()?.iter().map(|x| x * c).collect();
+            Tensor::from_vec(t.shape().to_vec(), v).ok()
+        };
+        let fnode = &g.nodes[f];
+        let Some(scale) = fnode.inputs.get(5).and_then(|s| scaled(g, s)) else {
+            continue;
+        };
+        let bias = match fnode.inputs.get(6).filter(|b| !b.is_empty()) {
+            Some(b) => match scaled(g, b) {
+                Some(t) => Some(t),
+                None => continue,
+            },
+            None => None,
+        };
+        let out0 = fnode.outputs[0].clone();
+        let sname = g.unique_name(&format!("{out0}_scale_x_c"));
+        g.initializers.insert(sname.clone(), scale);
+        g.nodes[f].inputs[5] = sname;
+        if let Some(b) = bias {
+            let bname = g.unique_name(&format!("{out0}_bias_x_c"));
+            g.initializers.insert(bname.clone(), b);
+            g.nodes[f].inputs[6] = bname;
+        }
+        // The Mul's readers read the last view (or the QMatMul) directly.
+        let mul_out = g.nodes[m].outputs[0].clone();
+        let p = g.producer(&value).unwrap_or(f);
+        g.nodes[p].outputs[0] = mul_out;
+        g.nodes[m].outputs[0] = String::new();
+        g.nodes[m].inputs.clear();
+        g.value_info.retain(|vi| vi.name != value);
+        dead.push(m);
+    }
+    remove_nodes(g, &dead);
+    dead.len()
+}
+
+/// `fused op -> views -> Q -> DQ` (a transformer's projection, reshaped into heads, quantized
+/// for the attention MatMul) becomes `fused op -> Q -> DQ -> views`, so that the pair is
+/// absorbed as the fused op's output grid: snapped in its epilogue rather than in a pass of its
+/// own. Exact: the views only move values. Returns the pairs moved.
+fn pairs_above_views(g: &mut Graph) -> Result<usize> {
+    let outputs: std::collections::HashSet<String> =
+        g.outputs.iter().map(|o| o.name.clone()).collect();
+    let mut moved = 0;
+    for d in 0..g.nodes.len() {
+        if !plain(&g.nodes[d], "DequantizeLinear") {
+            continue;
+        }
+        let Some(act) = activation_pair(g, &g.nodes[d].outputs[0]) else {
+            continue;
+        };
+        let Some(q) = g.producer(&g.nodes[d].inputs[0]) else {
+            continue;
+        };
+        if g.consumers(&g.nodes[q].outputs[0]).len() != 1 {
+            continue;
+        }
+        // Walk up from the pair's input through single-use views to a fused op's output.
+        let mut chain = Vec::new();
+        let mut value = act.x.clone();
+        let source = loop {
+            let Some(p) = g.producer(&value) else {
+                break None;
+            };
+            let n = &g.nodes[p];
+            // The pair's input is renamed away; values further up may also feed Shape ops.
+            let readers = if value == act.x {
+                g.consumers(&value).len()
+            } else {
+                value_readers(g, &value)
+            };
+            if readers != 1 || outputs.contains(&value) {
+                break None;
+            }
+            if n.domain == "ai.smelt" && matches!(n.op_type.as_str(), "QConv" | "QMatMul") {
+                break Some((p, value.clone()));
+            }
+            if !n.domain.is_empty()
+                || !matches!(
+                    n.op_type.as_str(),
+                    "Reshape" | "Flatten" | "Transpose" | "Squeeze" | "Unsqueeze" | "Identity"
+                )
+                || n.outputs.len() != 1
+            {
+                break None;
+            }
+            chain.push(p);
+            value = n.inputs.first().cloned().unwrap_or_default();
+        };
+        let Some((f, source)) = source.filter(|_| !chain.is_empty()) else {
+            continue;
+        };
+        // fused op -> raw -> Q -> DQ -> source -> first view ... last view -> the DQ's old
+        // output: the fused op's value keeps its name, now snapped.
+        let raw = g.unique_name(&format!("{source}_raw"));
+        g.nodes[f].outputs[0] = raw.clone();
+        g.nodes[q].inputs[0] = raw;
+        let old_out = std::mem::replace(&mut g.nodes[d].outputs[0], source);
+        g.nodes[chain[0]].outputs[0] = old_out;
+        let views: Vec<String> = chain
+            .iter()
+            .map(|&i| g.nodes[i].outputs[0].clone())
+            .collect();
+        g.value_info.retain(|v| !views.contains(&v.name));
+        moved += 1;
+    }
+    if moved > 0 {
+        // The pair now comes before the views: restore topological order.
+        g.sort()?;
+    }
+    Ok(moved)
 }
 
 /// Drops the nodes at these indices.
@@ -668,6 +852,110 @@ mod tests {
                 (a - b).abs() <= 1e-5 * a.abs().max(1.0),
                 "{want:?} vs {got:?}"
             );
+        }
+    }
+
+    /// A projection reshaped into heads and quantized for the next (float) MatMul: the pair
+    /// moves above the reshape and the QMatMul snaps its own output.
+    #[test]
+    fn a_pair_after_reshapes_becomes_the_fused_output_grid() {
+        pair_after_reshapes(false);
+    }
+
+    /// The same with the heads scaled by a constant (attention's 1/sqrt(d)) before the pair:
+    /// the scale folds into the QMatMul.
+    #[test]
+    fn a_scalar_mul_after_reshapes_folds_into_the_fused_op() {
+        pair_after_reshapes(true);
+    }
+
+    fn pair_after_reshapes(scaled: bool) {
+        let w: Vec<i8> = (0..24).map(|i| (i * 5 % 23) as i8 - 11).collect();
+        let mut nodes = vec![
+            Node::new("QuantizeLinear", "q", &["x", "s", "z"], &["xq"]),
+            Node::new("DequantizeLinear", "d", &["xq", "s", "z"], &["xd"]),
+            Node::new("DequantizeLinear", "dw", &["wq", "ws"], &["w"])
+                .with_attr("axis", Attr::Int(1)),
+            Node::new("MatMul", "mm", &["xd", "w"], &["h"]),
+            Node::new("Reshape", "heads", &["h", "shape"], &["r"]),
+            Node::new("Transpose", "t", &["r"], &["rt"])
+                .with_attr("perm", Attr::Ints(vec![0, 2, 1, 3])),
+            Node::new("QuantizeLinear", "q2", &["rt", "s2", "z"], &["rq"]),
+            Node::new("DequantizeLinear", "d2", &["rq", "s2", "z"], &["y"]),
+        ];
+        if scaled {
+            nodes[6].inputs[0] = "rm".into();
+            nodes.insert(6, Node::new("Mul", "scale", &["c", "rt"], &["rm"]));
+        }
+        let inits = [
+            ("c", scalar(0.35f32)),
+            ("s", scalar(0.05f32)),
+            ("s2", scalar(if scaled { 0.01f32 } else { 0.03 })),
+            ("z", scalar(128u8)),
+            (
+                "shape",
+                Tensor::from_vec(vec![4], vec![2i64, 3, 2, 3]).unwrap(),
+            ),
+            ("wq", Tensor::from_vec(vec![4, 6], w).unwrap()),
+            (
+                "ws",
+                Tensor::from_vec(vec![6], vec![0.01f32, 0.02, 0.03, 0.02, 0.01, 0.02]).unwrap(),
+            ),
+        ];
+        let m = Model {
+            ir_version: 8,
+            opsets: vec![OpsetImport {
+                domain: String::new(),
+                version: 13,
+            }],
+            graph: Graph {
+                inputs: vec![ValueInfo::new(
+                    "x",
+                    DType::F32,
+                    [2, 3, 4].map(Dim::Fixed).to_vec(),
+                )],
+                outputs: vec![ValueInfo::new("y", DType::F32, vec![])],
+                initializers: inits.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                nodes,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (f, rec) = FuseQdq {
+            may_saturate: false,
+        }
+        .run(m.clone())
+        .unwrap();
+        let g = &f.graph;
+        let ops: Vec<&str> = g.nodes.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(
+            ops,
+            ["QMatMul", "Reshape", "Transpose"],
+            "{:?}",
+            rec.changes
+        );
+        assert_eq!(
+            g.nodes[0].inputs.len(),
+            9,
+            "the output grid is the QMatMul's"
+        );
+        assert_eq!(g.nodes[2].outputs[0], "y");
+        let x: Vec<f32> = (0..24)
+            .map(|i| ((i * 11 % 24) as f32 - 10.0) * 0.21)
+            .collect();
+        let x = Tensor::from_vec(vec![2, 3, 4], x).unwrap();
+        let run = |s: Session| {
+            s.run(&[("x", x.clone())]).unwrap()[0]
+                .1
+                .to_f32_vec()
+                .unwrap()
+        };
+        let want = run(Session::reference(m.clone()).unwrap());
+        let got = run(Session::new(m).unwrap());
+        // Integer sums are exact where the reference rounds float products: at most one step.
+        let step = if scaled { 0.01 } else { 0.03 };
+        for (a, b) in want.iter().zip(&got) {
+            assert!((a - b).abs() <= step + 1e-6, "{want:?} vs {got:?}");
         }
     }
 }

@@ -421,7 +421,8 @@ impl Graph {
         for (i, n) in self.nodes.iter().enumerate().rev() {
             if n.outputs.iter().any(|o| live.contains(o)) {
                 keep[i] = true;
-                live.extend(n.inputs.iter().cloned());
+                // An empty name is an absent optional input, not a value: it keeps nothing alive.
+                live.extend(n.inputs.iter().filter(|x| !x.is_empty()).cloned());
                 for g in subgraphs(n) {
                     live.extend(g.free_values());
                 }

@@ -1,8 +1,8 @@
 //! `compact-qdq`: the quantizer's last pass, which writes a QDQ graph in its smallest exact form.
 //!
-//! - A signed weight's all-zero zero point goes: ONNX defaults it to 0 in the codes' type.
-//!   Except before Gemm and MatMul: onnxruntime (1.32) fuses those into integer kernels only
-//!   when the weight's zero point is written out.
+//! - A Conv weight's all-zero signed zero point goes: ONNX defaults it to 0 in the codes' type.
+//!   Only Conv's: onnxruntime (1.32) fuses Gemm into its integer kernel only when the weight's
+//!   zero point is written out, and other readers are unverified.
 //! - Ops that only pick or move values (MaxPool, Reshape, Flatten, Transpose, Squeeze,
 //!   Unsqueeze, Identity) between two quantize-dequantize pairs on one grid run on the 8-bit
 //!   codes: `Q -> DQ -> MaxPool -> Q -> DQ` becomes `Q -> MaxPool -> DQ`. Quantization is
@@ -69,7 +69,7 @@ fn is_signed_codes(t: &Tensor) -> bool {
 }
 
 /// Drops the zero-point input of each DequantizeLinear of constant signed codes whose zero
-/// point is a constant of zeros, unless a Gemm or MatMul reads it. Returns how many.
+/// point is a constant of zeros, when only Convs read it. Returns how many.
 fn drop_zero_points(g: &mut Graph) -> usize {
     let mut dropped = 0;
     for i in 0..g.nodes.len() {
@@ -84,13 +84,12 @@ fn drop_zero_points(g: &mut Graph) -> usize {
             continue;
         };
         let zero = z.to_i64_vec().is_ok_and(|v| v.iter().all(|&x| x == 0));
-        let matmul = n.outputs.iter().any(|o| {
-            g.consumers(o).iter().any(|&c| {
-                let op = g.nodes[c].op_type.as_str();
-                g.nodes[c].domain.is_empty() && matches!(op, "Gemm" | "MatMul")
-            })
+        let conv_only = n.outputs.iter().all(|o| {
+            g.consumers(o)
+                .iter()
+                .all(|&c| g.nodes[c].domain.is_empty() && g.nodes[c].op_type == "Conv")
         });
-        if is_signed_codes(codes) && z.dtype() == codes.dtype() && zero && !matmul {
+        if is_signed_codes(codes) && z.dtype() == codes.dtype() && zero && conv_only {
             g.nodes[i].inputs.truncate(2);
             dropped += 1;
         }
@@ -100,9 +99,8 @@ fn drop_zero_points(g: &mut Graph) -> usize {
 
 /// The scale and zero point of a per-tensor Q or DQ as (scale bits, zero-point type, value).
 fn grid(g: &Graph, n: &smelt_ir::Node) -> Option<(u32, DType, i64)> {
-    if n.attr_int("block_size").ok().flatten().unwrap_or(0) != 0
-        || n.attr_int("output_dtype").ok().flatten().unwrap_or(0) != 0
-    {
+    let attr = |k: &str| n.attr_int(k).ok().flatten().unwrap_or(0);
+    if attr("block_size") != 0 || attr("output_dtype") != 0 || attr("precision") != 0 {
         return None;
     }
     let s = g.initializers.get(n.inputs.get(1)?)?;
@@ -176,7 +174,9 @@ fn find_view_chain(g: &Graph, opset: i64) -> Option<Vec<usize>> {
                     .iter()
                     .any(|(op, from)| n.op_type == *op && opset >= *from);
             // MaxPool's second output (indices) would have no float twin.
-            if !is_view || n.outputs.iter().filter(|o| !o.is_empty()).count() != 1 {
+            let one_output =
+                n.outputs.iter().filter(|o| !o.is_empty()).count() == 1 && !n.outputs[0].is_empty();
+            if !is_view || !one_output {
                 continue 'dq;
             }
             if n.inputs.first() != Some(value) {
@@ -225,7 +225,7 @@ mod tests {
     }
 
     /// x -> Q -> DQ -> MaxPool -> Reshape -> Q -> DQ -> Mul by a weight behind a DQ with
-    /// zero points of zeros.
+    /// zero points of zeros, read by a 1x1 Conv.
     fn model() -> Model {
         let nodes = vec![
             Node::new("QuantizeLinear", "q0", &["x", "s", "z"], &["xq"]),
@@ -238,21 +238,21 @@ mod tests {
             Node::new("DequantizeLinear", "d1", &["rq", "s", "z"], &["rd"]),
             Node::new("DequantizeLinear", "dw", &["wq", "ws", "wz"], &["w"])
                 .with_attr("axis", Attr::Int(0)),
-            Node::new("Mul", "mul", &["rd", "w"], &["y"]),
+            Node::new("Conv", "conv", &["rd", "w"], &["y"]),
         ];
         let inits = [
             ("s", scalar(0.05f32)),
             ("z", scalar(100u8)),
-            ("shape", Tensor::from_vec(vec![2], vec![1i64, 4]).unwrap()),
+            (
+                "shape",
+                Tensor::from_vec(vec![4], vec![1i64, 4, 1, 1]).unwrap(),
+            ),
             (
                 "wq",
-                Tensor::from_vec(vec![4], vec![1i8, -2, 3, 127]).unwrap(),
+                Tensor::from_vec(vec![2, 4, 1, 1], vec![1i8, -2, 3, 127, -128, 5, 0, 9]).unwrap(),
             ),
-            (
-                "ws",
-                Tensor::from_vec(vec![4], vec![0.1f32, 0.2, 0.3, 0.4]).unwrap(),
-            ),
-            ("wz", Tensor::from_vec(vec![4], vec![0i8; 4]).unwrap()),
+            ("ws", Tensor::from_vec(vec![2], vec![0.1f32, 0.2]).unwrap()),
+            ("wz", Tensor::from_vec(vec![2], vec![0i8; 2]).unwrap()),
         ];
         Model {
             ir_version: 8,
@@ -297,7 +297,7 @@ mod tests {
                 "Reshape",
                 "DequantizeLinear",
                 "DequantizeLinear",
-                "Mul"
+                "Conv"
             ]
         );
         assert_eq!(c.graph.nodes[1].inputs[0], "xq");

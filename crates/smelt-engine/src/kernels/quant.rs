@@ -106,16 +106,17 @@ unsafe fn quantize_avx2<T: Q8>(
     while i < n {
         let mut q = [_mm256_setzero_si256(); 4];
         for (k, q) in q.iter_mut().enumerate() {
-            let v = _mm256_loadu_ps(x.as_ptr().add(i + 8 * k));
-            let t = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(v, vs), vlo), vhi);
+            let d = _mm256_div_ps(_mm256_loadu_ps(x.as_ptr().add(i + 8 * k)), vs);
+            let t = _mm256_min_ps(_mm256_max_ps(d, vlo), vhi);
             // Round half to even (the default rounding mode), then shift by the zero point:
             // an integer in the type's range, so the conversion is exact.
             let r = _mm256_add_ps(
                 _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t),
                 vz,
             );
-            // NaN quantizes to 0, as in the reference.
-            let ordered = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(v, v));
+            // A NaN quotient (NaN input, or 0/0 and inf/inf with a degenerate scale) quantizes
+            // to 0, as in the reference.
+            let ordered = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(d, d));
             *q = _mm256_and_si256(_mm256_cvtps_epi32(r), ordered);
         }
         let a = _mm256_packs_epi32(q[0], q[1]);
@@ -445,6 +446,11 @@ mod tests {
                 ((v / s).round_ties_even() + z).clamp(lo, hi)
             }
         };
+        // A zero scale makes 0/0 a NaN quotient: code 0 on both paths.
+        let zeros = [0.0f32; 40];
+        let mut q = [1i8; 40];
+        quantize(&zeros, 0.0, -7i8, &mut q);
+        assert_eq!(q, [0i8; 40]);
         for len in [0, 5, 31, 32, 33, 64, 100, x.len()] {
             let x = &x[x.len() - len..];
             let mut u = vec![0u8; len];

@@ -306,8 +306,8 @@ fn scalar_muls_into_fused(g: &mut Graph) -> usize {
         }
         let scalar = |x: &String| {
             let t = g.initializers.get(x)?;
-            // Rank <= 1: a scalar that cannot broadcast the product to a higher rank.
-            (t.dtype() == DType::F32 && t.numel() == 1 && t.rank() <= 1)
+            // Rank 0: a scalar that cannot change the product's shape.
+            (t.dtype() == DType::F32 && t.numel() == 1 && t.rank() == 0)
                 .then(|| t.as_slice::<f32>().ok().map(|v| v[0]))
                 .flatten()
         };
@@ -404,7 +404,8 @@ fn pairs_above_views(g: &mut Graph) -> Result<usize> {
         let Some(q) = g.producer(&g.nodes[d].inputs[0]) else {
             continue;
         };
-        if g.consumers(&g.nodes[q].outputs[0]).len() != 1 {
+        let codes = &g.nodes[q].outputs[0];
+        if g.consumers(codes).len() != 1 || outputs.contains(codes) {
             continue;
         }
         // Walk up from the pair's input through single-use views to a fused op's output.
@@ -449,10 +450,12 @@ fn pairs_above_views(g: &mut Graph) -> Result<usize> {
         g.nodes[q].inputs[0] = raw;
         let old_out = std::mem::replace(&mut g.nodes[d].outputs[0], source);
         g.nodes[chain[0]].outputs[0] = old_out;
-        let views: Vec<String> = chain
+        // The views' values and the codes now have other shapes: their entries would mislead.
+        let mut views: Vec<String> = chain
             .iter()
             .map(|&i| g.nodes[i].outputs[0].clone())
             .collect();
+        views.push(g.nodes[q].outputs[0].clone());
         g.value_info.retain(|v| !views.contains(&v.name));
         moved += 1;
     }

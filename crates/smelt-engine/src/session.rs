@@ -35,8 +35,9 @@ pub struct Session {
 impl Session {
     /// Checks the graph (ordering, every op known) and plans the run. Constant subgraphs
     /// (e.g. int8 weights cast and scaled to f32) are evaluated once here, not on every run.
-    /// QDQ patterns run on integer kernels (see [`crate::passes::FuseQdq`]) and a written-out
-    /// GELU as one op ([`crate::passes::FuseGelu`]).
+    /// QDQ patterns run on integer kernels (see [`crate::passes::FuseQdq`]), a written-out
+    /// GELU as one op ([`crate::passes::FuseGelu`]), and attention's masked softmax as one
+    /// ([`crate::passes::FuseSoftmax`]).
     pub fn new(model: Model) -> Result<Session> {
         Session::build(model, true, true)
     }
@@ -67,7 +68,8 @@ impl Session {
         // Before folding, which would turn the int8 weights into float ones.
         let model = if fuse {
             let model = crate::passes::FuseGelu.run(model)?.0;
-            crate::passes::FuseQdq::default().run(model)?.0
+            let model = crate::passes::FuseQdq::default().run(model)?.0;
+            crate::passes::FuseSoftmax.run(model)?.0
         } else {
             model
         };

@@ -21,6 +21,20 @@ pub struct Model {
 }
 
 impl Model {
+    /// A model of `graph` importing the default domain at `opset` (IR version 8, what
+    /// onnxruntime reads for every opset smelt writes): how passes and tests build one.
+    pub fn new(graph: Graph, opset: i64) -> Model {
+        Model {
+            ir_version: 8,
+            opsets: vec![OpsetImport {
+                domain: String::new(),
+                version: opset,
+            }],
+            graph,
+            ..Default::default()
+        }
+    }
+
     /// The opset version imported for `domain` ("" and "ai.onnx" are the same domain).
     pub fn opset(&self, domain: &str) -> Option<i64> {
         let norm = |d: &str| if d == "ai.onnx" { "" } else { d }.to_string();

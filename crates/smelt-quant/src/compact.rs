@@ -220,10 +220,6 @@ mod tests {
     use smelt_engine::Session;
     use smelt_ir::{Attr, Dim, Node, OpsetImport, ValueInfo};
 
-    fn scalar<T: smelt_tensor::Element>(v: T) -> Tensor {
-        Tensor::from_vec(vec![], vec![v]).unwrap()
-    }
-
     /// x -> Q -> DQ -> MaxPool -> Reshape -> Q -> DQ -> Mul by a weight behind a DQ with
     /// zero points of zeros, read by a 1x1 Conv.
     fn model() -> Model {
@@ -241,8 +237,8 @@ mod tests {
             Node::new("Conv", "conv", &["rd", "w"], &["y"]),
         ];
         let inits = [
-            ("s", scalar(0.05f32)),
-            ("z", scalar(100u8)),
+            ("s", Tensor::scalar(0.05f32)),
+            ("z", Tensor::scalar(100u8)),
             (
                 "shape",
                 Tensor::from_vec(vec![4], vec![1i64, 4, 1, 1]).unwrap(),
@@ -254,13 +250,8 @@ mod tests {
             ("ws", Tensor::from_vec(vec![2], vec![0.1f32, 0.2]).unwrap()),
             ("wz", Tensor::from_vec(vec![2], vec![0i8; 2]).unwrap()),
         ];
-        Model {
-            ir_version: 8,
-            opsets: vec![OpsetImport {
-                domain: String::new(),
-                version: 13,
-            }],
-            graph: smelt_ir::Graph {
+        Model::new(
+            smelt_ir::Graph {
                 inputs: vec![ValueInfo::new(
                     "x",
                     DType::F32,
@@ -272,8 +263,8 @@ mod tests {
                 nodes,
                 ..Default::default()
             },
-            ..Default::default()
-        }
+            13,
+        )
     }
 
     fn run(m: &Model, x: &Tensor) -> Vec<f32> {
@@ -322,7 +313,9 @@ mod tests {
     #[test]
     fn different_grids_or_shared_values_are_left_alone() {
         let mut m = model();
-        m.graph.initializers.insert("s2".into(), scalar(0.07f32));
+        m.graph
+            .initializers
+            .insert("s2".into(), Tensor::scalar(0.07f32));
         m.graph.nodes[4].inputs[1] = "s2".into();
         m.graph.nodes[5].inputs[1] = "s2".into();
         let (c, _) = CompactQdq.run(m).unwrap();

@@ -51,14 +51,68 @@ pub fn erf(x: &[f32], out: &mut [f32]) {
     });
 }
 
-/// `out[i] = gelu(x[i]) = 0.5 x (1 + erf(x / sqrt 2))`, in f64 like [`erf`].
+/// `out[i] = gelu(x[i]) = 0.5 x (1 + erf(x / sqrt 2))`, in f64 like [`erf`], or in f32 with
+/// AVX2 and FMA (within 1e-6 of the exact value either way; f64 takes four lanes and a slow
+/// division, which made GELU a tenth of MiniLM's int8 time).
 pub fn gelu(x: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        let body = |x: &[f32], out: &mut [f32]| {
+            // Safety: the CPU has AVX2 and FMA, checked above.
+            unsafe { avx2::gelu(x, out) }
+        };
+        if x.len() <= super::CHUNK {
+            body(x, out);
+        } else {
+            use rayon::prelude::*;
+            out.par_chunks_mut(super::CHUNK)
+                .zip(x.par_chunks(super::CHUNK))
+                .for_each(|(o, x)| body(x, o));
+        }
+        return;
+    }
     elementwise(x, out, |x, out| {
         for (o, &v) in out.iter_mut().zip(x) {
             let v = v as f64;
             *o = (0.5 * v * (1.0 + erf64(v * std::f64::consts::FRAC_1_SQRT_2))) as f32;
         }
     });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{P, Q};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gelu(x: &[f32], out: &mut [f32]) {
+        let c = _mm256_set1_ps;
+        let n8 = x.len().min(out.len()) / 8 * 8;
+        for i in (0..n8).step_by(8) {
+            let v = _mm256_loadu_ps(x.as_ptr().add(i));
+            let t = _mm256_mul_ps(v, c(std::f32::consts::FRAC_1_SQRT_2));
+            // The constant first: max/min return their second operand for NaN.
+            let t = _mm256_min_ps(c(4.0), _mm256_max_ps(c(-4.0), t));
+            let t2 = _mm256_mul_ps(t, t);
+            let mut p = c(P[0] as f32);
+            for &k in &P[1..] {
+                p = _mm256_fmadd_ps(p, t2, c(k as f32));
+            }
+            let mut q = c(Q[0] as f32);
+            for &k in &Q[1..] {
+                q = _mm256_fmadd_ps(q, t2, c(k as f32));
+            }
+            let e = _mm256_div_ps(_mm256_mul_ps(t, p), q);
+            let e = _mm256_min_ps(c(1.0), _mm256_max_ps(c(-1.0), e));
+            let half_v = _mm256_mul_ps(v, c(0.5));
+            let y = _mm256_fmadd_ps(half_v, e, half_v);
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), y);
+        }
+        for (o, &v) in out[n8..].iter_mut().zip(&x[n8..]) {
+            let v = v as f64;
+            *o = (0.5 * v * (1.0 + super::erf64(v * std::f64::consts::FRAC_1_SQRT_2))) as f32;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -83,6 +137,7 @@ mod tests {
 
     #[test]
     fn gelu_within_1e6_of_the_exact_one() {
+        // 20,001 values: the vector path's tail is covered too.
         let xs: Vec<f32> = (-10_000..=10_000).map(|i| i as f32 * 1e-3).collect();
         let mut out = vec![0f32; xs.len()];
         super::gelu(&xs, &mut out);
@@ -94,5 +149,15 @@ mod tests {
                 "gelu({x}) = {y}, want {want}"
             );
         }
+        let mut edge = [0f32; 8];
+        super::gelu(
+            &[f32::NAN, f32::INFINITY, -1e30, 0.0, 1e30, -0.0, 50.0, -50.0],
+            &mut edge,
+        );
+        assert!(edge[0].is_nan());
+        assert_eq!(
+            &edge[1..],
+            &[f32::INFINITY, -0.0, 0.0, 1e30, -0.0, 50.0, -0.0]
+        );
     }
 }

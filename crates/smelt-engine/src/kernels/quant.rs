@@ -295,6 +295,30 @@ impl Grid {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+impl Grid {
+    /// [`Grid::snap`] of eight values, bit for bit (the same division, clamp, round half to
+    /// even, and product).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn snap8(&self, v: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let t = _mm256_div_ps(v, _mm256_set1_ps(self.s));
+        let t = _mm256_min_ps(
+            _mm256_max_ps(t, _mm256_set1_ps(self.lo)),
+            _mm256_set1_ps(self.hi),
+        );
+        let r = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        // Rounding keeps the sign of -0.2; a dequantized code is +0, like the scalar trick's.
+        let r = _mm256_add_ps(r, _mm256_setzero_ps());
+        let r = _mm256_mul_ps(r, _mm256_set1_ps(self.s));
+        let nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+        _mm256_blendv_ps(r, _mm256_set1_ps(self.nan), nan)
+    }
+}
+
 /// `out[i] = dequantize(quantize(x[i]))`: a QuantizeLinear / DequantizeLinear pair in one pass,
 /// without the 8-bit tensor in between.
 pub fn fake_quantize(x: &[f32], grid: Grid, out: &mut [f32]) {
@@ -400,6 +424,42 @@ mod tests {
         let mut back = [0f32; 6];
         dequantize(&q, 0.5, 3u8, &mut back);
         assert_eq!(back, [0.0, 1.0, -1.5, 126.0, -1.5, 0.5]);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn snap8_equals_snap_bit_for_bit() {
+        if !is_x86_feature_detected!("avx2") {
+            return;
+        }
+        use std::arch::x86_64::*;
+        let mut x: Vec<f32> = (-4000..4000).map(|i| i as f32 * 0.0625 + 0.03125).collect();
+        x.extend([
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.25,
+            0.75,
+            -0.25,
+            1e30,
+            -0.0,
+        ]);
+        for grid in [
+            Grid::new(0.5f32, 3u8),
+            Grid::new(0.017f32, -7i8),
+            Grid::new(1.0 / 255.0, 0u8),
+        ] {
+            for c in x.chunks_exact(8) {
+                let mut got = [0f32; 8];
+                // Safety: the CPU has AVX2, checked above.
+                unsafe {
+                    _mm256_storeu_ps(got.as_mut_ptr(), grid.snap8(_mm256_loadu_ps(c.as_ptr())))
+                };
+                for (&v, g) in c.iter().zip(got) {
+                    assert_eq!(g.to_bits(), grid.snap(v).to_bits(), "{v} on {grid:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -9,12 +9,14 @@ use super::nn::conv_geometry;
 use super::{input, opt_input, OpCtx, Registry};
 use crate::kernels::conv;
 use crate::kernels::quant as kq;
+use crate::kernels::softmax as ks;
 use smelt_tensor::{bail, DType, Data, Result, Tensor};
 
 pub fn register(r: &mut Registry) {
     r.insert("ai.smelt.QConv", qconv);
     r.insert("ai.smelt.QMatMul", qmatmul);
     r.insert("ai.smelt.FakeQuant", fake_quant);
+    r.insert("ai.smelt.Softmax", softmax);
 }
 
 /// An activation as f32 (a cast is exact: QuantizeLinear divides in f32 for any narrower float).
@@ -177,4 +179,117 @@ fn fake_quant(_ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let mut out = vec![0f32; xs.len()];
     kq::fake_quantize(&xs, g, &mut out);
     Ok(vec![Tensor::from_vec(x.shape().to_vec(), out)?])
+}
+
+/// Inputs: x, mask? (added to x first, either operand broadcast), y_scale?, y_zero_point?;
+/// attributes: the Softmax's own, and `nan_to_zero`. Output: `Softmax(x + mask)` with NaN
+/// replaced by 0, then snapped onto the grid when one is given (see `passes::FuseSoftmax`).
+fn softmax(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(inputs, 0)?;
+    let mask = opt_input(inputs, 1);
+    let epi = ks::Epilogue {
+        nan_to_zero: ctx.int("nan_to_zero", 0)? != 0,
+        grid: grid(inputs, 2)?,
+    };
+    if let Some((full, bias, starts)) = by_rows(ctx, x, mask)? {
+        let mut out = vec![0f32; full.numel()];
+        let bias = bias.map(|b| ks::RowBias {
+            values: b,
+            starts: &starts,
+        });
+        let (_, len, _) = super::reduce::softmax_layout(ctx, full.shape())?;
+        ks::softmax_rows_with(full.as_slice::<f32>()?, len, bias, epi, &mut out);
+        return Ok(vec![Tensor::from_vec(full.shape().to_vec(), out)?]);
+    }
+    // Anything else (other float types, a mask the rows cannot index) runs op by op.
+    let sum;
+    let x = match mask {
+        Some(m) => {
+            let add = super::lookup("", "Add").expect("Add is registered");
+            sum = add(ctx, &[Some(x), Some(m)])?.remove(0);
+            &sum
+        }
+        None => x,
+    };
+    let y = super::reduce::softmax_op(ctx, &[Some(x)], false)?.remove(0);
+    if !epi.nan_to_zero && epi.grid.is_none() {
+        return Ok(vec![y]);
+    }
+    let mut v = y.to_f32_vec()?;
+    for v in v.iter_mut() {
+        if epi.nan_to_zero && v.is_nan() {
+            *v = 0.0;
+        }
+        if let Some(g) = epi.grid {
+            *v = g.snap(*v);
+        }
+    }
+    // A quantize-dequantize pair yields f32 whatever it read.
+    let dtype = if epi.grid.is_some() {
+        DType::F32
+    } else {
+        y.dtype()
+    };
+    Ok(vec![super::nn::from_floats(y.shape().to_vec(), v, dtype)?])
+}
+
+/// For the fast path: the f32 operand of the output's shape, the other one (if any), and
+/// where each softmax row's slice of it starts. None when the softmax does not run along the
+/// last axis, or the mask does not broadcast whole rows onto the other operand.
+fn by_rows<'a>(
+    ctx: &OpCtx,
+    x: &'a Tensor,
+    mask: Option<&'a Tensor>,
+) -> Result<Option<(&'a Tensor, Option<&'a [f32]>, Vec<usize>)>> {
+    let f32_only = |t: &Tensor| t.dtype() == DType::F32;
+    let Some(m) = mask else {
+        let (_, _, inner) = super::reduce::softmax_layout(ctx, x.shape())?;
+        return Ok((f32_only(x) && inner == 1).then(|| (x, None, Vec::new())));
+    };
+    if !f32_only(x) || !f32_only(m) {
+        return Ok(None);
+    }
+    for (full, part) in [(x, m), (m, x)] {
+        let (fs, ps) = (full.shape(), part.shape());
+        let Some(&len) = fs.last() else { continue };
+        let (_, rlen, inner) = super::reduce::softmax_layout(ctx, fs)?;
+        if inner != 1 || rlen != len || ps.len() > fs.len() || ps.last() != Some(&len) {
+            continue;
+        }
+        // Right-aligned, each dimension of `part` equals `full`'s or is 1.
+        let pad = fs.len() - ps.len();
+        if ps.iter().zip(&fs[pad..]).any(|(&p, &f)| p != f && p != 1) {
+            continue;
+        }
+        // Element strides of `part` along `full`'s row dimensions, 0 where it broadcasts.
+        let outer = &fs[..fs.len() - 1];
+        let mut strides = vec![0usize; outer.len()];
+        let mut acc = len;
+        for d in (0..outer.len()).rev() {
+            let p = if d >= pad { ps[d - pad] } else { 1 };
+            if p != 1 {
+                strides[d] = acc;
+            }
+            acc *= p;
+        }
+        let rows: usize = outer.iter().product();
+        let mut starts = Vec::with_capacity(rows);
+        let mut idx = vec![0usize; outer.len()];
+        let mut at = 0usize;
+        for _ in 0..rows {
+            starts.push(at);
+            // Odometer step over the row index, keeping `at` in step.
+            for d in (0..outer.len()).rev() {
+                idx[d] += 1;
+                at += strides[d];
+                if idx[d] < outer[d] {
+                    break;
+                }
+                at -= strides[d] * idx[d];
+                idx[d] = 0;
+            }
+        }
+        return Ok(Some((full, Some(part.as_slice::<f32>()?), starts)));
+    }
+    Ok(None)
 }

@@ -50,7 +50,7 @@ fn floats(t: &Tensor) -> Result<Cow<'_, [f32]>> {
 }
 
 /// Wraps f32 results as a tensor of `dtype` (the op's input type).
-fn from_floats(shape: Vec<usize>, v: Vec<f32>, dtype: DType) -> Result<Tensor> {
+pub(crate) fn from_floats(shape: Vec<usize>, v: Vec<f32>, dtype: DType) -> Result<Tensor> {
     let t = Tensor::from_vec(shape, v)?;
     if dtype == DType::F32 {
         Ok(t)

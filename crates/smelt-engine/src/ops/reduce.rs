@@ -459,7 +459,7 @@ fn softmax_all<F: Real + Default>(x: &[F], len: usize, inner: usize, log: bool) 
 
 /// `[outer, len, inner]` for the softmax family: before opset 13 the input is coerced to 2D at
 /// `axis` (default 1) and each row normalised; from 13 it runs along `axis` (default -1).
-fn softmax_layout(ctx: &OpCtx, shape: &[usize]) -> Result<(usize, usize, usize)> {
+pub(crate) fn softmax_layout(ctx: &OpCtx, shape: &[usize]) -> Result<(usize, usize, usize)> {
     let shape: Vec<usize> = if shape.is_empty() {
         vec![1]
     } else {
@@ -480,7 +480,11 @@ fn softmax_layout(ctx: &OpCtx, shape: &[usize]) -> Result<(usize, usize, usize)>
     }
 }
 
-fn softmax_op(ctx: &OpCtx, inputs: &[Option<&Tensor>], log: bool) -> Result<Vec<Tensor>> {
+pub(crate) fn softmax_op(
+    ctx: &OpCtx,
+    inputs: &[Option<&Tensor>],
+    log: bool,
+) -> Result<Vec<Tensor>> {
     let x = input(inputs, 0)?;
     let (_, len, inner) = softmax_layout(ctx, x.shape())?;
     let data = match x.data() {

@@ -7,6 +7,7 @@
 //! `Mul(Mul(x, Add(..)), 0.5)`, either operand order, with the division by sqrt 2 also written as a product with 1/sqrt 2.
 //! Values any other node reads, or that the graph returns, are left alone.
 
+use super::{private, scalar};
 use smelt_ir::{Graph, Model, Node, Pass, PassRecord};
 use smelt_tensor::Result;
 
@@ -40,33 +41,6 @@ impl Pass for FuseGelu {
         }
         Ok((model, rec))
     }
-}
-
-/// The single-element f32 constant behind `value`, if it is one.
-fn scalar(g: &Graph, value: &str) -> Option<f32> {
-    let t = match g.initializers.get(value) {
-        Some(t) => t,
-        None => {
-            let n = &g.nodes[g.producer(value)?];
-            if n.op_type != "Constant" || !n.domain.is_empty() {
-                return None;
-            }
-            n.attr_tensor("value").ok()??
-        }
-    };
-    // Rank 0 or [1] only: a [1, 1, 1] constant would broadcast x to a higher rank.
-    match t.as_slice::<f32>() {
-        Ok([v]) if t.rank() <= 1 => Some(*v),
-        _ => None,
-    }
-}
-
-/// The node producing `value` if it is a default-domain `op` that only `reader` consumes
-/// and the graph does not return.
-fn private<'a>(g: &'a Graph, value: &str, op: &str, reader: usize) -> Option<&'a Node> {
-    let p = &g.nodes[g.producer(value)?];
-    let only = g.consumers(value) == [reader] && !g.outputs.iter().any(|o| o.name == value);
-    (p.domain.is_empty() && p.op_type == op && p.outputs.len() == 1 && only).then_some(p)
 }
 
 /// Of a binary node's two inputs, the one that is the constant `c` (within `tol`), and the

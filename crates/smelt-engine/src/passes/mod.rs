@@ -4,11 +4,13 @@
 
 mod gelu;
 mod qdq;
+mod softmax;
 pub use gelu::FuseGelu;
 pub use qdq::FuseQdq;
+pub use softmax::FuseSoftmax;
 
 use crate::session::run_node;
-use smelt_ir::{Model, Pass, PassRecord};
+use smelt_ir::{Graph, Model, Node, Pass, PassRecord};
 use smelt_tensor::{Result, Tensor};
 
 /// Ops whose output is not a pure function of their inputs: never folded.
@@ -99,4 +101,31 @@ impl Pass for FoldConstants {
         }
         Ok((model, rec))
     }
+}
+
+/// The single-element f32 constant behind `value`, if it is one.
+pub(crate) fn scalar(g: &Graph, value: &str) -> Option<f32> {
+    let t = match g.initializers.get(value) {
+        Some(t) => t,
+        None => {
+            let n = &g.nodes[g.producer(value)?];
+            if n.op_type != "Constant" || !n.domain.is_empty() {
+                return None;
+            }
+            n.attr_tensor("value").ok()??
+        }
+    };
+    // Rank 0 or [1] only: a [1, 1, 1] constant would broadcast x to a higher rank.
+    match t.as_slice::<f32>() {
+        Ok([v]) if t.rank() <= 1 => Some(*v),
+        _ => None,
+    }
+}
+
+/// The node producing `value` if it is a default-domain `op` that only `reader` consumes
+/// and the graph does not return.
+pub(crate) fn private<'a>(g: &'a Graph, value: &str, op: &str, reader: usize) -> Option<&'a Node> {
+    let p = &g.nodes[g.producer(value)?];
+    let only = g.consumers(value) == [reader] && !g.outputs.iter().any(|o| o.name == value);
+    (p.domain.is_empty() && p.op_type == op && p.outputs.len() == 1 && only).then_some(p)
 }

@@ -774,11 +774,7 @@ fn const_shape(g: &Graph, value: &str) -> Option<Vec<usize>> {
 mod tests {
     use super::*;
     use crate::Session;
-    use smelt_ir::{Attr, Dim, OpsetImport, ValueInfo};
-
-    fn scalar<T: smelt_tensor::Element>(v: T) -> Tensor {
-        Tensor::from_vec(vec![], vec![v]).unwrap()
-    }
+    use smelt_ir::{Attr, Dim, ValueInfo};
 
     /// Pooling written on 8-bit codes (`Q -> MaxPool -> Reshape -> DQ`) before a quantized
     /// MatMul: the views move back to floats and the MatMul still fuses.
@@ -797,8 +793,8 @@ mod tests {
             Node::new("MatMul", "mm", &["rd", "w"], &["y"]),
         ];
         let inits = [
-            ("s", scalar(0.05f32)),
-            ("z", scalar(100u8)),
+            ("s", Tensor::scalar(0.05f32)),
+            ("z", Tensor::scalar(100u8)),
             ("shape", Tensor::from_vec(vec![2], vec![2i64, 4]).unwrap()),
             ("wq", Tensor::from_vec(vec![4, 3], w).unwrap()),
             (
@@ -806,13 +802,8 @@ mod tests {
                 Tensor::from_vec(vec![3], vec![0.1f32, 0.2, 0.3]).unwrap(),
             ),
         ];
-        let m = Model {
-            ir_version: 8,
-            opsets: vec![OpsetImport {
-                domain: String::new(),
-                version: 13,
-            }],
-            graph: Graph {
+        let m = Model::new(
+            Graph {
                 inputs: vec![ValueInfo::new(
                     "x",
                     DType::F32,
@@ -823,8 +814,8 @@ mod tests {
                 nodes,
                 ..Default::default()
             },
-            ..Default::default()
-        };
+            13,
+        );
         let (f, rec) = FuseQdq {
             may_saturate: false,
         }
@@ -891,10 +882,10 @@ mod tests {
             nodes.insert(6, Node::new("Mul", "scale", &["c", "rt"], &["rm"]));
         }
         let inits = [
-            ("c", scalar(0.35f32)),
-            ("s", scalar(0.05f32)),
-            ("s2", scalar(if scaled { 0.01f32 } else { 0.03 })),
-            ("z", scalar(128u8)),
+            ("c", Tensor::scalar(0.35f32)),
+            ("s", Tensor::scalar(0.05f32)),
+            ("s2", Tensor::scalar(if scaled { 0.01f32 } else { 0.03 })),
+            ("z", Tensor::scalar(128u8)),
             (
                 "shape",
                 Tensor::from_vec(vec![4], vec![2i64, 3, 2, 3]).unwrap(),
@@ -905,13 +896,8 @@ mod tests {
                 Tensor::from_vec(vec![6], vec![0.01f32, 0.02, 0.03, 0.02, 0.01, 0.02]).unwrap(),
             ),
         ];
-        let m = Model {
-            ir_version: 8,
-            opsets: vec![OpsetImport {
-                domain: String::new(),
-                version: 13,
-            }],
-            graph: Graph {
+        let m = Model::new(
+            Graph {
                 inputs: vec![ValueInfo::new(
                     "x",
                     DType::F32,
@@ -922,8 +908,8 @@ mod tests {
                 nodes,
                 ..Default::default()
             },
-            ..Default::default()
-        };
+            13,
+        );
         let (f, rec) = FuseQdq {
             may_saturate: false,
         }

@@ -233,6 +233,8 @@ fn softmax(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     Ok(vec![super::nn::from_floats(y.shape().to_vec(), v, dtype)?])
 }
 
+type RowOperands<'a> = (&'a Tensor, Option<&'a [f32]>, Vec<usize>);
+
 /// For the fast path: the f32 operand of the output's shape, the other one (if any), and
 /// where each softmax row's slice of it starts. None when the softmax does not run along the
 /// last axis, or the mask does not broadcast whole rows onto the other operand.
@@ -240,7 +242,7 @@ fn by_rows<'a>(
     ctx: &OpCtx,
     x: &'a Tensor,
     mask: Option<&'a Tensor>,
-) -> Result<Option<(&'a Tensor, Option<&'a [f32]>, Vec<usize>)>> {
+) -> Result<Option<RowOperands<'a>>> {
     let f32_only = |t: &Tensor| t.dtype() == DType::F32;
     let Some(m) = mask else {
         let (_, _, inner) = super::reduce::softmax_layout(ctx, x.shape())?;

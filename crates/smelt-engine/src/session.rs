@@ -36,8 +36,9 @@ impl Session {
     /// Checks the graph (ordering, every op known) and plans the run. Constant subgraphs
     /// (e.g. int8 weights cast and scaled to f32) are evaluated once here, not on every run.
     /// QDQ patterns run on integer kernels (see [`crate::passes::FuseQdq`]), a written-out
-    /// GELU as one op ([`crate::passes::FuseGelu`]), and attention's masked softmax as one
-    /// ([`crate::passes::FuseSoftmax`]).
+    /// GELU as one op ([`crate::passes::FuseGelu`]), attention's masked softmax as one
+    /// ([`crate::passes::FuseSoftmax`]), and a LayerNorm snaps its own output onto a grid
+    /// ([`crate::passes::SnapLayerNorm`]).
     pub fn new(model: Model) -> Result<Session> {
         Session::build(model, true, true)
     }
@@ -69,7 +70,8 @@ impl Session {
         let model = if fuse {
             let model = crate::passes::FuseGelu.run(model)?.0;
             let model = crate::passes::FuseQdq::default().run(model)?.0;
-            crate::passes::FuseSoftmax.run(model)?.0
+            let model = crate::passes::FuseSoftmax.run(model)?.0;
+            crate::passes::SnapLayerNorm.run(model)?.0
         } else {
             model
         };

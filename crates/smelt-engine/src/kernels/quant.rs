@@ -319,6 +319,26 @@ impl Grid {
     }
 }
 
+/// [`Grid::snap`] of every value of a short slice (a row), in place, on the caller's thread.
+pub fn snap_in_place(g: Grid, v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        let n8 = v.len() / 8 * 8;
+        for c in v[..n8].chunks_exact_mut(8) {
+            use std::arch::x86_64::*;
+            // Safety: the CPU has AVX2, checked above; `c` holds eight floats.
+            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), g.snap8(_mm256_loadu_ps(c.as_ptr()))) };
+        }
+        for x in v[n8..].iter_mut() {
+            *x = g.snap(*x);
+        }
+        return;
+    }
+    for x in v.iter_mut() {
+        *x = g.snap(*x);
+    }
+}
+
 /// `out[i] = dequantize(quantize(x[i]))`: a QuantizeLinear / DequantizeLinear pair in one pass,
 /// without the 8-bit tensor in between.
 pub fn fake_quantize(x: &[f32], grid: Grid, out: &mut [f32]) {

@@ -17,6 +17,14 @@ pub fn register(r: &mut Registry) {
     r.insert("ai.smelt.QMatMul", qmatmul);
     r.insert("ai.smelt.FakeQuant", fake_quant);
     r.insert("ai.smelt.Softmax", softmax);
+    r.insert("ai.smelt.LayerNormalization", layer_norm);
+}
+
+/// Inputs: LayerNormalization's three, then y_scale and y_zero_point?: its output snapped
+/// onto that grid (see `passes::FuseSoftmax`, which makes it from a following pair).
+fn layer_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let g = grid(inputs, 3)?;
+    super::nn::layer_norm_on(ctx, &inputs[..inputs.len().min(3)], g)
 }
 
 /// An activation as f32 (a cast is exact: QuantizeLinear divides in f32 for any narrower float).

@@ -933,6 +933,15 @@ fn trailing_params<'a>(t: &'a Tensor, shape: &[usize], what: &str) -> Result<Cow
 }
 
 fn layer_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    layer_norm_on(ctx, inputs, None)
+}
+
+/// LayerNormalization, its output snapped onto `grid` (then f32) when one is given.
+pub(crate) fn layer_norm_on(
+    ctx: &OpCtx,
+    inputs: &[Option<&Tensor>],
+    grid: Option<crate::kernels::quant::Grid>,
+) -> Result<Vec<Tensor>> {
     let x = input(inputs, 0)?;
     let axis = norm_axis(ctx.int("axis", -1)?, x.rank())?;
     let eps = ctx.float("epsilon", 1e-5)? as f64;
@@ -963,6 +972,9 @@ fn layer_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
                     }
                 }
             }
+            if let Some(g) = grid {
+                crate::kernels::quant::snap_in_place(g, o);
+            }
         };
         // Small inputs are not worth waking the thread pool for.
         if xv.len() >= 1 << 15 {
@@ -976,7 +988,9 @@ fn layer_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         }
     }
     let dt = x.dtype();
-    let mut outs = vec![from_floats(x.shape().to_vec(), out, dt)?];
+    // A quantize-dequantize pair yields f32 whatever it read.
+    let out_dt = if grid.is_some() { DType::F32 } else { dt };
+    let mut outs = vec![from_floats(x.shape().to_vec(), out, out_dt)?];
     let n_out = ctx.node.outputs.len();
     if n_out > 1 {
         let mut sshape = x.shape().to_vec();

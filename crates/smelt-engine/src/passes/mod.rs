@@ -1,12 +1,14 @@
 //! Graph passes that need the engine: folding constants evaluates ops, `qdq` rewrites
-//! QDQ patterns into the engine's own integer ops, and `gelu` collapses a written-out GELU
-//! into one op.
+//! QDQ patterns into the engine's own integer ops, `gelu` collapses a written-out GELU into
+//! one op, and `softmax` and `snap` fold what surrounds a softmax or a LayerNorm into it.
 
 mod gelu;
 mod qdq;
+mod snap;
 mod softmax;
 pub use gelu::FuseGelu;
 pub use qdq::FuseQdq;
+pub use snap::SnapLayerNorm;
 pub use softmax::FuseSoftmax;
 
 use crate::session::run_node;

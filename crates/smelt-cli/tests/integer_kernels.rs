@@ -32,21 +32,12 @@ fn quantize(input: &Path, output: &Path, extra: &[&str]) {
     );
 }
 
-/// Ops of the engine's own domain in a session's plan.
-fn fused_ops(s: &Session) -> usize {
-    s.graph()
-        .nodes
-        .iter()
-        .filter(|n| n.domain == "ai.smelt" && n.op_type != "FakeQuant")
-        .count()
-}
-
 /// Runs both sessions on each feed; returns the first output of each, concatenated.
 fn both(model: &Path, feeds: &[Vec<(String, Tensor)>]) -> (usize, Vec<f32>, Vec<f32>) {
     let m = smelt_onnx::load(model).unwrap();
     let fused = Session::new(m.clone()).unwrap();
     let reference = Session::reference(m).unwrap();
-    assert_eq!(fused_ops(&reference), 0);
+    assert_eq!(reference.integer_layers(), 0);
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for feed in feeds {
         let inputs: Vec<(&str, Tensor)> =
@@ -56,7 +47,7 @@ fn both(model: &Path, feeds: &[Vec<(String, Tensor)>]) -> (usize, Vec<f32>, Vec<
         a.extend_from_slice(x[0].1.as_slice::<f32>().unwrap());
         b.extend_from_slice(y[0].1.as_slice::<f32>().unwrap());
     }
-    (fused_ops(&fused), a, b)
+    (fused.integer_layers(), a, b)
 }
 
 fn argmax(row: &[f32]) -> usize {
@@ -244,8 +235,7 @@ fn first_layer_diff(model: &Path, feed: &[(String, Tensor)]) -> (f32, bool) {
         .nodes
         .iter()
         .find(|n| {
-            n.domain == "ai.smelt"
-                && n.op_type != "FakeQuant"
+            smelt_engine::passes::is_integer_layer(n)
                 && !n.inputs.get(5).is_some_and(|s| s.ends_with("_scale_x_c"))
         })
         .unwrap();

@@ -147,6 +147,15 @@ impl Session {
         &self.model.graph
     }
 
+    /// How many layers run on integer kernels (QDQ patterns fused by `fuse-qdq`).
+    pub fn integer_layers(&self) -> usize {
+        self.graph()
+            .nodes
+            .iter()
+            .filter(|n| crate::passes::is_integer_layer(n))
+            .count()
+    }
+
     /// Runs the model; returns the graph outputs in declaration order.
     pub fn run(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>> {
         let (outs, _) = self.run_with(inputs, &RunOptions::default())?;

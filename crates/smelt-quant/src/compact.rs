@@ -218,7 +218,7 @@ fn into_codes(g: &mut Graph, chain: &[usize]) {
 mod tests {
     use super::*;
     use smelt_engine::Session;
-    use smelt_ir::{Attr, Dim, Node, OpsetImport, ValueInfo};
+    use smelt_ir::{Attr, Dim, Node, ValueInfo};
 
     /// x -> Q -> DQ -> MaxPool -> Reshape -> Q -> DQ -> Mul by a weight behind a DQ with
     /// zero points of zeros, read by a 1x1 Conv.

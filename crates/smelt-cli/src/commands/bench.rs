@@ -51,15 +51,6 @@ fn alternate(
     Ok((ta, tb))
 }
 
-/// Layers the engine runs on its integer kernels (fused QDQ patterns).
-fn integer_layers(s: &smelt_engine::Session) -> usize {
-    s.graph()
-        .nodes
-        .iter()
-        .filter(|n| n.domain == "ai.smelt" && n.op_type != "FakeQuant")
-        .count()
-}
-
 pub fn run(a: Args, json: bool) -> Result<()> {
     let s = session(load_model(&a.model)?)?;
     let spec = InputSpec {
@@ -130,7 +121,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             "model": a.model.display().to_string(),
             "batch": a.batch, "threads": threads, "runs": ms.len(),
             "median_ms": pct(0.5), "p10_ms": pct(0.1), "p90_ms": pct(0.9),
-            "integer_layers": integer_layers(&s),
+            "integer_layers": s.integer_layers(),
             "baseline": a.compare.as_ref().map(|p| p.display().to_string()),
             "baseline_median_ms": base_median, "speedup": speedup,
             "peak_rss_bytes": rss,
@@ -145,7 +136,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             pct(0.1),
             pct(0.9)
         );
-        let int = integer_layers(&s);
+        let int = s.integer_layers();
         if int > 0 {
             println!(
                 "integer    {int} layers on int8 kernels ({})",

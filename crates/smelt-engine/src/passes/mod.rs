@@ -7,7 +7,7 @@ mod qdq;
 mod snap;
 mod softmax;
 pub use gelu::FuseGelu;
-pub use qdq::FuseQdq;
+pub use qdq::{is_integer_layer, FuseQdq};
 pub use snap::SnapLayerNorm;
 pub use softmax::FuseSoftmax;
 

@@ -14,6 +14,11 @@ use crate::kernels::quant::int8_may_saturate;
 use smelt_ir::{Graph, Model, Node, Pass, PassRecord};
 use smelt_tensor::{DType, Data, Result, Tensor};
 
+/// Whether `n` is a layer this pass put on integer kernels.
+pub fn is_integer_layer(n: &Node) -> bool {
+    n.domain == "ai.smelt" && matches!(n.op_type.as_str(), "QConv" | "QMatMul")
+}
+
 pub struct FuseQdq {
     /// Whether the int8 kernel may saturate (see the module doc); the CPU's answer by default.
     pub may_saturate: bool,

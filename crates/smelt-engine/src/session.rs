@@ -196,7 +196,18 @@ impl Session {
             .chain(opts.capture.iter().map(String::as_str))
             .collect();
         let mut captured = HashMap::new();
-        let values = self.execute(g, fed, &keep, opts, &mut captured)?;
+        // The whole run goes to a worker of the thread pool: a parallel loop started from any
+        // other thread hands its work to the pool and sleeps until a worker wakes and finishes
+        // (tens of microseconds on a VM), and a small model has one such loop per layer (it
+        // doubled MNIST-8's batch-1 latency on 2 threads). Started on a worker, a loop runs
+        // in place and the other workers join in by stealing. With one thread the library
+        // runs its loops serially and the hop would only add its own wake-up.
+        let values = if rayon::current_num_threads() > 1 && rayon::current_thread_index().is_none()
+        {
+            rayon::scope(|_| self.execute(g, fed, &keep, opts, &mut captured))?
+        } else {
+            self.execute(g, fed, &keep, opts, &mut captured)?
+        };
         let mut outs = Vec::new();
         for o in &g.outputs {
             let t = values

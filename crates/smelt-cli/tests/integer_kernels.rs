@@ -91,11 +91,12 @@ fn mnist8_integer_kernels_match_the_reference_for_every_scheme() {
         quantize(&dynb, &q, &args);
         let (fused, x, y) = both(&q, &feeds);
         // Full-range weights stay on the float path where the int8 kernel may saturate;
-        // int7 weights run as integers on every CPU.
+        // int7 weights run as integers on every CPU. The first convolution (25 terms per sum)
+        // stays in float everywhere, where it is faster.
         let want = if int8_may_saturate() && !extra.contains(&"int7") {
             0
         } else {
-            3
+            2
         };
         assert_eq!(fused, want, "{extra:?}: layers on integer kernels");
         let d = max_rel_diff(&x, &y, 10);

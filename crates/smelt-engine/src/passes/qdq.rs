@@ -14,6 +14,11 @@ use crate::kernels::quant::int8_may_saturate;
 use smelt_ir::{Graph, Model, Node, Pass, PassRecord};
 use smelt_tensor::{DType, Data, Result, Tensor};
 
+/// A convolution whose sums have fewer terms than this (MNIST-8's first layer: one input
+/// channel, 5x5, 25 terms) stays in float: the 8-bit kernels pack and pad their operands for
+/// long sums, and here the float kernel was faster at every batch size.
+const MIN_INT8_DEPTH: usize = 32;
+
 /// Whether `n` is a layer this pass put on integer kernels.
 pub fn is_integer_layer(n: &Node) -> bool {
     n.domain == "ai.smelt" && matches!(n.op_type.as_str(), "QConv" | "QMatMul")
@@ -523,6 +528,9 @@ impl FuseQdq {
                 let group = n.attr_int("group").ok().flatten().unwrap_or(1);
                 if shape.len() >= 3 && shape[1] == 1 && group > 1 {
                     return Ok(None); // depthwise: the float direct loop is the better kernel
+                }
+                if shape[1..].iter().product::<usize>() < MIN_INT8_DEPTH {
+                    return Ok(None);
                 }
                 let (scales, zps) = w.per_channel(0, m)?;
                 // Weights are the product's u8 side: shift them (and their zero points) up.

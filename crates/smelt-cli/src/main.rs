@@ -104,14 +104,16 @@ fn main() -> ExitCode {
     if let Some(cap) = cli.max_memory {
         memcap::set_cap(cap);
     }
-    if let Some(t) = cli.threads {
-        if let Err(e) = rayon::ThreadPoolBuilder::new()
-            .num_threads(t.max(1))
-            .build_global()
-        {
-            eprintln!("error: cannot start {t} threads: {e}");
-            return ExitCode::FAILURE;
-        }
+    // Sessions run on pool workers (see `Session::run_with`): give them the main thread's
+    // usual 8 MiB of stack, not the 2 MiB a spawned thread gets, for deeply nested subgraphs.
+    let threads = cli.threads.map_or(0, |t| t.max(1));
+    if let Err(e) = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .stack_size(8 << 20)
+        .build_global()
+    {
+        eprintln!("error: cannot start {threads} threads: {e}");
+        return ExitCode::FAILURE;
     }
     // Library code returns errors; a panic is a bug, but it still must not reach the user raw.
     std::panic::set_hook(Box::new(|info| {

@@ -201,8 +201,13 @@ impl Session {
         // (tens of microseconds on a VM), and a small model has one such loop per layer (it
         // doubled MNIST-8's batch-1 latency on 2 threads). Started on a worker, a loop runs
         // in place and the other workers join in by stealing. With one thread the library
-        // runs its loops serially and the hop would only add its own wake-up.
-        let values = if rayon::current_num_threads() > 1 && rayon::current_thread_index().is_none()
+        // runs its loops serially and the hop would only add its own wake-up. Graphs with
+        // subgraphs stay on the caller's stack (a worker's may be smaller). Callers running
+        // sessions from several threads at once share the pool's workers: a worker waiting
+        // in one run's loop may take up another caller's whole run first.
+        let values = if rayon::current_num_threads() > 1
+            && rayon::current_thread_index().is_none()
+            && !g.has_subgraphs()
         {
             rayon::scope(|_| self.execute(g, fed, &keep, opts, &mut captured))?
         } else {

@@ -155,9 +155,8 @@ mod tests {
             &mut edge,
         );
         assert!(edge[0].is_nan());
-        assert_eq!(
-            &edge[1..],
-            &[f32::INFINITY, -0.0, 0.0, 1e30, -0.0, 50.0, -0.0]
-        );
+        // Zero's sign is not asserted: the vector path's fused multiply-add gives +0 for very
+        // negative inputs, the f64 path -0; both compare equal to 0.
+        assert_eq!(&edge[1..], &[f32::INFINITY, 0.0, 0.0, 1e30, 0.0, 50.0, 0.0]);
     }
 }

@@ -217,7 +217,9 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn in_place(o: &mut [f32], epi: Epilogue) {
         let n8 = o.len() / 8 * 8;
-        let p = o.as_mut_ptr();
+        // The vector part through a pointer, the tail as a slice: disjoint borrows.
+        let (head, tail) = o.split_at_mut(n8);
+        let p = head.as_mut_ptr();
         let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
         for i in (0..n8).step_by(8) {
             m = _mm256_max_ps(m, _mm256_loadu_ps(p.add(i)));
@@ -225,7 +227,7 @@ mod avx2 {
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), m);
         let greater = |a: f32, v: f32| if v > a { v } else { a };
-        let m = o[n8..]
+        let m = tail
             .iter()
             .chain(&lanes)
             .fold(f32::NEG_INFINITY, |a, &v| greater(a, v));
@@ -236,13 +238,13 @@ mod avx2 {
             sum = _mm256_add_ps(sum, e);
             _mm256_storeu_ps(p.add(i), e);
         }
-        let mut tail = 0.0;
-        for v in o[n8..].iter_mut() {
+        let mut tail_sum = 0.0;
+        for v in tail.iter_mut() {
             *v = super::exp(*v - m);
-            tail += *v;
+            tail_sum += *v;
         }
         _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-        let inv = 1.0 / (lanes.iter().sum::<f32>() + tail);
+        let inv = 1.0 / (lanes.iter().sum::<f32>() + tail_sum);
         let iv = _mm256_set1_ps(inv);
         for i in (0..n8).step_by(8) {
             let mut v = _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), iv);
@@ -254,7 +256,7 @@ mod avx2 {
             }
             _mm256_storeu_ps(p.add(i), v);
         }
-        for v in o[n8..].iter_mut() {
+        for v in tail.iter_mut() {
             *v *= inv;
             if epi.nan_to_zero && v.is_nan() {
                 *v = 0.0;
@@ -308,6 +310,63 @@ mod tests {
                     (got as f64 - want).abs() <= 2.0 * ulp as f64,
                     "exp({x}) = {got}"
                 );
+            }
+        }
+    }
+
+    /// Mask, NaN-to-zero and grid, over enough rows (100 x 70 x 8 values) for the parallel
+    /// path, where each task must find its rows' mask from its first row.
+    #[test]
+    fn fused_rows_match_mask_softmax_nan_zero_and_snap() {
+        use super::{Epilogue, RowBias};
+        use crate::kernels::quant::Grid;
+        let (rows, len) = (800usize, 70usize);
+        let x: Vec<f32> = (0..rows * len)
+            .map(|i| ((i * 31) % 29) as f32 * 0.5 - 7.0)
+            .collect();
+        // Eight mask rows, each used by a hundred consecutive rows; row 3 fully masked.
+        let mask: Vec<f32> = (0..8 * len)
+            .map(|i| {
+                if i / len == 3 || (i % len) % 5 == 0 {
+                    f32::NEG_INFINITY
+                } else {
+                    (i % 3) as f32
+                }
+            })
+            .collect();
+        let starts: Vec<usize> = (0..rows).map(|r| (r / 100) * len).collect();
+        let grid = Grid::new(1.0f32 / 255.0, 0u8);
+        let mut out = vec![0f32; x.len()];
+        let epi = Epilogue {
+            nan_to_zero: true,
+            grid: Some(grid),
+        };
+        let bias = RowBias {
+            values: &mask,
+            starts: &starts,
+        };
+        super::softmax_rows_with(&x, len, Some(bias), epi, &mut out);
+        for r in 0..rows {
+            let m = &mask[starts[r]..][..len];
+            let v: Vec<f64> = x[r * len..][..len]
+                .iter()
+                .zip(m)
+                .map(|(&a, &b)| (a + b) as f64)
+                .collect();
+            let mx = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let s: f64 = v.iter().map(|&a| (a - mx).exp()).sum();
+            for (j, &a) in v.iter().enumerate() {
+                let p = (a - mx).exp() / s;
+                let want = if p.is_nan() { 0.0 } else { grid.snap(p as f32) };
+                let got = out[r * len + j];
+                // A value on a rounding boundary may land one step away.
+                assert!(
+                    (got - want).abs() <= 1.0 / 255.0 + 1e-7,
+                    "row {r} col {j}: {got} vs {want}"
+                );
+                if r / 100 == 3 {
+                    assert_eq!(got.to_bits(), 0, "fully masked row {r}");
+                }
             }
         }
     }

@@ -21,7 +21,7 @@ pub fn register(r: &mut Registry) {
 }
 
 /// Inputs: LayerNormalization's three, then y_scale and y_zero_point?: its output snapped
-/// onto that grid (see `passes::FuseSoftmax`, which makes it from a following pair).
+/// onto that grid (see `passes::SnapLayerNorm`, which makes it from a following pair).
 fn layer_norm(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let g = grid(inputs, 3)?;
     super::nn::layer_norm_on(ctx, &inputs[..inputs.len().min(3)], g)

@@ -954,6 +954,9 @@ pub(crate) fn layer_norm_on(
     let rows = xv.len().checked_div(d).unwrap_or(0);
     let mut out = vec![0.0f32; xv.len()];
     let mut stats = vec![(0.0f32, 0.0f32); rows];
+    let dt = x.dtype();
+    // A narrower float output is rounded to its type before it is quantized: snapped below.
+    let snap_rows = grid.filter(|_| dt == DType::F32);
     if d > 0 {
         type Row<'r> = (&'r mut [f32], (&'r [f32], &'r mut (f32, f32)));
         let row = |(o, (xi, st)): Row| {
@@ -972,7 +975,7 @@ pub(crate) fn layer_norm_on(
                     }
                 }
             }
-            if let Some(g) = grid {
+            if let Some(g) = snap_rows {
                 crate::kernels::quant::snap_in_place(g, o);
             }
         };
@@ -987,10 +990,17 @@ pub(crate) fn layer_norm_on(
                 .for_each(row);
         }
     }
-    let dt = x.dtype();
     // A quantize-dequantize pair yields f32 whatever it read.
-    let out_dt = if grid.is_some() { DType::F32 } else { dt };
-    let mut outs = vec![from_floats(x.shape().to_vec(), out, out_dt)?];
+    let y = match grid {
+        None => from_floats(x.shape().to_vec(), out, dt)?,
+        Some(_) if dt == DType::F32 => Tensor::from_vec(x.shape().to_vec(), out)?,
+        Some(g) => {
+            let mut v = from_floats(x.shape().to_vec(), out, dt)?.to_f32_vec()?;
+            crate::kernels::quant::snap_in_place(g, &mut v);
+            Tensor::from_vec(x.shape().to_vec(), v)?
+        }
+    };
+    let mut outs = vec![y];
     let n_out = ctx.node.outputs.len();
     if n_out > 1 {
         let mut sshape = x.shape().to_vec();

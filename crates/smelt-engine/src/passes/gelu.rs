@@ -7,7 +7,7 @@
 //! `Mul(Mul(x, Add(..)), 0.5)`, either operand order, with the division by sqrt 2 also written as a product with 1/sqrt 2.
 //! Values any other node reads, or that the graph returns, are left alone.
 
-use super::{private, scalar};
+use super::{left_as_written, private, scalar};
 use smelt_ir::{Graph, Model, Node, Pass, PassRecord};
 use smelt_tensor::Result;
 
@@ -20,11 +20,10 @@ impl Pass for FuseGelu {
 
     fn run(&self, mut model: Model) -> Result<(Model, PassRecord)> {
         let mut rec = PassRecord::new(self.name());
-        let g = &mut model.graph;
-        if g.has_subgraphs() {
-            rec.note("the graph has control flow: left as written");
+        if left_as_written(&model, &mut rec) {
             return Ok((model, rec));
         }
+        let g = &mut model.graph;
         let mut fused = 0;
         for i in 0..g.nodes.len() {
             if let Some((x, y)) = gelu_at(g, i) {

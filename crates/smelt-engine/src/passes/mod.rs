@@ -131,3 +131,13 @@ pub(crate) fn private<'a>(g: &'a Graph, value: &str, op: &str, reader: usize) ->
     let only = g.consumers(value) == [reader] && !g.outputs.iter().any(|o| o.name == value);
     (p.domain.is_empty() && p.op_type == op && p.outputs.len() == 1 && only).then_some(p)
 }
+
+/// Whether a fusion pass must leave the model alone: renaming or replacing values would hide
+/// them from If/Loop/Scan bodies that read them. Says so in the record.
+pub(crate) fn left_as_written(model: &Model, rec: &mut PassRecord) -> bool {
+    let control_flow = model.graph.has_subgraphs();
+    if control_flow {
+        rec.note("the graph has control flow: left as written");
+    }
+    control_flow
+}

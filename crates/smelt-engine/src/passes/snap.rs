@@ -8,6 +8,7 @@
 //! quantize them to the same codes (a grid value divided by its scale rounds back to itself)
 //! and the `FakeQuant` goes. Runs after `fuse-qdq`.
 
+use super::left_as_written;
 use smelt_ir::{Graph, Model, Pass, PassRecord};
 use smelt_tensor::Result;
 
@@ -20,11 +21,10 @@ impl Pass for SnapLayerNorm {
 
     fn run(&self, mut model: Model) -> Result<(Model, PassRecord)> {
         let mut rec = PassRecord::new(self.name());
-        let g = &mut model.graph;
-        if g.has_subgraphs() {
-            rec.note("the graph has control flow: left as written");
+        if left_as_written(&model, &mut rec) {
             return Ok((model, rec));
         }
+        let g = &mut model.graph;
         let mut snapped = 0;
         for i in 0..g.nodes.len() {
             let Some(f) = snappable(g, i) else { continue };

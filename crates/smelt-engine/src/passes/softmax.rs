@@ -9,7 +9,7 @@
 //!
 //! Values another node reads, or the graph returns, stay as they are.
 
-use super::{private, scalar};
+use super::{left_as_written, private, scalar};
 use smelt_ir::{Attr, Graph, Model, Node, Pass, PassRecord};
 use smelt_tensor::Result;
 
@@ -22,11 +22,10 @@ impl Pass for FuseSoftmax {
 
     fn run(&self, mut model: Model) -> Result<(Model, PassRecord)> {
         let mut rec = PassRecord::new(self.name());
-        let g = &mut model.graph;
-        if g.has_subgraphs() {
-            rec.note("the graph has control flow: left as written");
+        if left_as_written(&model, &mut rec) {
             return Ok((model, rec));
         }
+        let g = &mut model.graph;
         let (mut fused, mut masks, mut nans, mut grids) = (0, 0, 0, 0);
         for i in 0..g.nodes.len() {
             let n = &g.nodes[i];
@@ -110,7 +109,8 @@ fn nan_zeroed(g: &Graph, p: &str) -> Option<usize> {
         && wn.inputs.len() == 3
         && wn.inputs[0] == i.outputs[0]
         && wn.inputs[2] == p
-        && scalar(g, &wn.inputs[1]) == Some(0.0);
+        // +0 exactly: the kernel writes +0 for NaN.
+        && scalar(g, &wn.inputs[1]).map(f32::to_bits) == Some(0);
     ok.then_some(w)
 }
 

@@ -789,6 +789,36 @@ mod tests {
     use crate::Session;
     use smelt_ir::{Attr, Dim, ValueInfo};
 
+    /// An opset-13 model from f32 input `x` of `shape` to output `y`.
+    fn x_to_y(shape: &[usize], nodes: Vec<Node>, inits: &[(&str, Tensor)]) -> Model {
+        Model::new(
+            Graph {
+                inputs: vec![ValueInfo::new(
+                    "x",
+                    DType::F32,
+                    shape.iter().copied().map(Dim::Fixed).collect(),
+                )],
+                outputs: vec![ValueInfo::new("y", DType::F32, vec![])],
+                initializers: inits
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect(),
+                nodes,
+                ..Default::default()
+            },
+            13,
+        )
+    }
+
+    /// The pass as on a CPU whose int8 kernel cannot saturate.
+    fn fuse(m: &Model) -> (Model, PassRecord) {
+        FuseQdq {
+            may_saturate: false,
+        }
+        .run(m.clone())
+        .unwrap()
+    }
+
     /// Pooling written on 8-bit codes (`Q -> MaxPool -> Reshape -> DQ`) before a quantized
     /// MatMul: the views move back to floats and the MatMul still fuses.
     #[test]
@@ -815,25 +845,8 @@ mod tests {
                 Tensor::from_vec(vec![3], vec![0.1f32, 0.2, 0.3]).unwrap(),
             ),
         ];
-        let m = Model::new(
-            Graph {
-                inputs: vec![ValueInfo::new(
-                    "x",
-                    DType::F32,
-                    [2, 1, 4, 4].map(Dim::Fixed).to_vec(),
-                )],
-                outputs: vec![ValueInfo::new("y", DType::F32, vec![])],
-                initializers: inits.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-                nodes,
-                ..Default::default()
-            },
-            13,
-        );
-        let (f, rec) = FuseQdq {
-            may_saturate: false,
-        }
-        .run(m.clone())
-        .unwrap();
+        let m = x_to_y(&[2, 1, 4, 4], nodes, &inits);
+        let (f, rec) = fuse(&m);
         let g = &f.graph;
         let pool = &g.nodes[g.producer("p").unwrap()];
         assert_eq!(pool.inputs[0], "x", "{:?}", rec.changes);
@@ -909,25 +922,8 @@ mod tests {
                 Tensor::from_vec(vec![6], vec![0.01f32, 0.02, 0.03, 0.02, 0.01, 0.02]).unwrap(),
             ),
         ];
-        let m = Model::new(
-            Graph {
-                inputs: vec![ValueInfo::new(
-                    "x",
-                    DType::F32,
-                    [2, 3, 4].map(Dim::Fixed).to_vec(),
-                )],
-                outputs: vec![ValueInfo::new("y", DType::F32, vec![])],
-                initializers: inits.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-                nodes,
-                ..Default::default()
-            },
-            13,
-        );
-        let (f, rec) = FuseQdq {
-            may_saturate: false,
-        }
-        .run(m.clone())
-        .unwrap();
+        let m = x_to_y(&[2, 3, 4], nodes, &inits);
+        let (f, rec) = fuse(&m);
         let g = &f.graph;
         let ops: Vec<&str> = g.nodes.iter().map(|n| n.op_type.as_str()).collect();
         assert_eq!(

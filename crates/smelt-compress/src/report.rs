@@ -340,19 +340,7 @@ impl Report {
             s += "\n## Channel importance, checked by ablation\n\n\
                   | layer | channels | most important (score) | least important | accuracy after removing k: most / random / least important first |\n|---|---|---|---|---|\n";
             for a in &self.ablation {
-                let top: Vec<String> = a
-                    .ranking
-                    .iter()
-                    .take(3)
-                    .map(|(c, s)| format!("{c} ({s:.3})"))
-                    .collect();
-                let bottom: Vec<String> = a
-                    .ranking
-                    .iter()
-                    .rev()
-                    .take(3)
-                    .map(|(c, _)| c.to_string())
-                    .collect();
+                let (top, bottom) = a.ends(3);
                 let ends: Vec<String> = (1..a.curves[0].points.len())
                     .map(|i| {
                         format!(
@@ -518,23 +506,11 @@ impl Report {
         let mut s = String::from(
             "<h2>Channel importance, checked by ablation</h2>\n<p>Accuracy after removing the k \
              most important, k random and k least important channels of each layer (by the \
-             original model's scores). A true ranking keeps the green curve high and the red one \
-             low.</p>\n",
+             original model's scores; random is the mean of several draws, the bars their range). \
+             A true ranking keeps the green curve high and the red one low.</p>\n",
         );
         for a in &self.ablation {
-            let top: Vec<String> = a
-                .ranking
-                .iter()
-                .take(5)
-                .map(|(c, v)| format!("{c} ({v:.3})"))
-                .collect();
-            let low: Vec<String> = a
-                .ranking
-                .iter()
-                .rev()
-                .take(5)
-                .map(|(c, v)| format!("{c} ({v:.3})"))
-                .collect();
+            let (top, low) = a.ends(5);
             s += &format!(
                 "<figure>{}<figcaption>{} ({} channels, {}){}<br>most important: {}<br>least important: {}</figcaption></figure>\n",
                 ablation_chart(a)?,
@@ -678,6 +654,14 @@ fn ablation_chart(a: &LayerAblation) -> Result<String> {
             .draw()
             .map_err(|e| fail(e.to_string()))?;
         for (c, colour) in a.curves.iter().zip([RED, BLACK, GREEN]) {
+            if let Some(spread) = &c.spread {
+                // The random draws' range at each point, as a bar.
+                chart
+                    .draw_series(c.points.iter().zip(spread).map(|(p, &(lo, hi))| {
+                        PathElement::new(vec![(p.0 as f64, lo), (p.0 as f64, hi)], colour.mix(0.4))
+                    }))
+                    .map_err(|e| fail(e.to_string()))?;
+            }
             chart
                 .draw_series(LineSeries::new(
                     c.points.iter().map(|p| (p.0 as f64, p.1)),

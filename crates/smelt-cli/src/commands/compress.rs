@@ -1,4 +1,5 @@
 use crate::args::{load_model, print_json, refuse_overwrite, DataArgs};
+use smelt_compress::ablation::Ranking;
 use smelt_compress::pipeline::{self, Data};
 use smelt_compress::report::{Latency, Report};
 use smelt_compress::search::{Budget, Found};
@@ -62,7 +63,8 @@ pub struct Args {
     /// (removing the most / random / least important channels), in the report.
     #[arg(long)]
     ablation: bool,
-    /// Importance for --ablation: magnitude, l2, taylor (uses the training data) or random.
+    /// Importance for --ablation: magnitude, l2, taylor (uses the training data), greedy
+    /// (elimination on up to 2,000 training samples; sees redundant channels) or random.
     #[arg(long, default_value = "magnitude")]
     ablation_criterion: String,
     /// Allow writing over the input file.
@@ -105,9 +107,29 @@ pub struct Run<'a> {
     pub report_dir: Option<&'a Path>,
     pub seed: u64,
     pub bench_runs: usize,
-    /// Check channel importance by ablation with this criterion.
-    pub ablation: Option<Criterion>,
+    /// Check channel importance by ablation, ranked this way.
+    pub ablation: Option<Ablation>,
 }
+
+/// How `--ablation` ranks channels.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Ablation {
+    Criterion(Criterion),
+    /// Greedy elimination on training data (`smelt_compress::ablation::Ranking::Greedy`).
+    Greedy,
+}
+
+impl Ablation {
+    pub fn parse(s: &str, seed: u64) -> Result<Ablation> {
+        Ok(match s {
+            "greedy" => Ablation::Greedy,
+            _ => Ablation::Criterion(Criterion::parse(s, seed)?),
+        })
+    }
+}
+
+/// Samples greedy elimination evaluates on: each of its O(channels^2) trials runs them all.
+const GREEDY_SAMPLES: usize = 2000;
 
 pub fn run(a: Args, json: bool) -> Result<()> {
     refuse_overwrite(&a.model, &a.output, a.force)?;
@@ -169,7 +191,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             .map(|(v, y)| Samples { x: &v.x, y }),
     };
     let ablation = if a.ablation {
-        Some(Criterion::parse(&a.ablation_criterion, a.seed)?)
+        Some(Ablation::parse(&a.ablation_criterion, a.seed)?)
     } else {
         None
     };
@@ -372,20 +394,26 @@ pub fn compress(model: Model, how: How, data: Option<&Data>, r: &Run, json: bool
             let Some(val) = data.and_then(|d| d.val.as_ref()) else {
                 bail!(Input, "--ablation needs labelled validation data (--val)");
             };
-            let scores = if c == Criterion::Taylor {
+            let taylor = if c == Ablation::Criterion(Criterion::Taylor) {
                 Some(pipeline::taylor(&model, &need_data()?.train)?)
             } else {
                 None
             };
-            smelt_compress::ablation::ablate(
-                &model,
-                c,
-                scores.as_ref(),
-                val,
-                &[0.125, 0.25, 0.5],
-                4,
-                seed,
-            )?
+            let subset;
+            let ranking = match c {
+                Ablation::Criterion(c) => Ranking::Scores(c, taylor.as_ref()),
+                Ablation::Greedy => {
+                    let train = &need_data()?.train;
+                    let n = train.y.len().min(GREEDY_SAMPLES);
+                    let idx: Vec<usize> = (0..n).collect();
+                    subset = smelt_train::rows(train.x, &idx)?;
+                    Ranking::Greedy(Samples {
+                        x: &subset,
+                        y: &train.y[..n],
+                    })
+                }
+            };
+            smelt_compress::ablation::ablate(&model, &ranking, val, &[0.125, 0.25, 0.5], 4, seed)?
         }
         None => vec![],
     };

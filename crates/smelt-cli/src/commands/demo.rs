@@ -2,7 +2,7 @@
 //! The bundle (crates/smelt-cli/demo/, licences in its README) is MNIST-8 and the first
 //! 1,000 MNIST training and test images.
 
-use super::compress::{compress, How, Run};
+use super::compress::{compress, Ablation, How, Run};
 use smelt_compress::pipeline::Data;
 use smelt_compress::Recipe;
 use smelt_data::{load_idx_dir, Preprocess, Split};
@@ -81,7 +81,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             report_dir: Some(&a.out.join("report")),
             seed: 0,
             bench_runs: a.bench_runs,
-            ablation: Some(Criterion::L1),
+            ablation: Some(Ablation::Criterion(Criterion::L1)),
         },
         json,
     )

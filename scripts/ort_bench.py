@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
 """onnxruntime's side of `scripts/bench.sh`: median latency of MODEL on synthesized inputs.
+`smelt compress/prune --ort-python` run this file (compiled into the binary) once per model per
+round: onnxruntime's idle threads spin after a run, so two sessions timed in one process slow
+each other down.
 
 Inputs follow smelt's rule (smelt_engine::analysis::synth_inputs): symbolic first dim = batch,
 other symbolic dims = seq-len; floats uniform in [0,1); integer inputs named like a mask = 1,

@@ -4,6 +4,7 @@
 mod args;
 mod commands;
 mod memcap;
+mod ort;
 mod progress;
 
 #[global_allocator]

@@ -176,11 +176,23 @@ fn structured_channels_shrink_mnist8_and_a_residual_depthwise_cnn() {
     let cnn = dir.path().join("cnn.onnx");
     smelt_onnx::save(&nets::residual_cnn(7, 2), &cnn).unwrap();
     let out = dir.path().join("cnn-ch.onnx");
+    let py = python().to_str().unwrap();
     let v = prune(
         &cnn,
         &out,
-        &["--pattern", "channels", "--bench-batch", "32"],
+        &[
+            "--pattern",
+            "channels",
+            "--bench-batch",
+            "32",
+            "--ort-python",
+            py,
+        ],
     );
+    // Both models were timed in onnxruntime too (no speed is asserted: machines are noisy).
+    for side in ["before", "after"] {
+        assert!(v[side]["ort_latency_ms"].as_f64().unwrap() > 0.0, "{v}");
+    }
     let groups = v["groups"].as_array().unwrap();
     assert_eq!(
         groups.len(),
@@ -210,8 +222,12 @@ fn structured_channels_shrink_mnist8_and_a_residual_depthwise_cnn() {
     let x = nets::Rng::new(3).tensor(&[4, 3, 32, 32], 1.0, 0.0);
     engine_matches_onnxruntime(&out, "x", &x);
     eprintln!(
-        "residual CNN 50% channels: FLOPs x{flops:.3}, engine latency at batch 32 {:.3} -> {:.3} ms",
-        v["before"]["latency_ms"], v["after"]["latency_ms"]
+        "residual CNN 50% channels: FLOPs x{flops:.3}, latency at batch 32 {:.3} -> {:.3} ms \
+         (engine), {:.3} -> {:.3} ms (onnxruntime)",
+        v["before"]["latency_ms"],
+        v["after"]["latency_ms"],
+        v["before"]["ort_latency_ms"],
+        v["after"]["ort_latency_ms"]
     );
 }
 

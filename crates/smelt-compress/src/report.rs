@@ -18,6 +18,9 @@ pub struct Latency {
     pub after_ms: f64,
     /// before / after: above 1 is faster.
     pub speedup: f64,
+    /// The same in onnxruntime, when it was timed (`smelt compress --ort-python`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ort_ms: Option<(f64, f64)>,
 }
 
 /// One compute layer of the result.
@@ -80,6 +83,14 @@ impl Report {
                     "not faster: at batch {} the result takes {:.3} ms, the original {:.3} ms \
                      ({:.2}x) in smelt's engine",
                     l.batch, l.after_ms, l.before_ms, l.speedup
+                ));
+            }
+            if let Some((b, a)) = l.ort_ms.filter(|(b, a)| a > b) {
+                warnings.push(format!(
+                    "not faster in onnxruntime: at batch {} the result takes {a:.3} ms, the \
+                     original {b:.3} ms ({:.2}x)",
+                    l.batch,
+                    b / a
                 ));
             }
         }
@@ -261,6 +272,16 @@ impl Report {
                 format!("{:.3}", l.after_ms),
                 format!("{:.2}x faster", l.speedup),
             ]);
+        }
+        for l in &self.latency {
+            if let Some((b, a)) = l.ort_ms {
+                rows.push([
+                    format!("onnxruntime latency, batch {} (ms)", l.batch),
+                    format!("{b:.3}"),
+                    format!("{a:.3}"),
+                    format!("{:.2}x faster", b / a.max(1e-12)),
+                ]);
+            }
         }
         rows
     }

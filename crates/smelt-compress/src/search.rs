@@ -18,7 +18,7 @@ use smelt_tensor::{bail, Result};
 use std::time::{Duration, Instant};
 
 /// The ready recipes of `recipes/`, gentlest first: the default candidates.
-pub const BUILTIN: [(&str, &str); 5] = [
+pub const BUILTIN: [(&str, &str); 6] = [
     (
         "int8-static",
         include_str!("../../../recipes/int8-static.toml"),
@@ -30,6 +30,10 @@ pub const BUILTIN: [(&str, &str); 5] = [
     (
         "channels30-int4",
         include_str!("../../../recipes/channels30-int4.toml"),
+    ),
+    (
+        "channels40-per-layer-int4",
+        include_str!("../../../recipes/channels40-per-layer-int4.toml"),
     ),
     (
         "prune50-int8",

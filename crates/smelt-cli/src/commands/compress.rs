@@ -67,6 +67,10 @@ pub struct Args {
     /// (elimination on up to 2,000 training samples; sees redundant channels) or random.
     #[arg(long, default_value = "magnitude")]
     ablation_criterion: String,
+    /// Also time the original and the result in onnxruntime, side by side, with this Python
+    /// (it must import onnxruntime and numpy; `scripts/setup-python.sh` makes one).
+    #[arg(long, value_name = "PYTHON")]
+    ort_python: Option<PathBuf>,
     /// Allow writing over the input file.
     #[arg(long)]
     force: bool,
@@ -107,6 +111,8 @@ pub struct Run<'a> {
     pub report_dir: Option<&'a Path>,
     pub seed: u64,
     pub bench_runs: usize,
+    /// Python with onnxruntime, to time both models there too.
+    pub ort_python: Option<&'a Path>,
     /// Check channel importance by ablation, ranked this way.
     pub ablation: Option<Ablation>,
 }
@@ -155,6 +161,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         report_dir: a.report.as_deref(),
         seed: a.seed,
         bench_runs: a.bench_runs,
+        ort_python: a.ort_python.as_deref(),
         ablation: None,
     };
     if let Some(f) = a.min_fidelity {
@@ -381,11 +388,18 @@ pub fn compress(model: Model, how: How, data: Option<&Data>, r: &Run, json: bool
         for batch in [1, 32] {
             let (b, a) =
                 smelt_compress::measure::latency_pair(&model, &out.model, batch, bench_runs)?;
+            let ort_ms = match r.ort_python {
+                Some(py) => Some(crate::ort::latency_pair(
+                    py, &model, &out.model, batch, bench_runs,
+                )?),
+                None => None,
+            };
             latency.push(Latency {
                 batch,
                 before_ms: b,
                 after_ms: a,
                 speedup: b / a.max(1e-12),
+                ort_ms,
             });
         }
     }

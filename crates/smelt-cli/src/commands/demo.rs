@@ -81,6 +81,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             report_dir: Some(&a.out.join("report")),
             seed: 0,
             bench_runs: a.bench_runs,
+            ort_python: None,
             ablation: Some(Ablation::Criterion(Criterion::L1)),
         },
         json,

@@ -65,6 +65,10 @@ pub struct Args {
     /// Timed runs of each model in the latency measurement (0 skips it).
     #[arg(long, default_value_t = 20)]
     bench_runs: usize,
+    /// Also time both models in onnxruntime, side by side, with this Python (it must import
+    /// onnxruntime and numpy; `scripts/setup-python.sh` makes one).
+    #[arg(long, value_name = "PYTHON")]
+    ort_python: Option<PathBuf>,
     /// Write the report (JSON) here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -169,14 +173,24 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     } else {
         None
     };
-    let side = |m: &Measure, ms: Option<f64>| json!({"params": m.params, "nonzero_params": m.nonzero, "flops": m.flops, "bytes": m.bytes, "latency_ms": ms});
+    let ort = match (&a.ort_python, a.bench_runs) {
+        (Some(py), 1..) => Some(crate::ort::latency_pair(
+            py,
+            &model,
+            &pruned,
+            a.bench_batch.max(1),
+            a.bench_runs,
+        )?),
+        _ => None,
+    };
+    let side = |m: &Measure, ms: Option<f64>, ort: Option<f64>| json!({"params": m.params, "nonzero_params": m.nonzero, "flops": m.flops, "bytes": m.bytes, "latency_ms": ms, "ort_latency_ms": ort});
     let mut doc =
         serde_json::to_value(&report).map_err(|e| smelt_tensor::Error::Invalid(e.to_string()))?;
     doc["input"] = json!(a.model.display().to_string());
     doc["output"] = json!(a.output.display().to_string());
     doc["masks"] = json!(masks_path.as_ref().map(|p| p.display().to_string()));
-    doc["before"] = side(&before, latency.map(|l| l.0));
-    doc["after"] = side(&after, latency.map(|l| l.1));
+    doc["before"] = side(&before, latency.map(|l| l.0), ort.map(|l| l.0));
+    doc["after"] = side(&after, latency.map(|l| l.1), ort.map(|l| l.1));
     doc["bench_batch"] = json!(a.bench_batch);
     doc["threads"] = json!(rayon::current_num_threads());
     doc["seconds"] = json!(seconds);
@@ -258,6 +272,17 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         );
         if y >= x && matches!(opts.method, Method::Channels) {
             println!("warning    the pruned model is not faster on this machine");
+        }
+    }
+    if let Some((x, y)) = ort {
+        println!(
+            "onnxruntime {x:.3} -> {y:.3} ms at batch {} ({:.2}x faster, {} threads)",
+            a.bench_batch,
+            x / y,
+            rayon::current_num_threads()
+        );
+        if y >= x && matches!(opts.method, Method::Channels) {
+            println!("warning    the pruned model is not faster in onnxruntime");
         }
     }
     for n in &report.notes {

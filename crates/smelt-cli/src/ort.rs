@@ -1,0 +1,70 @@
+//! onnxruntime's latency of a model and its compressed form, for the reports: the output must
+//! run fast in onnxruntime too, not only in smelt's engine. onnxruntime is a Python package,
+//! so this runs `scripts/ort_bench.py` (compiled into the binary) with a Python the user names.
+//! The two models are timed in separate processes, in alternation over three rounds: within
+//! one process, the idle threads of one session spin and slow the other (measured on MNIST-8:
+//! 2.6x one time, 0.8x the next).
+
+use smelt_ir::{Model, Pass};
+use smelt_tensor::{bail, Error, Result};
+use std::path::Path;
+use std::process::Command;
+
+const BENCH: &str = include_str!("../../../scripts/ort_bench.py");
+
+/// Median ms in onnxruntime of (`before`, `after`) at `batch`, on the threads smelt uses.
+pub fn latency_pair(
+    python: &Path,
+    before: &Model,
+    after: &Model,
+    batch: usize,
+    runs: usize,
+) -> Result<(f64, f64)> {
+    let dir = tempfile::tempdir().map_err(|e| Error::io("a temporary folder", e))?;
+    let script = dir.path().join("ort_bench.py");
+    std::fs::write(&script, BENCH).map_err(|e| Error::io(script.display().to_string(), e))?;
+    let save = |m: &Model, name: &str| -> Result<std::path::PathBuf> {
+        // A fixed batch of 1 is made dynamic, as smelt's own timing does.
+        let m = smelt_ir::passes::DynamicBatch::default()
+            .run(m.clone())
+            .map_or_else(|_| m.clone(), |r| r.0);
+        let p = dir.path().join(name);
+        smelt_onnx::save(&m, &p)?;
+        Ok(p)
+    };
+    let (b, a) = (save(before, "before.onnx")?, save(after, "after.onnx")?);
+    let median = |model: &Path| -> Result<f64> {
+        let out = Command::new(python)
+            .arg(&script)
+            .arg(model)
+            .args(["--batch", &batch.to_string()])
+            .args(["--runs", &runs.max(1).to_string()])
+            .args(["--threads", &rayon::current_num_threads().to_string()])
+            .output()
+            .map_err(|e| Error::Input(format!("--ort-python {}: {e}", python.display())))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            bail!(
+                Input,
+                "onnxruntime could not time the model with {}: {}",
+                python.display(),
+                err.lines().last().unwrap_or("no message")
+            );
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| Error::Invalid(format!("onnxruntime timing output: {e}")))?;
+        v["median_ms"]
+            .as_f64()
+            .ok_or_else(|| Error::Invalid(format!("onnxruntime timing output: {v}")))
+    };
+    let (mut tb, mut ta) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        tb.push(median(&b)?);
+        ta.push(median(&a)?);
+    }
+    let mid = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[1]
+    };
+    Ok((mid(tb), mid(ta)))
+}

@@ -6,7 +6,6 @@ use super::compress::{compress, Ablation, How, Run};
 use smelt_compress::pipeline::Data;
 use smelt_compress::Recipe;
 use smelt_data::{load_idx_dir, Preprocess, Split};
-use smelt_prune::Criterion;
 use smelt_tensor::{bail, Result};
 use smelt_train::Samples;
 use std::path::PathBuf;
@@ -82,7 +81,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             seed: 0,
             bench_runs: a.bench_runs,
             ort_python: None,
-            ablation: Some(Ablation::Criterion(Criterion::L1)),
+            ablation: Some(Ablation::Greedy),
         },
         json,
     )

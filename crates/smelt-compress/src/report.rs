@@ -528,7 +528,9 @@ impl Report {
             "<h2>Channel importance, checked by ablation</h2>\n<p>Accuracy after removing the k \
              most important, k random and k least important channels of each layer (by the \
              original model's scores; random is the mean of several draws, the bars their range). \
-             A true ranking keeps the green curve high and the red one low.</p>\n",
+             A true ranking keeps the green curve high and the red one low. Scores in brackets: \
+             the criterion's, or for greedy the rise in training loss when the channel was \
+             removed in its turn.</p>\n",
         );
         for a in &self.ablation {
             let (top, low) = a.ends(5);
@@ -666,7 +668,8 @@ fn ablation_chart(a: &LayerAblation) -> Result<String> {
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(48)
-            .build_cartesian_2d(0.0..kmax, 0.0..1.0)
+            // A little room on the right, so the last range bar is not drawn on the frame.
+            .build_cartesian_2d(0.0..kmax * 1.04, 0.0..1.0)
             .map_err(|e| fail(e.to_string()))?;
         chart
             .configure_mesh()
@@ -679,7 +682,10 @@ fn ablation_chart(a: &LayerAblation) -> Result<String> {
                 // The random draws' range at each point, as a bar.
                 chart
                     .draw_series(c.points.iter().zip(spread).map(|(p, &(lo, hi))| {
-                        PathElement::new(vec![(p.0 as f64, lo), (p.0 as f64, hi)], colour.mix(0.4))
+                        PathElement::new(
+                            vec![(p.0 as f64, lo), (p.0 as f64, hi)],
+                            colour.mix(0.35).stroke_width(5),
+                        )
                     }))
                     .map_err(|e| fail(e.to_string()))?;
             }

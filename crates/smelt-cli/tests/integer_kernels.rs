@@ -205,6 +205,45 @@ fn minilm_w8a8_integer_kernels_match_the_reference() {
         first <= if snapped { 1e-3 } else { 1e-5 },
         "first layer: {first}"
     );
+    // Peak memory of a batch-1 run (load, session, run), against onnxruntime's process on the
+    // same model (issue 6: at most 1.5x). Memory, unlike time, does not vary run to run.
+    for m in [&fp32, &q] {
+        let (ours, theirs) = peak_rss(m);
+        eprintln!(
+            "{}: peak RSS smelt {:.1} MiB, onnxruntime {:.1} MiB",
+            m.display(),
+            ours / 1048576.0,
+            theirs / 1048576.0
+        );
+        assert!(ours <= 1.5 * theirs, "{ours} vs {theirs}");
+    }
+}
+
+/// Peak RSS in bytes of `smelt bench` and of onnxruntime's `scripts/ort_bench.py` on `model`
+/// (batch 1, 2 threads, 2 runs).
+fn peak_rss(model: &Path) -> (f64, f64) {
+    let args = ["--batch", "1", "--threads", "2", "--runs", "2"];
+    let o = smelt()
+        .arg("bench")
+        .arg(model)
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let o = std::process::Command::new(python())
+        .arg(repo_root().join("scripts/ort_bench.py"))
+        .arg(model)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let theirs: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    (
+        ours["peak_rss_bytes"].as_f64().unwrap(),
+        theirs["peak_rss_bytes"].as_f64().unwrap(),
+    )
 }
 
 /// The model with every float parameter of more than one element scaled by `f`.

@@ -2,7 +2,7 @@
 
 use crate::proto::{
     attribute_proto::AttributeType, tensor_shape_proto::dimension, type_proto, AttributeProto,
-    GraphProto, ModelProto, NodeProto, ValueInfoProto,
+    GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
 };
 use crate::tensor::{dtype_error, from_proto, Ctx};
 use indexmap::IndexMap;
@@ -11,7 +11,14 @@ use smelt_tensor::{bail, DType, Error, Result};
 
 /// Converts a decoded model. Model-local functions (`functions`) and training info are not
 /// carried: nodes calling such functions will fail later as unknown ops, others work.
-pub(crate) fn model_from_proto(m: ModelProto, ctx: &Ctx) -> Result<Model> {
+pub(crate) fn model_from_proto(mut m: ModelProto, ctx: &Ctx) -> Result<Model> {
+    // The weights are moved out and converted one by one, each proto freed once converted: a
+    // large model never holds two full copies of its weights.
+    let weights = m
+        .graph
+        .as_mut()
+        .map(|g| std::mem::take(&mut g.initializer))
+        .unwrap_or_default();
     let Some(graph) = m.graph.as_ref() else {
         bail!(Invalid, "the file has no graph (is it an ONNX model?)");
     };
@@ -27,7 +34,7 @@ pub(crate) fn model_from_proto(m: ModelProto, ctx: &Ctx) -> Result<Model> {
         })
         .collect::<Result<Vec<_>>>()?;
     check_versions(&m, &opsets)?;
-    let graph = graph_from_proto(graph, ctx)?;
+    let graph = graph_from_proto(graph, weights, ctx)?;
     if graph.outputs.is_empty() {
         bail!(Invalid, "graph '{}' declares no outputs", graph.name);
     }
@@ -88,7 +95,9 @@ fn check_versions(m: &ModelProto, opsets: &[OpsetImport]) -> Result<()> {
     Ok(())
 }
 
-fn graph_from_proto(g: &GraphProto, ctx: &Ctx) -> Result<Graph> {
+/// `weights` are `g`'s initializers, given apart so the caller can hand them over (see
+/// `model_from_proto`).
+fn graph_from_proto(g: &GraphProto, weights: Vec<TensorProto>, ctx: &Ctx) -> Result<Graph> {
     let name = g.name.clone().unwrap_or_default();
     let inner = || -> Result<Graph> {
         if !g.sparse_initializer.is_empty() {
@@ -98,13 +107,14 @@ fn graph_from_proto(g: &GraphProto, ctx: &Ctx) -> Result<Graph> {
                 g.sparse_initializer.len()
             );
         }
-        let mut initializers = IndexMap::with_capacity(g.initializer.len());
-        for t in &g.initializer {
+        let mut initializers = IndexMap::with_capacity(weights.len());
+        for t in weights {
             let tname = t.name.clone().unwrap_or_default();
             if tname.is_empty() {
                 bail!(Invalid, "an initializer has no name");
             }
-            let tensor = from_proto(t, ctx)?;
+            let tensor = from_proto(&t, ctx)?;
+            drop(t);
             if initializers.insert(tname.clone(), tensor).is_some() {
                 bail!(Invalid, "initializer '{tname}' is defined twice");
             }
@@ -228,9 +238,10 @@ fn attr_from_proto(a: &AttributeProto, ctx: &Ctx) -> Result<(String, Attr)> {
         AttributeType::Tensor => {
             Attr::Tensor(from_proto(a.t.as_ref().ok_or_else(missing)?, ctx).map_err(in_attr)?)
         }
-        AttributeType::Graph => Attr::Graph(Box::new(
-            graph_from_proto(a.g.as_ref().ok_or_else(missing)?, ctx).map_err(in_attr)?,
-        )),
+        AttributeType::Graph => Attr::Graph(Box::new({
+            let g = a.g.as_ref().ok_or_else(missing)?;
+            graph_from_proto(g, g.initializer.clone(), ctx).map_err(in_attr)?
+        })),
         AttributeType::Floats => Attr::Floats(a.floats.clone()),
         AttributeType::Ints => Attr::Ints(a.ints.clone()),
         AttributeType::Strings => Attr::Strings(a.strings.clone()),
@@ -244,7 +255,7 @@ fn attr_from_proto(a: &AttributeProto, ctx: &Ctx) -> Result<(String, Attr)> {
         AttributeType::Graphs => Attr::Graphs(
             a.graphs
                 .iter()
-                .map(|g| graph_from_proto(g, ctx))
+                .map(|g| graph_from_proto(g, g.initializer.clone(), ctx))
                 .collect::<Result<_>>()
                 .map_err(in_attr)?,
         ),

@@ -65,12 +65,27 @@ pub fn load(path: &Path) -> Result<Model> {
 /// Reads an ONNX model; external data is resolved relative to the model's folder.
 pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Model> {
     let bytes = read_limited(path, opts.max_file_bytes)?;
-    decode(&bytes, Some(fsutil::parent_dir(path)), opts).map_err(|e| e.context(path.display()))
+    decode_owned(bytes, Some(fsutil::parent_dir(path)), opts).map_err(|e| e.context(path.display()))
 }
 
 /// Decodes a serialized ModelProto. `base_dir` is the folder external data lives in; with
 /// `None`, tensors stored externally are an error.
 pub fn decode(bytes: &[u8], base_dir: Option<&Path>, opts: &LoadOptions) -> Result<Model> {
+    let m = decode_proto(bytes, opts)?;
+    let ctx = tensor::Ctx { opts, base_dir };
+    import::model_from_proto(m, &ctx)
+}
+
+/// [`decode`], freeing the file's bytes once parsed: they, the parsed protobuf and the model
+/// would otherwise be three copies of the weights at once.
+fn decode_owned(bytes: Vec<u8>, base_dir: Option<&Path>, opts: &LoadOptions) -> Result<Model> {
+    let m = decode_proto(&bytes, opts)?;
+    drop(bytes);
+    let ctx = tensor::Ctx { opts, base_dir };
+    import::model_from_proto(m, &ctx)
+}
+
+fn decode_proto(bytes: &[u8], opts: &LoadOptions) -> Result<proto::ModelProto> {
     if bytes.len() as u64 > opts.max_file_bytes {
         bail!(
             Limit,
@@ -82,10 +97,8 @@ pub fn decode(bytes: &[u8], base_dir: Option<&Path>, opts: &LoadOptions) -> Resu
     if bytes.is_empty() {
         bail!(Invalid, "the file is empty");
     }
-    let m = proto::ModelProto::decode(bytes)
-        .map_err(|e| Error::Invalid(format!("not a valid ONNX protobuf: {e}")))?;
-    let ctx = tensor::Ctx { opts, base_dir };
-    import::model_from_proto(m, &ctx)
+    proto::ModelProto::decode(bytes)
+        .map_err(|e| Error::Invalid(format!("not a valid ONNX protobuf: {e}")))
 }
 
 /// Serializes a model with all tensors inline.

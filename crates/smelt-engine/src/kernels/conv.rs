@@ -6,6 +6,7 @@
 
 use super::gemm::{gemm, Bias};
 use super::quant;
+use super::Scratch;
 use rayon::prelude::*;
 use smelt_tensor::{bail, Result};
 
@@ -70,7 +71,26 @@ fn valid_range(out: usize, stride: usize, off: isize, len: usize) -> (usize, usi
 
 /// Unrolls patches of `x` (`[c, d, h, w]`) into `col` (`[c * kprod, out positions]`); positions
 /// in the padding read `pad` (zero, or a quantized input's zero point).
-fn im2col<T: Copy>(g: &ConvGeom, c: usize, x: &[T], pad: T, col: &mut [T]) {
+fn im2col<T: Copy + Default + super::Scratch>(
+    g: &ConvGeom,
+    c: usize,
+    x: &[T],
+    pad: T,
+    col: &mut [T],
+) {
+    if g.input[0] == 1
+        && g.kernel[0] == 1
+        && g.output[0] == 1
+        && g.strides == [1, 1, 1]
+        && g.dilations == [1, 1, 1]
+    {
+        return im2col_2d(g, c, x, pad, col);
+    }
+    im2col_general(g, c, x, pad, col)
+}
+
+/// [`im2col`] for any strides, dilations and ranks.
+fn im2col_general<T: Copy>(g: &ConvGeom, c: usize, x: &[T], pad: T, col: &mut [T]) {
     let [id, ih, iw] = g.input;
     let [kd, kh, kw] = g.kernel;
     let [od, oh, ow] = g.output;
@@ -114,6 +134,46 @@ fn im2col<T: Copy>(g: &ConvGeom, c: usize, x: &[T], pad: T, col: &mut [T]) {
             }
         }
     }
+}
+
+/// [`im2col`] of a 2-D convolution with unit strides and dilations (most of them): each input
+/// plane is first copied into a padded one, so that every row of `col` is one plain copy. The
+/// general loop clips and pads every row of every kernel offset, and on small planes (MNIST's
+/// 14 x 14) those short fills and copies cost more than the data.
+fn im2col_2d<T: Copy + Default + super::Scratch>(
+    g: &ConvGeom,
+    c: usize,
+    x: &[T],
+    pad: T,
+    col: &mut [T],
+) {
+    let [_, ih, iw] = g.input;
+    let [_, kh, kw] = g.kernel;
+    let [_, oh, ow] = g.output;
+    let (ph, pw) = (g.pads[1], g.pads[2]);
+    // The padded plane: output row y with kernel row a reads padded row y + a.
+    let (h, w) = (oh + kh - 1, ow + kw - 1);
+    T::with(h * w, |plane| {
+        let osz = oh * ow;
+        let mut row = 0;
+        for ch in 0..c {
+            plane.fill(pad);
+            let src = &x[ch * ih * iw..(ch + 1) * ih * iw];
+            for y in 0..ih.min(h.saturating_sub(ph)) {
+                let n = iw.min(w.saturating_sub(pw));
+                plane[(y + ph) * w + pw..][..n].copy_from_slice(&src[y * iw..][..n]);
+            }
+            for a in 0..kh {
+                for b in 0..kw {
+                    let dst = &mut col[row * osz..(row + 1) * osz];
+                    row += 1;
+                    for (y, out) in dst.chunks_exact_mut(ow).enumerate() {
+                        out.copy_from_slice(&plane[(y + a) * w + b..][..ow]);
+                    }
+                }
+            }
+        }
+    })
 }
 
 /// Direct convolution of one input plane into one output plane (depthwise case).
@@ -206,9 +266,10 @@ pub fn conv(
         if pointwise {
             return gemm(mg, cg, osz, wg, false, xg, false, o, 1.0, 0.0, bias);
         }
-        let mut col = vec![0.0f32; cg * ksz * osz];
-        im2col(g, cg, xg, 0.0, &mut col);
-        gemm(mg, cg * ksz, osz, wg, false, &col, false, o, 1.0, 0.0, bias)
+        f32::with(cg * ksz * osz, |col| {
+            im2col(g, cg, xg, 0.0, col);
+            gemm(mg, cg * ksz, osz, wg, false, col, false, o, 1.0, 0.0, bias)
+        })
     };
     let tasks = g.batch * g.groups;
     if tasks == 1 {
@@ -274,9 +335,10 @@ pub fn qconv(
         let zp = if pointwise {
             quant::qgemm(mg, k, osz, wg, zw, xg, &zcols, acc)?
         } else {
-            let mut col = vec![0i8; k * osz];
-            im2col(g, cg, xg, zx, &mut col);
-            quant::qgemm(mg, k, osz, wg, zw, &col, &zcols, acc)?
+            i8::with(k * osz, |col| {
+                im2col(g, cg, xg, zx, col);
+                quant::qgemm(mg, k, osz, wg, zw, col, &zcols, acc)
+            })?
         };
         let bias = bias.map(|b| &b[gr * mg..][..mg]);
         quant::scale_sums(o, osz, &zp, &scale[gr * mg..][..mg], bias, true, grid);
@@ -532,6 +594,43 @@ mod tests {
         check(&geom(1, 4, 4, 4, 6, 3, 1, 1, 1)); // depthwise
         check(&geom(2, 3, 6, 3, 7, 3, 2, 1, 1)); // depthwise multiplier 2, stride 2
         check(&geom(1, 1, 8, 1, 28, 5, 1, 2, 1)); // MNIST's first layer
+    }
+
+    /// The padded-plane im2col equals the general one, asymmetric and over-wide pads included,
+    /// for f32 and for i8 codes padded with their zero point.
+    #[test]
+    fn im2col_2d_matches_the_general_loop() {
+        for (c, ih, iw, kh, kw, pads, oh, ow) in [
+            (2, 5, 7, 3, 3, [0, 1, 1], 5, 7),
+            (1, 4, 4, 5, 5, [0, 2, 2], 4, 4),
+            (3, 6, 5, 2, 3, [0, 0, 1], 5, 4),
+            (1, 3, 3, 3, 3, [0, 4, 0], 9, 1), // pads wider than the plane
+            (2, 8, 8, 1, 1, [0, 0, 0], 8, 8),
+        ] {
+            let g = ConvGeom {
+                batch: 1,
+                in_ch: c,
+                out_ch: 1,
+                groups: 1,
+                input: [1, ih, iw],
+                kernel: [1, kh, kw],
+                output: [1, oh, ow],
+                strides: [1, 1, 1],
+                dilations: [1, 1, 1],
+                pads,
+            };
+            let n = c * kh * kw * oh * ow;
+            let x = vals(c * ih * iw, 3);
+            let (mut a, mut b) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+            im2col(&g, c, &x, 0.0, &mut a);
+            im2col_general(&g, c, &x, 0.0, &mut b);
+            assert_eq!(a, b, "{g:?}");
+            let q: Vec<i8> = x.iter().map(|v| (v * 8.0) as i8).collect();
+            let (mut a, mut b) = (vec![99i8; n], vec![99i8; n]);
+            im2col(&g, c, &q, -5, &mut a);
+            im2col_general(&g, c, &q, -5, &mut b);
+            assert_eq!(a, b, "{g:?}");
+        }
     }
 
     #[test]

@@ -150,13 +150,15 @@ pub fn quantize_weight(w: &Tensor, scheme: &WeightScheme, axes: Axes) -> Result<
     } else {
         qtype.range()
     };
+    // In parallel: a word-embedding table is millions of elements (the results do not depend
+    // on how the work is split).
     let codes: Vec<i32> = x
-        .iter()
+        .par_iter()
         .enumerate()
         .map(|(i, &v)| params[grouping.group_of(i)].quantize(v, range))
         .collect();
     let approx: Vec<f32> = codes
-        .iter()
+        .par_iter()
         .enumerate()
         .map(|(i, &q)| params[grouping.group_of(i)].dequantize(q))
         .collect();

@@ -12,6 +12,25 @@ use std::process::Command;
 
 const BENCH: &str = include_str!("../../../scripts/ort_bench.py");
 
+/// Fails, naming the problem, unless `python` imports onnxruntime and numpy: checked before a
+/// long run rather than at its end.
+pub fn check(python: &Path) -> Result<()> {
+    let out = Command::new(python)
+        .args(["-c", "import onnxruntime, numpy"])
+        .output()
+        .map_err(|e| Error::Input(format!("--ort-python {}: {e}", python.display())))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        bail!(
+            Input,
+            "--ort-python {} cannot import onnxruntime and numpy: {}",
+            python.display(),
+            err.lines().last().unwrap_or("no message")
+        );
+    }
+    Ok(())
+}
+
 /// Median ms in onnxruntime of (`before`, `after`) at `batch`, on the threads smelt uses.
 pub fn latency_pair(
     python: &Path,

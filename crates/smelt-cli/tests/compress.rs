@@ -496,11 +496,18 @@ fn greedy_channel_ranking_beats_random_under_ablation() {
         };
         let (most, random, least) = (half(0), half(1), half(2));
         assert!(most + 0.05 < random && random + 0.05 < least, "{a}");
-        // The random baseline is a mean, with its draws' range.
+        // The random baseline is a mean of draws that differ, within their range.
         let spread = a["curves"][1]["spread"].as_array().unwrap();
-        assert_eq!(
-            spread.len(),
-            a["curves"][1]["points"].as_array().unwrap().len()
+        let points = a["curves"][1]["points"].as_array().unwrap();
+        assert_eq!(spread.len(), points.len());
+        let f = |v: &serde_json::Value, i: usize| v[i].as_f64().unwrap();
+        for (p, r) in points.iter().zip(spread) {
+            assert!(f(r, 0) <= f(p, 1) && f(p, 1) <= f(r, 1), "{p} {r}");
+        }
+        let last = spread.last().unwrap();
+        assert!(
+            f(last, 1) - f(last, 0) > 0.01,
+            "ten draws removing half the channels all scored the same"
         );
     }
 }

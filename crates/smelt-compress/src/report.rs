@@ -208,6 +208,11 @@ impl Report {
         )
     }
 
+    pub fn with_warnings(mut self, warnings: Vec<String>) -> Report {
+        self.warnings.extend(warnings);
+        self
+    }
+
     pub fn with_ablation(mut self, ablation: Vec<LayerAblation>) -> Report {
         for a in &ablation {
             if !a.better_than_random {

@@ -127,10 +127,27 @@ pub enum Ablation {
 
 impl Ablation {
     pub fn parse(s: &str, seed: u64) -> Result<Ablation> {
-        Ok(match s {
-            "greedy" => Ablation::Greedy,
-            _ => Ablation::Criterion(Criterion::parse(s, seed)?),
-        })
+        match s {
+            "greedy" => Ok(Ablation::Greedy),
+            "wanda" => bail!(
+                Input,
+                "--ablation-criterion wanda is not available (its channel scores need activation \
+                 norms): use magnitude, l2, taylor, greedy or random"
+            ),
+            _ => Criterion::parse(s, seed).map(Ablation::Criterion).map_err(|_| {
+                smelt_tensor::Error::Input(format!(
+                    "unknown --ablation-criterion '{s}' (expected magnitude, l2, taylor, greedy or random)"
+                ))
+            }),
+        }
+    }
+
+    /// Whether the ranking is fitted to the training data (so must not see the validation set).
+    fn learns(self) -> bool {
+        matches!(
+            self,
+            Ablation::Greedy | Ablation::Criterion(Criterion::Taylor)
+        )
     }
 }
 
@@ -139,6 +156,9 @@ const GREEDY_SAMPLES: usize = 2000;
 
 pub fn run(a: Args, json: bool) -> Result<()> {
     refuse_overwrite(&a.model, &a.output, a.force)?;
+    if let Some(py) = &a.ort_python {
+        crate::ort::check(py)?;
+    }
     let model = load_model(&a.model)?;
     let budget = Budget {
         max_accuracy_drop: a.max_accuracy_drop,
@@ -202,6 +222,19 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     } else {
         None
     };
+    // The validation images are the test split; a ranking fitted on them would be checked on
+    // the data it was fitted to.
+    if ablation.is_some_and(Ablation::learns)
+        && a.val.as_ref() == a.data.data.as_ref()
+        && a.data.split != "train"
+    {
+        bail!(
+            Input,
+            "--ablation-criterion {} ranks on --data, which here is the same test split as \
+             --val: pass --split train (or other training data)",
+            a.ablation_criterion
+        );
+    }
     let how = match &a.recipe {
         Some(r) => How::Recipe(Recipe::load(r)?),
         None => {
@@ -384,14 +417,22 @@ pub fn compress(model: Model, how: How, data: Option<&Data>, r: &Run, json: bool
     // After Ctrl-C the user wants out: the timing and ablation are skipped.
     let bench_runs = if interrupted { 0 } else { bench_runs };
     let mut latency = Vec::new();
+    let mut ort_failures = Vec::new();
     if bench_runs > 0 {
         for batch in [1, 32] {
             let (b, a) =
                 smelt_compress::measure::latency_pair(&model, &out.model, batch, bench_runs)?;
-            let ort_ms = match r.ort_python {
-                Some(py) => Some(crate::ort::latency_pair(
-                    py, &model, &out.model, batch, bench_runs,
-                )?),
+            // onnxruntime failing to time a model is a finding for the report, not a reason
+            // to lose the run's results.
+            let ort_ms = match r
+                .ort_python
+                .map(|py| crate::ort::latency_pair(py, &model, &out.model, batch, bench_runs))
+            {
+                Some(Ok(ms)) => Some(ms),
+                Some(Err(e)) => {
+                    ort_failures.push(format!("onnxruntime timing at batch {batch} failed: {e}"));
+                    None
+                }
                 None => None,
             };
             latency.push(Latency {
@@ -438,6 +479,7 @@ pub fn compress(model: Model, how: How, data: Option<&Data>, r: &Run, json: bool
         out.stages,
         latency,
     )
+    .with_warnings(ort_failures)
     .with_ablation(ablation)
     .with_precision(out.precision)
     .with_layers(&out.model, out.manifest.as_ref())?;

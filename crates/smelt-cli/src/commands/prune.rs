@@ -111,6 +111,9 @@ fn measure(model: &Model, path: &Path) -> Result<Measure> {
 
 pub fn run(a: Args, json: bool) -> Result<()> {
     refuse_overwrite(&a.model, &a.output, a.force)?;
+    if let Some(py) = &a.ort_python {
+        crate::ort::check(py)?;
+    }
     let started = Instant::now();
     let mut opts = options(&a)?;
     let model = load_model(&a.model)?;
@@ -174,13 +177,17 @@ pub fn run(a: Args, json: bool) -> Result<()> {
         None
     };
     let ort = match (&a.ort_python, a.bench_runs) {
-        (Some(py), 1..) => Some(crate::ort::latency_pair(
-            py,
-            &model,
-            &pruned,
-            a.bench_batch.max(1),
-            a.bench_runs,
-        )?),
+        (Some(py), 1..) => {
+            match crate::ort::latency_pair(py, &model, &pruned, a.bench_batch.max(1), a.bench_runs)
+            {
+                Ok(ms) => Some(ms),
+                // The pruned model is written: a timing failure is reported, not fatal.
+                Err(e) => {
+                    eprintln!("warning: onnxruntime timing failed: {e}");
+                    None
+                }
+            }
+        }
         _ => None,
     };
     let side = |m: &Measure, ms: Option<f64>, ort: Option<f64>| json!({"params": m.params, "nonzero_params": m.nonzero, "flops": m.flops, "bytes": m.bytes, "latency_ms": ms, "ort_latency_ms": ort});

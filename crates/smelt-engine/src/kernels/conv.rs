@@ -71,13 +71,7 @@ fn valid_range(out: usize, stride: usize, off: isize, len: usize) -> (usize, usi
 
 /// Unrolls patches of `x` (`[c, d, h, w]`) into `col` (`[c * kprod, out positions]`); positions
 /// in the padding read `pad` (zero, or a quantized input's zero point).
-fn im2col<T: Copy + Default + super::Scratch>(
-    g: &ConvGeom,
-    c: usize,
-    x: &[T],
-    pad: T,
-    col: &mut [T],
-) {
+fn im2col<T: Copy>(g: &ConvGeom, c: usize, x: &[T], pad: T, col: &mut [T]) {
     if g.input[0] == 1
         && g.kernel[0] == 1
         && g.output[0] == 1
@@ -140,40 +134,39 @@ fn im2col_general<T: Copy>(g: &ConvGeom, c: usize, x: &[T], pad: T, col: &mut [T
 /// plane is first copied into a padded one, so that every row of `col` is one plain copy. The
 /// general loop clips and pads every row of every kernel offset, and on small planes (MNIST's
 /// 14 x 14) those short fills and copies cost more than the data.
-fn im2col_2d<T: Copy + Default + super::Scratch>(
-    g: &ConvGeom,
-    c: usize,
-    x: &[T],
-    pad: T,
-    col: &mut [T],
-) {
+fn im2col_2d<T: Copy>(g: &ConvGeom, c: usize, x: &[T], pad: T, col: &mut [T]) {
     let [_, ih, iw] = g.input;
     let [_, kh, kw] = g.kernel;
     let [_, oh, ow] = g.output;
+    if oh == 0 || ow == 0 {
+        return;
+    }
     let (ph, pw) = (g.pads[1], g.pads[2]);
-    // The padded plane: output row y with kernel row a reads padded row y + a.
+    // The padded plane: output row y with kernel row a reads padded row y + a. (A plane is
+    // small next to `col`, which takes the caller's scratch buffer.)
     let (h, w) = (oh + kh - 1, ow + kw - 1);
-    T::with(h * w, |plane| {
-        let osz = oh * ow;
-        let mut row = 0;
-        for ch in 0..c {
+    let mut plane = vec![pad; h * w];
+    let osz = oh * ow;
+    let mut row = 0;
+    for ch in 0..c {
+        if ch > 0 {
             plane.fill(pad);
-            let src = &x[ch * ih * iw..(ch + 1) * ih * iw];
-            for y in 0..ih.min(h.saturating_sub(ph)) {
-                let n = iw.min(w.saturating_sub(pw));
-                plane[(y + ph) * w + pw..][..n].copy_from_slice(&src[y * iw..][..n]);
-            }
-            for a in 0..kh {
-                for b in 0..kw {
-                    let dst = &mut col[row * osz..(row + 1) * osz];
-                    row += 1;
-                    for (y, out) in dst.chunks_exact_mut(ow).enumerate() {
-                        out.copy_from_slice(&plane[(y + a) * w + b..][..ow]);
-                    }
+        }
+        let src = &x[ch * ih * iw..(ch + 1) * ih * iw];
+        for y in 0..ih.min(h.saturating_sub(ph)) {
+            let n = iw.min(w.saturating_sub(pw));
+            plane[(y + ph) * w + pw..][..n].copy_from_slice(&src[y * iw..][..n]);
+        }
+        for a in 0..kh {
+            for b in 0..kw {
+                let dst = &mut col[row * osz..(row + 1) * osz];
+                row += 1;
+                for (y, out) in dst.chunks_exact_mut(ow).enumerate() {
+                    out.copy_from_slice(&plane[(y + a) * w + b..][..ow]);
                 }
             }
         }
-    })
+    }
 }
 
 /// Direct convolution of one input plane into one output plane (depthwise case).

@@ -54,12 +54,20 @@ pub(crate) trait Scratch: Copy + Default + 'static {
     fn with<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
 }
 
+/// Largest scratch buffer kept per thread and type, in bytes; larger ones are made per call
+/// (for those the work dwarfs the zeroing anyway).
+const SCRATCH_KEEP: usize = 16 << 20;
+
 macro_rules! scratch {
     ($t:ty) => {
         impl Scratch for $t {
             fn with<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
                 thread_local!(static BUF: std::cell::RefCell<Vec<$t>> =
                     const { std::cell::RefCell::new(Vec::new()) });
+                if len * std::mem::size_of::<$t>() > SCRATCH_KEEP {
+                    // Not kept: a large model's buffers would stay allocated on every thread.
+                    return f(&mut vec![<$t>::default(); len]);
+                }
                 BUF.with(|b| match b.try_borrow_mut() {
                     Ok(mut v) => {
                         if v.len() < len {

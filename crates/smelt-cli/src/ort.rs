@@ -15,20 +15,35 @@ const BENCH: &str = include_str!("../../../scripts/ort_bench.py");
 /// Fails, naming the problem, unless `python` imports onnxruntime and numpy: checked before a
 /// long run rather than at its end.
 pub fn check(python: &Path) -> Result<()> {
+    python_stdout(
+        python,
+        &["-c", "import onnxruntime, numpy"],
+        "cannot import onnxruntime and numpy",
+    )
+    .map(drop)
+}
+
+/// The standard output of `python ARGS`; a failure names `what` went wrong and the last line
+/// Python printed to stderr.
+fn python_stdout<S: AsRef<std::ffi::OsStr>>(
+    python: &Path,
+    args: &[S],
+    what: &str,
+) -> Result<Vec<u8>> {
     let out = Command::new(python)
-        .args(["-c", "import onnxruntime, numpy"])
+        .args(args)
         .output()
         .map_err(|e| Error::Input(format!("--ort-python {}: {e}", python.display())))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         bail!(
             Input,
-            "--ort-python {} cannot import onnxruntime and numpy: {}",
+            "--ort-python {} {what}: {}",
             python.display(),
             err.lines().last().unwrap_or("no message")
         );
     }
-    Ok(())
+    Ok(out.stdout)
 }
 
 /// Median ms in onnxruntime of (`before`, `after`) at `batch`, on the threads smelt uses.
@@ -52,25 +67,21 @@ pub fn latency_pair(
         Ok(p)
     };
     let (b, a) = (save(before, "before.onnx")?, save(after, "after.onnx")?);
+    let (batch, runs) = (batch.to_string(), runs.max(1).to_string());
+    let threads = rayon::current_num_threads().to_string();
     let median = |model: &Path| -> Result<f64> {
-        let out = Command::new(python)
-            .arg(&script)
-            .arg(model)
-            .args(["--batch", &batch.to_string()])
-            .args(["--runs", &runs.max(1).to_string()])
-            .args(["--threads", &rayon::current_num_threads().to_string()])
-            .output()
-            .map_err(|e| Error::Input(format!("--ort-python {}: {e}", python.display())))?;
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            bail!(
-                Input,
-                "onnxruntime could not time the model with {}: {}",
-                python.display(),
-                err.lines().last().unwrap_or("no message")
-            );
-        }
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        let args: [&std::ffi::OsStr; 8] = [
+            script.as_os_str(),
+            model.as_os_str(),
+            "--batch".as_ref(),
+            batch.as_ref(),
+            "--runs".as_ref(),
+            runs.as_ref(),
+            "--threads".as_ref(),
+            threads.as_ref(),
+        ];
+        let out = python_stdout(python, &args, "could not time the model in onnxruntime")?;
+        let v: serde_json::Value = serde_json::from_slice(&out)
             .map_err(|e| Error::Invalid(format!("onnxruntime timing output: {e}")))?;
         v["median_ms"]
             .as_f64()

@@ -124,6 +124,8 @@ fn greedy(
         let step = (left.len() / 16).clamp(1, left.len() - 1);
         let mut trials = Vec::with_capacity(left.len());
         for &c in &left {
+            // Each trial is a full evaluation: a large group takes long, so Ctrl-C stops here.
+            smelt_tensor::interrupt::check()?;
             let mut cut = gone.clone();
             cut.push(c);
             cut.sort_unstable();

@@ -46,14 +46,15 @@ fn python_stdout<S: AsRef<std::ffi::OsStr>>(
     Ok(out.stdout)
 }
 
-/// Median ms in onnxruntime of (`before`, `after`) at `batch`, on the threads smelt uses.
-pub fn latency_pair(
+/// Median ms in onnxruntime of (`before`, `after`) at each of `batches`, on the threads smelt
+/// uses. The models are written once for all batch sizes.
+pub fn latency_pairs(
     python: &Path,
     before: &Model,
     after: &Model,
-    batch: usize,
+    batches: &[usize],
     runs: usize,
-) -> Result<(f64, f64)> {
+) -> Result<Vec<(f64, f64)>> {
     let dir = tempfile::tempdir().map_err(|e| Error::io("a temporary folder", e))?;
     let script = dir.path().join("ort_bench.py");
     std::fs::write(&script, BENCH).map_err(|e| Error::io(script.display().to_string(), e))?;
@@ -67,9 +68,9 @@ pub fn latency_pair(
         Ok(p)
     };
     let (b, a) = (save(before, "before.onnx")?, save(after, "after.onnx")?);
-    let (batch, runs) = (batch.to_string(), runs.max(1).to_string());
+    let runs = runs.max(1).to_string();
     let threads = rayon::current_num_threads().to_string();
-    let median = |model: &Path| -> Result<f64> {
+    let median = |model: &Path, batch: &str| -> Result<f64> {
         let args: [&std::ffi::OsStr; 8] = [
             script.as_os_str(),
             model.as_os_str(),
@@ -87,14 +88,20 @@ pub fn latency_pair(
             .as_f64()
             .ok_or_else(|| Error::Invalid(format!("onnxruntime timing output: {v}")))
     };
-    let (mut tb, mut ta) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        tb.push(median(&b)?);
-        ta.push(median(&a)?);
-    }
     let mid = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[1]
     };
-    Ok((mid(tb), mid(ta)))
+    batches
+        .iter()
+        .map(|batch| {
+            let batch = batch.to_string();
+            let (mut tb, mut ta) = (Vec::new(), Vec::new());
+            for _ in 0..3 {
+                tb.push(median(&b, &batch)?);
+                ta.push(median(&a, &batch)?);
+            }
+            Ok((mid(tb), mid(ta)))
+        })
+        .collect()
 }

@@ -419,22 +419,23 @@ pub fn compress(model: Model, how: How, data: Option<&Data>, r: &Run, json: bool
     let mut latency = Vec::new();
     let mut ort_failures = Vec::new();
     if bench_runs > 0 {
-        for batch in [1, 32] {
+        const BATCHES: [usize; 2] = [1, 32];
+        // onnxruntime failing to time a model is a finding for the report, not a reason to
+        // lose the run's results.
+        let ort_ms = match r
+            .ort_python
+            .map(|py| crate::ort::latency_pairs(py, &model, &out.model, &BATCHES, bench_runs))
+        {
+            Some(Ok(ms)) => ms.into_iter().map(Some).collect(),
+            Some(Err(e)) => {
+                ort_failures.push(format!("onnxruntime timing failed: {e}"));
+                vec![None; BATCHES.len()]
+            }
+            None => vec![None; BATCHES.len()],
+        };
+        for (batch, ort_ms) in BATCHES.into_iter().zip(ort_ms) {
             let (b, a) =
                 smelt_compress::measure::latency_pair(&model, &out.model, batch, bench_runs)?;
-            // onnxruntime failing to time a model is a finding for the report, not a reason
-            // to lose the run's results.
-            let ort_ms = match r
-                .ort_python
-                .map(|py| crate::ort::latency_pair(py, &model, &out.model, batch, bench_runs))
-            {
-                Some(Ok(ms)) => Some(ms),
-                Some(Err(e)) => {
-                    ort_failures.push(format!("onnxruntime timing at batch {batch} failed: {e}"));
-                    None
-                }
-                None => None,
-            };
             latency.push(Latency {
                 batch,
                 before_ms: b,

@@ -178,9 +178,9 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     };
     let ort = match (&a.ort_python, a.bench_runs) {
         (Some(py), 1..) => {
-            match crate::ort::latency_pair(py, &model, &pruned, a.bench_batch.max(1), a.bench_runs)
-            {
-                Ok(ms) => Some(ms),
+            let batch = [a.bench_batch.max(1)];
+            match crate::ort::latency_pairs(py, &model, &pruned, &batch, a.bench_runs) {
+                Ok(ms) => ms.first().copied(),
                 // The pruned model is written: a timing failure is reported, not fatal.
                 Err(e) => {
                     eprintln!("warning: onnxruntime timing failed: {e}");

@@ -14,7 +14,9 @@ use smelt_tensor::{bail, Error, Result, Tensor};
 use std::path::{Path, PathBuf};
 
 pub use idx::load_idx_dir;
-pub use metrics::{accuracy, check_labels, fidelity, top1, Fidelity, FidelityAccumulator};
+pub use metrics::{
+    accuracy, check_labels, fidelity, mean_pool, top1, Fidelity, FidelityAccumulator,
+};
 pub use npz::{load_npz, write_npz};
 pub use text::{brown_sentences, read_text_lines, tokenize, TextBatch};
 

@@ -197,12 +197,68 @@ pub fn fidelity(a: &[Tensor], b: &[Tensor]) -> Result<Fidelity> {
     acc.finish()
 }
 
+/// [batch, tokens, width] -> [batch, width], averaging the tokens the mask keeps (all when
+/// there is no mask): how sentence-embedding models like MiniLM are read.
+pub fn mean_pool(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let &[b, s, h] = x.shape() else {
+        bail!(
+            Shape,
+            "mean pooling needs a [batch, tokens, width] output, got {:?}",
+            x.shape()
+        );
+    };
+    let v = x.to_f32_vec()?;
+    let m = match mask {
+        Some(m) if m.shape() == [b, s] => m.to_f64_vec()?,
+        Some(m) => bail!(
+            Shape,
+            "attention mask {:?} does not fit output {:?}",
+            m.shape(),
+            x.shape()
+        ),
+        None => vec![1.0; b * s],
+    };
+    let mut out = vec![0.0f32; b * h];
+    for i in 0..b {
+        let w: f64 = m[i * s..(i + 1) * s].iter().sum();
+        for t in 0..s {
+            let k = m[i * s + t];
+            if k == 0.0 {
+                continue;
+            }
+            for j in 0..h {
+                out[i * h + j] += (k * v[(i * s + t) * h + j] as f64 / w.max(1e-12)) as f32;
+            }
+        }
+    }
+    Tensor::from_vec(vec![b, h], out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn t(shape: &[usize], v: &[f32]) -> Tensor {
         Tensor::from_vec(shape.to_vec(), v.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn mean_pool_skips_masked_tokens() {
+        // Two sentences of 3 tokens, width 2; the second has one padding token.
+        let x = t(
+            &[2, 3, 2],
+            &[
+                1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 1.0, 1.0, 3.0, 5.0, 100.0, -100.0,
+            ],
+        );
+        let mask = Tensor::from_vec(vec![2, 3], vec![1i64, 1, 1, 1, 1, 0]).unwrap();
+        let p = mean_pool(&x, Some(&mask)).unwrap();
+        assert_eq!(p.shape(), &[2, 2]);
+        assert_eq!(p.to_f32_vec().unwrap(), vec![3.0, 4.0, 2.0, 3.0]);
+        let all = mean_pool(&x, None).unwrap().to_f32_vec().unwrap();
+        assert!((all[2] - 104.0 / 3.0).abs() < 1e-4);
+        assert!(mean_pool(&t(&[2, 2], &[0.0; 4]), None).is_err());
+        assert!(mean_pool(&x, Some(&t(&[2, 2], &[1.0; 4]))).is_err());
     }
 
     #[test]

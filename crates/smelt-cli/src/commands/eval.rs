@@ -1,6 +1,6 @@
 use crate::args::{load_model, print_json, session, DataArgs};
 use serde_json::json;
-use smelt_data::FidelityAccumulator;
+use smelt_data::{mean_pool, FidelityAccumulator};
 use smelt_tensor::{bail, Result};
 use std::path::PathBuf;
 
@@ -107,44 +107,4 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     }
     println!("time       {seconds:.2} s");
     Ok(())
-}
-
-/// [batch, tokens, width] -> [batch, width], averaging the tokens the mask keeps (all when
-/// there is no mask): how sentence-embedding models like MiniLM are read.
-fn mean_pool(
-    x: &smelt_tensor::Tensor,
-    mask: Option<&smelt_tensor::Tensor>,
-) -> Result<smelt_tensor::Tensor> {
-    let &[b, s, h] = x.shape() else {
-        bail!(
-            Shape,
-            "--pool mean needs a [batch, tokens, width] output, got {:?}",
-            x.shape()
-        );
-    };
-    let v = x.to_f32_vec()?;
-    let m = match mask {
-        Some(m) if m.shape() == [b, s] => m.to_f64_vec()?,
-        Some(m) => bail!(
-            Shape,
-            "attention mask {:?} does not fit output {:?}",
-            m.shape(),
-            x.shape()
-        ),
-        None => vec![1.0; b * s],
-    };
-    let mut out = vec![0.0f32; b * h];
-    for i in 0..b {
-        let w: f64 = m[i * s..(i + 1) * s].iter().sum();
-        for t in 0..s {
-            let k = m[i * s + t];
-            if k == 0.0 {
-                continue;
-            }
-            for j in 0..h {
-                out[i * h + j] += (k * v[(i * s + t) * h + j] as f64 / w.max(1e-12)) as f32;
-            }
-        }
-    }
-    smelt_tensor::Tensor::from_vec(vec![b, h], out)
 }

@@ -339,16 +339,40 @@ fn run_sensitivity(
                 .iter()
                 .map(|f| reference.run_feed(f))
                 .collect::<Result<_>>()?;
+            // Text models are read as mean-pooled sentence embeddings (as `smelt eval --pool
+            // mean` scores them): per token, padding positions would weigh in too.
+            let pooled = a.data.tokenizer.is_some();
+            let read = |feed: &smelt_quant::Feed, out: &smelt_tensor::Tensor| {
+                let mask = feed
+                    .iter()
+                    .find(|(n, _)| n == "attention_mask")
+                    .map(|(_, t)| t);
+                if pooled {
+                    smelt_data::mean_pool(out, mask)
+                } else {
+                    Ok(out.clone())
+                }
+            };
+            let refs: Vec<_> = refs
+                .iter()
+                .zip(calib)
+                .map(|(r, f)| read(f, &r[0].1))
+                .collect::<Result<_>>()?;
             let eval = |m: &smelt_ir::Model| -> Result<f64> {
                 let s = session(m.clone())?;
                 let mut acc = smelt_data::FidelityAccumulator::new();
                 for (feed, r) in calib.iter().zip(&refs) {
                     let out = s.run_feed(feed)?;
-                    acc.add(&r[0].1, &out[0].1)?;
+                    acc.add(r, &read(feed, &out[0].1)?)?;
                 }
                 Ok(acc.finish()?.cosine)
             };
-            smelt_quant::sensitivity::analyze(model, opts, calib, "cosine to float", eval)
+            let metric = if pooled {
+                "mean-pooled cosine to float"
+            } else {
+                "cosine to float"
+            };
+            smelt_quant::sensitivity::analyze(model, opts, calib, metric, eval)
         }
     }
 }

@@ -4,6 +4,7 @@
 //! Regular convolution is im2col + GEMM per (image, group); convolutions with one input channel
 //! per group (depthwise) use a direct loop, which beats a GEMM with K = kernel size.
 
+use super::conv_vnni;
 use super::gemm::{gemm, Bias};
 use super::quant;
 use super::Scratch;
@@ -313,6 +314,28 @@ pub fn qconv(
     if out.is_empty() {
         return Ok(());
     }
+    if let Some(direct) = direct_int8(g, w, zw) {
+        let exact = quant::ZeroPoints::exact(g.out_ch, osz);
+        let task = |b: usize, o: &mut [f32]| {
+            direct.run(
+                &x[b * g.in_ch * isz..][..g.in_ch * isz],
+                zx,
+                bytemuck::cast_slice_mut::<f32, i32>(o),
+            );
+            quant::scale_sums(o, osz, &exact, scale, bias, true, grid);
+        };
+        let per_image = g.out_ch * osz;
+        if g.batch > 1 && out.len() * cg * ksz >= PAR_MIN_WORK {
+            out.par_chunks_mut(per_image)
+                .enumerate()
+                .for_each(|(b, o)| task(b, o));
+        } else {
+            out.chunks_mut(per_image)
+                .enumerate()
+                .for_each(|(b, o)| task(b, o));
+        }
+        return Ok(());
+    }
     let pointwise =
         ksz == 1 && g.strides == [1, 1, 1] && g.pads == [0, 0, 0] && g.input == g.output;
     let zcols = vec![zx; osz];
@@ -347,6 +370,31 @@ pub fn qconv(
             .enumerate()
             .try_for_each(|(t, o)| task(t, o))
     }
+}
+
+/// The direct VNNI kernel for a 2-D, single-group, undilated convolution of symmetric weights
+/// (stored shifted to u8, zero point 128), on a CPU that has it.
+fn direct_int8(g: &ConvGeom, w: &[u8], zw: &[u8]) -> Option<conv_vnni::Packed> {
+    let two_d = g.input[0] == 1 && g.kernel[0] == 1 && g.strides[0] == 1 && g.pads[0] == 0;
+    if !conv_vnni::available()
+        || !two_d
+        || g.groups != 1
+        || g.dilations != [1, 1, 1]
+        || zw.iter().any(|&z| z != 128)
+    {
+        return None;
+    }
+    let s = conv_vnni::Shape2d {
+        in_ch: g.in_ch,
+        out_ch: g.out_ch,
+        input: [g.input[1], g.input[2]],
+        kernel: [g.kernel[1], g.kernel[2]],
+        output: [g.output[1], g.output[2]],
+        strides: [g.strides[1], g.strides[2]],
+        pads: [g.pads[1], g.pads[2]],
+    };
+    let w: Vec<i8> = w.iter().map(|&v| (v ^ 0x80) as i8).collect();
+    Some(conv_vnni::Packed::new(s, &w))
 }
 
 /// Transposed convolution: `x` is `[batch, in_ch, *input]`, `w` is

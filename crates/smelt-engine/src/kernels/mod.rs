@@ -1,6 +1,7 @@
 //! Hot loops behind the ops. Each kernel has a narrow, slice-based interface.
 
 pub mod conv;
+pub mod conv_vnni;
 pub mod erf;
 pub mod gemm;
 pub mod pool;
@@ -85,3 +86,4 @@ macro_rules! scratch {
 
 scratch!(f32);
 scratch!(i8);
+scratch!(u8);

@@ -173,6 +173,16 @@ pub struct ZeroPoints {
 }
 
 impl ZeroPoints {
+    /// No correction: for `m x n` sums that are already exact.
+    pub fn exact(m: usize, n: usize) -> ZeroPoints {
+        ZeroPoints {
+            za: vec![0; m],
+            zb: vec![0; n],
+            row: vec![0; m],
+            colsum: vec![0; n],
+        }
+    }
+
     /// The exact sum at `(i, j)` from the raw product there.
     #[inline(always)]
     pub fn sum(&self, i: usize, j: usize, raw: i32) -> i32 {

@@ -1,7 +1,7 @@
 //! Hot loops behind the ops. Each kernel has a narrow, slice-based interface.
 
 pub mod conv;
-pub mod conv_vnni;
+pub mod conv_direct;
 pub mod erf;
 pub mod gemm;
 pub mod pool;

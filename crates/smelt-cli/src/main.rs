@@ -133,17 +133,22 @@ fn main() -> ExitCode {
         });
     }
     let json = cli.json;
-    let result = std::panic::catch_unwind(move || match cli.cmd {
-        Cmd::Demo(a) => commands::demo::run(a, json),
-        Cmd::Inspect(a) => commands::inspect::run(a, json),
-        Cmd::Eval(a) => commands::eval::run(a, json),
-        Cmd::Bench(a) => commands::bench::run(a, json),
-        Cmd::Run(a) => commands::run::run(a, json),
-        Cmd::Convert(a) => commands::convert::run(a, json),
-        Cmd::Quantize(a) => commands::quantize::run(*a, json),
-        Cmd::Prune(a) => commands::prune::run(*a, json),
-        Cmd::Finetune(a) => commands::finetune::run(*a, json),
-        Cmd::Compress(a) => commands::compress::run(*a, json),
+    // The whole command runs on a pool worker: a session started there runs in place, where
+    // from the main thread each run would first hop to a worker and wait for it to wake (on 2
+    // threads that hop took MNIST-8's batch-1 run from 0.06 to 0.11 ms).
+    let result = rayon::scope(move |_| {
+        std::panic::catch_unwind(move || match cli.cmd {
+            Cmd::Demo(a) => commands::demo::run(a, json),
+            Cmd::Inspect(a) => commands::inspect::run(a, json),
+            Cmd::Eval(a) => commands::eval::run(a, json),
+            Cmd::Bench(a) => commands::bench::run(a, json),
+            Cmd::Run(a) => commands::run::run(a, json),
+            Cmd::Convert(a) => commands::convert::run(a, json),
+            Cmd::Quantize(a) => commands::quantize::run(*a, json),
+            Cmd::Prune(a) => commands::prune::run(*a, json),
+            Cmd::Finetune(a) => commands::finetune::run(*a, json),
+            Cmd::Compress(a) => commands::compress::run(*a, json),
+        })
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

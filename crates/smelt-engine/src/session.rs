@@ -37,7 +37,8 @@ impl Session {
     /// (e.g. int8 weights cast and scaled to f32) are evaluated once here, not on every run.
     /// QDQ patterns run on integer kernels (see [`crate::passes::FuseQdq`]), a written-out
     /// GELU as one op ([`crate::passes::FuseGelu`]), attention's masked softmax as one
-    /// ([`crate::passes::FuseSoftmax`]), and a LayerNorm snaps its own output onto a grid
+    /// ([`crate::passes::FuseSoftmax`]), a float Conv takes its bias Add and ReLU
+    /// ([`crate::passes::FuseConvRelu`]), and a LayerNorm snaps its own output onto a grid
     /// ([`crate::passes::SnapLayerNorm`]).
     pub fn new(model: Model) -> Result<Session> {
         Session::build(model, true, true)
@@ -71,6 +72,7 @@ impl Session {
             let model = crate::passes::FuseGelu.run(model)?.0;
             let model = crate::passes::FuseQdq::default().run(model)?.0;
             let model = crate::passes::FuseSoftmax.run(model)?.0;
+            let model = crate::passes::FuseConvRelu.run(model)?.0;
             crate::passes::SnapLayerNorm.run(model)?.0
         } else {
             model

@@ -14,10 +14,27 @@ use smelt_tensor::{bail, DType, Data, Result, Tensor};
 
 pub fn register(r: &mut Registry) {
     r.insert("ai.smelt.QConv", qconv);
+    r.insert("ai.smelt.ConvRelu", conv_relu);
     r.insert("ai.smelt.QMatMul", qmatmul);
     r.insert("ai.smelt.FakeQuant", fake_quant);
     r.insert("ai.smelt.Softmax", softmax);
     r.insert("ai.smelt.LayerNormalization", layer_norm);
+}
+
+/// A Conv (same inputs and attributes) whose output goes through Relu. A bias taken from an
+/// Add (`bias_shape`, see `passes::FuseConvRelu`) must still have that per-channel shape.
+fn conv_relu(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    if let (Some(want), Some(b)) = (ctx.ints("bias_shape")?, opt_input(inputs, 2)) {
+        let got: Vec<i64> = b.shape().iter().map(|&n| n as i64).collect();
+        if got != want {
+            bail!(
+                Shape,
+                "the bias added after this Conv was {want:?} when the model was loaded and is \
+                 now {got:?}"
+            );
+        }
+    }
+    super::nn::conv_on(ctx, inputs, true)
 }
 
 /// Inputs: LayerNormalization's three, then y_scale and y_zero_point?: its output snapped

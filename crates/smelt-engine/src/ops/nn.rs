@@ -251,6 +251,11 @@ pub(crate) fn conv_geometry(ctx: &OpCtx, x: &Tensor, w: &Tensor) -> Result<(Conv
 }
 
 fn conv_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    conv_on(ctx, inputs, false)
+}
+
+/// Conv, its output through max(0, v) when `relu` (`ai.smelt.ConvRelu`).
+pub(crate) fn conv_on(ctx: &OpCtx, inputs: &[Option<&Tensor>], relu: bool) -> Result<Vec<Tensor>> {
     let x = input(inputs, 0)?;
     let w = input(inputs, 1)?;
     let b = opt_input(inputs, 2);
@@ -259,7 +264,7 @@ fn conv_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let wv = floats(w)?;
     let bv = b.map(floats).transpose()?;
     let mut out = vec![0.0f32; shape.iter().product()];
-    conv::conv(&g, &xv, &wv, bv.as_deref(), &mut out)?;
+    conv::conv_act(&g, &xv, &wv, bv.as_deref(), relu, &mut out)?;
     Ok(vec![from_floats(shape, out, x.dtype())?])
 }
 

@@ -19,7 +19,7 @@ type Bias = (String, Vec<i64>);
 /// the Conv and `b` with its shape. `fuse-bias` takes only true constants; this also takes an
 /// initializer that IR < 4 files list as an input (MNIST-8), which a caller may override: the
 /// fused op reads it at run time and checks it still has this shape.
-fn bias_add<'a>(g: &'a Graph, value: &str, reader: usize) -> Option<(&'a Node, Option<Bias>)> {
+fn bias_add<'a>(g: &'a Graph, value: &str, reader: usize) -> Option<(&'a Node, Bias)> {
     let add = private(g, value, "Add", reader)?;
     let at = g.producer(value)?;
     (0..2).find_map(|k| {
@@ -43,7 +43,7 @@ fn bias_add<'a>(g: &'a Graph, value: &str, reader: usize) -> Option<(&'a Node, O
                 .all(|(d, &n)| d == channel || n == 1);
         ok.then(|| {
             let shape = dims.iter().map(|&n| n as i64).collect();
-            (conv, Some((b.clone(), shape)))
+            (conv, (b.clone(), shape))
         })
     })
 }
@@ -63,7 +63,6 @@ impl Pass for FuseConvRelu {
         let (mut model, biases) = FuseBias.run(model)?;
         rec.changes.extend(biases.changes);
         let g = &mut model.graph;
-        let mut dead = std::collections::HashSet::new();
         let mut fused = 0;
         for i in 0..g.nodes.len() {
             let n = &g.nodes[i];
@@ -73,7 +72,7 @@ impl Pass for FuseConvRelu {
             let (conv, bias) = match private(g, &n.inputs[0], "Conv", i) {
                 Some(conv) => (conv, None),
                 None => match bias_add(g, &n.inputs[0], i) {
-                    Some(found) => found,
+                    Some((conv, bias)) => (conv, Some(bias)),
                     None => continue,
                 },
             };
@@ -81,23 +80,17 @@ impl Pass for FuseConvRelu {
             fusedn.op_type = "ConvRelu".into();
             fusedn.domain = "ai.smelt".into();
             fusedn.outputs = n.outputs.clone();
-            let mut gone = vec![g.producer(&conv.outputs[0])];
             if let Some((b, shape)) = bias {
-                gone.push(g.producer(&n.inputs[0]));
                 fusedn.inputs.resize(2, String::new());
                 fusedn.inputs.push(b);
                 fusedn = fusedn.with_attr("bias_shape", Attr::Ints(shape));
             }
-            dead.extend(gone.into_iter().flatten());
+            // The Conv (and Add) now feed nothing: `remove_dead` below drops them.
             g.nodes[i] = fusedn;
             fused += 1;
         }
-        if !dead.is_empty() {
-            let mut k = 0;
-            g.nodes.retain(|_| {
-                k += 1;
-                !dead.contains(&(k - 1))
-            });
+        if fused > 0 {
+            g.remove_dead();
             rec.note(format!(
                 "{fused} Conv (+ bias Add) + Relu chains became ConvRelu nodes"
             ));

@@ -20,19 +20,24 @@ fn assets() -> PathBuf {
     dir
 }
 
+/// Peak of the test images. Not 255: on 0-255 blobs MNIST-8's logits run into the thousands
+/// and the loss past 1000, where float32 rounding (about 1e-4) is as large as the loss change
+/// a small step makes, and a point's estimate depended on the convolution's order of sums.
+const PEAK: f32 = 8.0;
 #[test]
 fn mnist8_gradients_match_finite_differences() {
     let model = smelt_onnx::load(&assets().join("mnist-8/model.onnx")).unwrap();
     let model = smelt_train::prepare(model).unwrap();
     let params = smelt_train::trainable(&model);
-    assert_eq!(params.len(), 6, "{params:?}"); // 3 weights, 3 biases
-                                               // Four real-looking inputs: smooth blobs in 0..255, fixed labels.
+    // 3 weights, 3 biases.
+    assert_eq!(params.len(), 6, "{params:?}");
+    // Four real-looking inputs: smooth blobs, fixed labels.
     let x: Vec<f32> = (0..4 * 784)
         .map(|i| {
             let (b, p) = (i / 784, i % 784);
             let (r, c) = ((p / 28) as f32, (p % 28) as f32);
             let d = (r - 10.0 - b as f32 * 2.0).powi(2) + (c - 14.0 + b as f32).powi(2);
-            255.0 * (-d / 40.0).exp()
+            PEAK * (-d / 40.0).exp()
         })
         .collect();
     let x = Tensor::from_vec(vec![4, 1, 28, 28], x).unwrap();
@@ -55,7 +60,7 @@ fn mnist8_gradients_match_finite_differences() {
             },
         )
         .unwrap();
-    let (_, dl) = smelt_train::loss::cross_entropy(&outs[0].1, &y).unwrap();
+    let (loss0, dl) = smelt_train::loss::cross_entropy(&outs[0].1, &y).unwrap();
     let mut values: HashMap<String, Tensor> = cap;
     values.insert(input.clone(), x.clone());
     values.extend(outs);
@@ -75,18 +80,26 @@ fn mnist8_gradients_match_finite_differences() {
             2 * g.len() / 3,
         ] {
             let scale = w0.as_slice::<f32>().unwrap()[j].abs().max(0.05);
-            let mut fd = |h: f32| -> f64 {
-                let mut num = 0f64;
+            // The loss difference over the step, and the step.
+            let mut fd = |h: f32| -> (f64, f64) {
+                let mut diff = 0f64;
                 for sign in [1.0f32, -1.0] {
                     let mut w = w0.clone();
                     w.as_mut_slice::<f32>().unwrap()[j] += sign * h;
                     s.set_initializer(p, w).unwrap();
-                    num += sign as f64 * loss(&s);
+                    diff += sign as f64 * loss(&s);
                 }
                 s.set_initializer(p, w0.clone()).unwrap();
-                num / (2.0 * h as f64)
+                (diff, 2.0 * h as f64)
             };
-            let (n1, n2) = (fd(1e-2 * scale), fd(2.5e-3 * scale));
+            let ((d1, h1), (d2, h2)) = (fd(1e-2 * scale), fd(2.5e-3 * scale));
+            // The float32 loss moves by about 1e-7 of itself from rounding alone: a difference
+            // within a few such steps is rounding, not slope, and the kernels' order of sums
+            // would decide the estimate.
+            if d2.abs() < 1e-6 * loss0 {
+                continue;
+            }
+            let (n1, n2) = (d1 / h1, d2 / h2);
             // A ReLU or max-pool switch inside the step makes the two estimates disagree:
             // the loss is not differentiable there, so the point says nothing.
             if (n1 - n2).abs() > 0.05 * n1.abs().max(n2.abs()) + 1e-4 {
@@ -99,6 +112,7 @@ fn mnist8_gradients_match_finite_differences() {
             );
             checked += 1;
         }
+        eprintln!("{p}: {checked} points checked");
         assert!(checked >= 2, "{p}: only {checked} smooth points");
     }
 }

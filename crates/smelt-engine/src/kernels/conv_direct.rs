@@ -1,4 +1,4 @@
-//! Direct int8 2-D convolution on AVX-512 VNNI, for narrow layers.
+//! Direct 2-D convolutions on AVX-512, for narrow layers.
 //!
 //! Through im2col and a GEMM library, a narrow convolution spends most of its time
 //! rearranging data: the patch matrix is written out, then packed again into the library's
@@ -7,21 +7,19 @@
 //! image is copied once into a padded channels-last buffer, where the `kw x C` values one
 //! kernel row reads for one output pixel are contiguous, and each is broadcast against a
 //! register holding its weights for 16 output channels, which serves 8 pixels at a time.
-//! Nothing is packed per call but the (small) weights. `vpdpbusd` multiplies u8 activations by
-//! i8 weights four at a time and adds them into i32 lanes without saturation: the sums are
-//! exact.
+//! Nothing is packed per call but the (small) weights.
 //!
-//! An f32 twin (one FMA per input value) took MNIST-8's second layer from 0.67 to 0.26 ms,
-//! but its different order of float sums broke the finite-difference gradient check on
-//! MNIST-8 (`smelt-train/tests/model_grad.rs`), which the GEMM path passes; it was taken out
-//! until that is understood.
+//! - int8 ([`Packed`]): `vpdpbusd` (AVX-512 VNNI) multiplies u8 activations by i8 weights
+//!   four at a time and adds them into i32 lanes without saturation.
+//! - f32 ([`PackedF32`]): one fused multiply-add per input value. Its sums run in another
+//!   order than the GEMM's, so results differ from the im2col path by float rounding.
 
 use super::Scratch;
 
 /// Pixels computed together: each weight register is loaded once for this many.
 const PIXELS: usize = 8;
-/// Output channels per register (16 i32 lanes).
-const LANES: usize = 16;
+/// Output channels per register (16 i32 or f32 lanes).
+pub const LANES: usize = 16;
 
 /// Whether this CPU has the int8 kernel's instructions, checked once.
 pub fn available() -> bool {
@@ -34,6 +32,18 @@ pub fn available() -> bool {
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vnni")
         })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether this CPU has the f32 kernel's instructions, checked once.
+pub fn available_f32() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -226,6 +236,113 @@ impl Packed {
     }
 }
 
+/// f32 weights rearranged for the kernel: per block of 16 output channels, per kernel row,
+/// per value `kx * in_ch + c` of that row's patch, the 16 channels' weights (one register).
+pub struct PackedF32 {
+    s: Shape2d,
+    w: Vec<f32>,
+}
+
+impl PackedF32 {
+    /// `w` holds the weights `[out_ch, in_ch, kh, kw]`.
+    pub fn new(s: Shape2d, w: &[f32]) -> PackedF32 {
+        let [kh, kw] = s.kernel;
+        let row = kw * s.in_ch;
+        let blocks = s.out_ch.div_ceil(LANES);
+        let mut out = vec![0f32; blocks * kh * row * LANES];
+        for oc in 0..s.out_ch {
+            for c in 0..s.in_ch {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let at = (((oc / LANES) * kh + ky) * row + kx * s.in_ch + c) * LANES
+                            + oc % LANES;
+                        out[at] = w[((oc * s.in_ch + c) * kh + ky) * kw + kx];
+                    }
+                }
+            }
+        }
+        PackedF32 { s, w: out }
+    }
+
+    /// One image: `x` is `[in_ch, h, w]`; `out` receives `[out_ch, oh * ow]`, plus `bias`.
+    pub fn run(&self, x: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+        let [hp, wp] = self.s.padded();
+        let cp = self.s.in_ch;
+        f32::with(hp * wp * cp, |img| {
+            self.s.channels_last(x, 0.0, cp, img, |v| v);
+            #[cfg(target_arch = "x86_64")]
+            // Safety: callers check `available_f32()` first.
+            unsafe {
+                self.pixels(img, wp, bias, out)
+            }
+        });
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pixels(&self, img: &[f32], wp: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+        let s = &self.s;
+        let osz = s.output[0] * s.output[1];
+        let base = s.pixel_offsets(wp, s.in_ch);
+        for ob in 0..s.out_ch.div_ceil(LANES) {
+            let mut p = 0;
+            while p + PIXELS <= osz {
+                self.block::<PIXELS>(img, wp, ob, &base[p..p + PIXELS], p, bias, out);
+                p += PIXELS;
+            }
+            while p < osz {
+                self.block::<1>(img, wp, ob, &base[p..p + 1], p, bias, out);
+                p += 1;
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const P: usize>(
+        &self,
+        img: &[f32],
+        wp: usize,
+        ob: usize,
+        base: &[usize],
+        p0: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        use std::arch::x86_64::*;
+        let s = &self.s;
+        let [kh, kw] = s.kernel;
+        let row = kw * s.in_ch;
+        let row_stride = wp * s.in_ch;
+        let mut sum = [_mm512_setzero_ps(); P];
+        let wblock = &self.w[ob * kh * row * LANES..][..kh * row * LANES];
+        for ky in 0..kh {
+            let wrow = &wblock[ky * row * LANES..][..row * LANES];
+            for j in 0..row {
+                let wv = _mm512_loadu_ps(wrow.as_ptr().add(j * LANES));
+                for (i, acc) in sum.iter_mut().enumerate() {
+                    let at = base[i] + ky * row_stride + j;
+                    debug_assert!(at < img.len());
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*img.get_unchecked(at)), wv, *acc);
+                }
+            }
+        }
+        let osz = s.output[0] * s.output[1];
+        let mut lanes = [0f32; LANES];
+        for (i, v) in sum.iter().enumerate() {
+            _mm512_storeu_ps(lanes.as_mut_ptr(), *v);
+            for (l, &y) in lanes.iter().enumerate() {
+                let oc = ob * LANES + l;
+                if oc < s.out_ch {
+                    out[oc * osz + p0 + i] = y + bias.map_or(0.0, |b| b[oc]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,6 +429,35 @@ mod tests {
             let mut acc = vec![0i32; co * out[0] * out[1]];
             Packed::new(s, &w).run(&x, zx, &mut acc);
             assert_eq!(acc, naive(&s, &x, zx, &w), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn f32_matches_definition() {
+        if !available_f32() {
+            eprintln!("no AVX-512 on this CPU: the direct f32 convolution is not used");
+            return;
+        }
+        for s in shapes() {
+            let (ci, co, inp, k, out) = (s.in_ch, s.out_ch, s.input, s.kernel, s.output);
+            // Small integers: every sum is exact in f32, whatever the order.
+            let x: Vec<f32> = (0..ci * inp[0] * inp[1])
+                .map(|i| ((i * 7) % 11) as f32 - 5.0)
+                .collect();
+            let w: Vec<f32> = (0..co * ci * k[0] * k[1])
+                .map(|i| ((i * 5) % 9) as f32 - 4.0)
+                .collect();
+            let bias: Vec<f32> = (0..co).map(|i| i as f32 * 0.5).collect();
+            let xi: Vec<i8> = x.iter().map(|&v| v as i8).collect();
+            let wi: Vec<i8> = w.iter().map(|&v| v as i8).collect();
+            let want: Vec<f32> = naive(&s, &xi, 0, &wi)
+                .iter()
+                .enumerate()
+                .map(|(i, &a)| a as f32 + bias[i / (out[0] * out[1])])
+                .collect();
+            let mut got = vec![f32::NAN; co * out[0] * out[1]];
+            PackedF32::new(s, &w).run(&x, Some(&bias), &mut got);
+            assert_eq!(got, want, "{s:?}");
         }
     }
 }

@@ -1,4 +1,4 @@
-use crate::ops::{self, OpCtx, OpFn};
+use crate::ops::{self, OpCtx, OpFn, Prepared};
 use crate::passes::FoldConstants;
 use smelt_ir::Pass;
 use smelt_ir::{Dim, Graph, Model, Node};
@@ -25,6 +25,8 @@ pub struct RunOptions {
 pub struct Session {
     model: Model,
     plan: Vec<(usize, OpFn)>,
+    /// Per entry of `plan`: what its op derived once from its constant inputs.
+    prepared: Vec<Prepared>,
     /// For each value: the position in `plan` of its last reader, so memory is freed early.
     last_use: HashMap<String, usize>,
     opset: i64,
@@ -104,9 +106,11 @@ impl Session {
                 }
             }
         }
+        let prepared = prepared_slots(&model.graph, &plan);
         Ok(Session {
             model,
             plan,
+            prepared,
             last_use,
             opset,
             profile: Default::default(),
@@ -130,6 +134,8 @@ impl Session {
             );
         }
         *old = t;
+        // State derived from the old weights is stale.
+        self.prepared = prepared_slots(&self.model.graph, &self.plan);
         Ok(())
     }
 
@@ -271,10 +277,7 @@ impl Session {
                     outer: None,
                 };
                 let ins = node_inputs(node, &scope)?;
-                let ctx = OpCtx {
-                    node,
-                    opset: self.opset,
-                };
+                let ctx = OpCtx::new(node, self.opset);
                 ops::layout::view_shape(&ctx, &ins)
                     .transpose()
                     .map_err(|e| e.context(node.label()))?
@@ -293,7 +296,7 @@ impl Session {
                         initializers: &g.initializers,
                         outer: None,
                     };
-                    run_one(node, f, self.opset, &scope)?
+                    run_one(node, f, self.opset, &scope, Some(&self.prepared[pos]))?
                 }
             };
             if let Some(t0) = started {
@@ -356,11 +359,36 @@ fn node_inputs<'a>(node: &Node, scope: &'a Scope) -> Result<Vec<Option<&'a Tenso
         .map_err(|e| e.context(node.label()))
 }
 
-fn run_one(node: &Node, f: OpFn, opset: i64, scope: &Scope) -> Result<Vec<Tensor>> {
+/// One empty [`Prepared`] slot per planned node, marking which of its inputs are constants:
+/// initializers that no feed can replace (IR < 4 files list some as inputs).
+fn prepared_slots(g: &Graph, plan: &[(usize, OpFn)]) -> Vec<Prepared> {
+    let fed: HashSet<&str> = g.inputs.iter().map(|v| v.name.as_str()).collect();
+    plan.iter()
+        .map(|&(i, _)| {
+            Prepared::new(&g.nodes[i], |n| {
+                g.initializers.contains_key(n) && !fed.contains(n)
+            })
+        })
+        .collect()
+}
+
+fn run_one(
+    node: &Node,
+    f: OpFn,
+    opset: i64,
+    scope: &Scope,
+    prepared: Option<&Prepared>,
+) -> Result<Vec<Tensor>> {
     let ins = node_inputs(node, scope)?;
     let res = match node.op_type.as_str() {
         "If" | "Loop" | "Scan" if node.domain.is_empty() => control_flow(node, opset, &ins, scope),
-        _ => f(&OpCtx { node, opset }, &ins),
+        _ => f(
+            &OpCtx {
+                prepared,
+                ..OpCtx::new(node, opset)
+            },
+            &ins,
+        ),
     };
     res.map_err(|e| e.context(node.label()))
 }
@@ -396,7 +424,7 @@ fn run_subgraph(g: &Graph, opset: i64, args: Vec<Tensor>, outer: &Scope) -> Resu
                 initializers: &g.initializers,
                 outer: Some(outer),
             };
-            run_one(node, f, opset, &scope)?
+            run_one(node, f, opset, &scope, None)?
         };
         for (name, t) in node.outputs.iter().zip(outs) {
             if !name.is_empty() {
@@ -745,7 +773,7 @@ pub(crate) fn run_node(node: &Node, opset: i64, inputs: &[Option<&Tensor>]) -> R
     let Some(f) = ops::lookup(&node.domain, &node.op_type) else {
         bail!(Unsupported, "op '{}' is not implemented", node.op_type);
     };
-    f(&OpCtx { node, opset }, inputs).map_err(|e| e.context(node.label()))
+    f(&OpCtx::new(node, opset), inputs).map_err(|e| e.context(node.label()))
 }
 
 /// Named model inputs for one run.

@@ -34,10 +34,7 @@ fn eval(model: &Model, node: &Node) -> Result<Vec<Tensor>> {
         .iter()
         .map(|x| (!x.is_empty()).then(|| g.initializers.get(x)).flatten())
         .collect();
-    let ctx = OpCtx {
-        node,
-        opset: model.onnx_opset(),
-    };
+    let ctx = OpCtx::new(node, model.onnx_opset());
     f(&ctx, &ins).map_err(|e| e.context(node.label()))
 }
 

@@ -116,7 +116,7 @@ pub fn backward(
             .collect::<Result<_>>()?;
         let outputs: Vec<&Tensor> = n.outputs.iter().map(|o| get(o)).collect::<Result<_>>()?;
         let dy: Vec<Option<&Tensor>> = n.outputs.iter().map(|o| grads.get(o)).collect();
-        let ctx = OpCtx { node: n, opset };
+        let ctx = OpCtx::new(n, opset);
         let dx = f(&ctx, &inputs, &outputs, &dy).map_err(|e| e.context(n.label()))?;
         for (x, d) in n.inputs.iter().zip(dx) {
             if let Some(d) = d {

@@ -563,10 +563,7 @@ mod tests {
         for (k, v) in attrs {
             n = n.with_attr(k, v.clone());
         }
-        let ctx = OpCtx {
-            node: &n,
-            opset: 23,
-        };
+        let ctx = OpCtx::new(&n, 23);
         match op {
             "Attention" => attention(&ctx, ins),
             _ => rotary_embedding(&ctx, ins),

@@ -1591,7 +1591,7 @@ mod tests {
         for (k, v) in attrs {
             node = node.with_attr(k, v.clone());
         }
-        let ctx = OpCtx { node: &node, opset };
+        let ctx = OpCtx::new(&node, opset);
         let f = lookup("", op).expect("op is registered");
         f(&ctx, inputs)
     }

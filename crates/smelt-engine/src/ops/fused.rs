@@ -139,7 +139,7 @@ fn w_zero_points<T: smelt_tensor::Element>(t: &Tensor, len: usize) -> Result<&[T
 /// Inputs: x (float, `[..., K]`), x_scale, x_zero_point?, w (i8, `[K, N]`), w_zero_point (i8,
 /// `[N]`), scale (f32 `[N]`: x_scale * w_scale), bias? (`[N]`), y_scale?, y_zero_point? (as
 /// for QConv). Output `[..., N]`.
-fn qmatmul(_ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+fn qmatmul(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(inputs, 0)?;
     let sx = scalar_f32(input(inputs, 1)?, "x_scale")?;
     let (zx, is_u8) = act_zero_point(opt_input(inputs, 2))?;
@@ -170,7 +170,11 @@ fn qmatmul(_ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     // The sums land in the output buffer and are scaled to floats in place.
     let mut out = vec![0f32; m * n];
     let acc = bytemuck::cast_slice_mut::<f32, i32>(&mut out);
-    let zp = kq::qgemm(m, k, n, &q, &vec![z8; m], w.as_slice::<i8>()?, zw, acc)?;
+    let wv = w.as_slice::<i8>()?;
+    let zp = match ctx.prepared(&[3], || kq::PackedQ8::new(k, n, wv))? {
+        Some(packed) => kq::qgemm_packed(m, &q, &vec![z8; m], packed, zw, acc)?,
+        None => kq::qgemm(m, k, n, &q, &vec![z8; m], wv, zw, acc)?,
+    };
     let y_grid = grid(inputs, 7)?;
     kq::scale_sums(&mut out, n, &zp, scale, bias.as_deref(), false, y_grid);
     let mut shape = x.shape().to_vec();

@@ -1277,7 +1277,7 @@ mod tests {
         for (k, v) in attrs {
             node = node.with_attr(k, v.clone());
         }
-        let ctx = OpCtx { node: &node, opset };
+        let ctx = OpCtx::new(&node, opset);
         lookup("", op).expect("registered")(&ctx, inputs)
     }
 

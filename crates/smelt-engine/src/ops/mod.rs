@@ -24,6 +24,68 @@ pub struct OpCtx<'a> {
     pub node: &'a Node,
     /// The model's default-domain opset (op semantics change across versions).
     pub opset: i64,
+    /// This node's slot for state derived from its constant inputs, kept across runs; only
+    /// a session gives one.
+    pub prepared: Option<&'a Prepared>,
+}
+
+/// State an op derives once from inputs that cannot change between runs (weights packed for
+/// a kernel), so each run skips that work. A session keeps one per node, knows which of the
+/// node's inputs are its own initializers (not overridable by a feed), and empties every
+/// slot when an initializer is replaced.
+#[derive(Default)]
+pub struct Prepared {
+    /// Bit `i`: input `i` is a constant of the session.
+    constant: u64,
+    slot: OnceLock<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl Prepared {
+    pub fn new(node: &Node, is_constant: impl Fn(&str) -> bool) -> Prepared {
+        let constant = node
+            .inputs
+            .iter()
+            .take(64)
+            .enumerate()
+            .filter(|(_, n)| !n.is_empty() && is_constant(n))
+            .fold(0u64, |m, (i, _)| m | 1 << i);
+        Prepared {
+            constant,
+            slot: OnceLock::new(),
+        }
+    }
+}
+
+impl<'a> OpCtx<'a> {
+    pub fn new(node: &'a Node, opset: i64) -> OpCtx<'a> {
+        OpCtx {
+            node,
+            opset,
+            prepared: None,
+        }
+    }
+
+    /// The state `make` derives from inputs `from`, made on the first run and kept: `None`
+    /// outside a session, when one of `from` is not a constant of the session, or when the
+    /// slot already holds another type.
+    pub fn prepared<T: std::any::Any + Send + Sync>(
+        &self,
+        from: &[usize],
+        make: impl FnOnce() -> Result<T>,
+    ) -> Result<Option<&'a T>> {
+        let Some(p) = self.prepared else {
+            return Ok(None);
+        };
+        if from.iter().any(|&i| i >= 64 || p.constant & (1 << i) == 0) {
+            return Ok(None);
+        }
+        if p.slot.get().is_none() {
+            let made: Box<dyn std::any::Any + Send + Sync> = Box::new(make()?);
+            // Two threads may race to fill it; both made the same thing.
+            let _ = p.slot.set(made);
+        }
+        Ok(p.slot.get().and_then(|b| b.downcast_ref::<T>()))
+    }
 }
 
 impl OpCtx<'_> {

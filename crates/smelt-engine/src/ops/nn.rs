@@ -629,8 +629,27 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Tensor::new(shape, data)
 }
 
-fn matmul_op(_ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-    Ok(vec![matmul(input(inputs, 0)?, input(inputs, 1)?)?])
+fn matmul_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let (a, b) = (input(inputs, 0)?, input(inputs, 1)?);
+    // Constant 2-D f32 weights: packed once for the kernel, not on every run.
+    if let ([k, n], true) = (
+        b.shape(),
+        a.dtype() == DType::F32 && b.dtype() == DType::F32,
+    ) {
+        let (k, n) = (*k, *n);
+        if a.rank() >= 1 && a.shape()[a.rank() - 1] == k && k > 0 && n > 0 {
+            let bv = b.as_slice::<f32>()?;
+            if let Some(packed) = ctx.prepared(&[1], || gemm::PackedB::new(k, n, bv, false))? {
+                let m = a.numel() / k;
+                let mut out = vec![0f32; m * n];
+                gemm::sgemm_packed(m, a.as_slice()?, false, packed, &mut out, 1.0, 0.0, None)?;
+                let mut shape = a.shape()[..a.rank() - 1].to_vec();
+                shape.push(n);
+                return Ok(vec![Tensor::from_vec(shape, out)?]);
+            }
+        }
+    }
+    Ok(vec![matmul(a, b)?])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1927,10 +1946,7 @@ mod tests {
         ins: &[Option<&Tensor>],
     ) -> Result<Vec<Tensor>> {
         let n = node(op, n_out, attrs);
-        let ctx = OpCtx {
-            node: &n,
-            opset: 17,
-        };
+        let ctx = OpCtx::new(&n, 17);
         let f = match op {
             "Conv" => conv_op as super::super::OpFn,
             "Gemm" => gemm_op,

@@ -1241,7 +1241,7 @@ mod tests {
         opset: i64,
         inputs: &[Option<&Tensor>],
     ) -> Vec<Tensor> {
-        op(&OpCtx { node: &node, opset }, inputs).unwrap()
+        op(&OpCtx::new(&node, opset), inputs).unwrap()
     }
 
     fn node(op: &str) -> Node {
@@ -1302,13 +1302,7 @@ mod tests {
 
         // float8 is not representable yet.
         let n = node("QuantizeLinear").with_attr("output_dtype", Attr::Int(17));
-        let err = quantize_linear(
-            &OpCtx {
-                node: &n,
-                opset: 21,
-            },
-            &[Some(&x), Some(&s)],
-        );
+        let err = quantize_linear(&OpCtx::new(&n, 21), &[Some(&x), Some(&s)]);
         assert!(matches!(err, Err(Error::Unsupported(_))));
     }
 
@@ -1386,10 +1380,7 @@ mod tests {
         let z8 = Tensor::scalar(1i8);
         let n = node("DequantizeLinear");
         let e = dequantize_linear(
-            &OpCtx {
-                node: &n,
-                opset: 21,
-            },
+            &OpCtx::new(&n, 21),
             &[Some(&x), Some(&Tensor::scalar(1f32)), Some(&z8)],
         );
         assert!(matches!(e, Err(Error::Shape(_))));
@@ -1428,13 +1419,7 @@ mod tests {
         assert_eq!(id[0], c[0]);
         // Arithmetic on int4 is refused rather than silently computed in another dtype.
         let n = node("Add");
-        let e = op("Add")(
-            &OpCtx {
-                node: &n,
-                opset: 21,
-            },
-            &[Some(&w), Some(&w)],
-        );
+        let e = op("Add")(&OpCtx::new(&n, 21), &[Some(&w), Some(&w)]);
         assert!(e.is_err());
     }
 
@@ -1497,14 +1482,7 @@ mod tests {
         // A scale that does not tile x is rejected.
         let bad = t(&[2, 2], vec![1f32; 4]);
         let n = node("QuantizeLinear").with_attr("block_size", Attr::Int(2));
-        assert!(quantize_linear(
-            &OpCtx {
-                node: &n,
-                opset: 21
-            },
-            &[Some(&x), Some(&bad)]
-        )
-        .is_err());
+        assert!(quantize_linear(&OpCtx::new(&n, 21), &[Some(&x), Some(&bad)]).is_err());
     }
 
     #[test]
@@ -1545,10 +1523,7 @@ mod tests {
         let z = Tensor::scalar(1u8);
         let s = Tensor::scalar(1f32);
         assert!(dequantize_linear(
-            &OpCtx {
-                node: &node("DequantizeLinear"),
-                opset: 13
-            },
+            &OpCtx::new(&node("DequantizeLinear"), 13),
             &[Some(&x), Some(&s), Some(&z)]
         )
         .is_err());

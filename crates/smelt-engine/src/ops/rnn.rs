@@ -501,10 +501,7 @@ mod tests {
         for (k, v) in attrs {
             node = node.with_attr(k, v.clone());
         }
-        let ctx = OpCtx {
-            node: &node,
-            opset: 17,
-        };
+        let ctx = OpCtx::new(&node, 17);
         lookup("", op).expect("registered")(&ctx, inputs)
     }
 

@@ -16,7 +16,7 @@ fn run_op(
         node = node.with_attr(k, v);
     }
     let f = lookup("", op).expect("op is registered");
-    f(&OpCtx { node: &node, opset }, ins)
+    f(&OpCtx::new(&node, opset), ins)
 }
 
 fn run1(op: &str, attrs: Vec<(&str, Attr)>, ins: &[&Tensor]) -> Tensor {

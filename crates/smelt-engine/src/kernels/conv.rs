@@ -282,8 +282,7 @@ pub fn conv_act(
         ksz == 1 && g.strides == [1, 1, 1] && g.pads == [0, 0, 0] && g.input == g.output;
     if let Some(direct) = direct_f32(g, w).filter(|_| !pointwise) {
         per_image(g, out, osz, |b, o| {
-            direct.run(&x[b * g.in_ch * isz..][..g.in_ch * isz], bias, o);
-            act(o);
+            direct.run(&x[b * g.in_ch * isz..][..g.in_ch * isz], bias, relu, o);
         });
         return Ok(());
     }

@@ -236,6 +236,9 @@ impl Packed {
     }
 }
 
+/// The f32 kernel's epilogue: a bias per output channel, then Relu or not.
+type Epilogue<'a> = (Option<&'a [f32]>, bool);
+
 /// f32 weights rearranged for the kernel: per block of 16 output channels, per kernel row,
 /// per value `kx * in_ch + c` of that row's patch, the 16 channels' weights (one register).
 pub struct PackedF32 {
@@ -264,8 +267,9 @@ impl PackedF32 {
         PackedF32 { s, w: out }
     }
 
-    /// One image: `x` is `[in_ch, h, w]`; `out` receives `[out_ch, oh * ow]`, plus `bias`.
-    pub fn run(&self, x: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+    /// One image: `x` is `[in_ch, h, w]`; `out` receives `[out_ch, oh * ow]`, plus `bias`,
+    /// then max(0, v) when `relu` (as the Relu op: NaN and -0 stay), while still in registers.
+    pub fn run(&self, x: &[f32], bias: Option<&[f32]>, relu: bool, out: &mut [f32]) {
         let [hp, wp] = self.s.padded();
         let cp = self.s.in_ch;
         f32::with(hp * wp * cp, |img| {
@@ -273,25 +277,25 @@ impl PackedF32 {
             #[cfg(target_arch = "x86_64")]
             // Safety: callers check `available_f32()` first.
             unsafe {
-                self.pixels(img, wp, bias, out)
+                self.pixels(img, wp, (bias, relu), out)
             }
         });
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn pixels(&self, img: &[f32], wp: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+    unsafe fn pixels(&self, img: &[f32], wp: usize, epi: Epilogue, out: &mut [f32]) {
         let s = &self.s;
         let osz = s.output[0] * s.output[1];
         let base = s.pixel_offsets(wp, s.in_ch);
         for ob in 0..s.out_ch.div_ceil(LANES) {
             let mut p = 0;
             while p + PIXELS <= osz {
-                self.block::<PIXELS>(img, wp, ob, &base[p..p + PIXELS], p, bias, out);
+                self.block::<PIXELS>(img, wp, ob, &base[p..p + PIXELS], p, epi, out);
                 p += PIXELS;
             }
             while p < osz {
-                self.block::<1>(img, wp, ob, &base[p..p + 1], p, bias, out);
+                self.block::<1>(img, wp, ob, &base[p..p + 1], p, epi, out);
                 p += 1;
             }
         }
@@ -307,7 +311,7 @@ impl PackedF32 {
         ob: usize,
         base: &[usize],
         p0: usize,
-        bias: Option<&[f32]>,
+        (bias, relu): Epilogue,
         out: &mut [f32],
     ) {
         use std::arch::x86_64::*;
@@ -335,7 +339,8 @@ impl PackedF32 {
             for (l, &y) in lanes.iter().enumerate() {
                 let oc = ob * LANES + l;
                 if oc < s.out_ch {
-                    out[oc * osz + p0 + i] = y + bias.map_or(0.0, |b| b[oc]);
+                    let v = y + bias.map_or(0.0, |b| b[oc]);
+                    out[oc * osz + p0 + i] = if relu && v < 0.0 { 0.0 } else { v };
                 }
             }
         }
@@ -456,8 +461,11 @@ mod tests {
                 .map(|(i, &a)| a as f32 + bias[i / (out[0] * out[1])])
                 .collect();
             let mut got = vec![f32::NAN; co * out[0] * out[1]];
-            PackedF32::new(s, &w).run(&x, Some(&bias), &mut got);
+            PackedF32::new(s, &w).run(&x, Some(&bias), false, &mut got);
             assert_eq!(got, want, "{s:?}");
+            PackedF32::new(s, &w).run(&x, Some(&bias), true, &mut got);
+            let relu: Vec<f32> = want.iter().map(|&v| v.max(0.0)).collect();
+            assert_eq!(got, relu, "{s:?} with relu");
         }
     }
 }

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Side-by-side latency: smelt's engine vs onnxruntime, same models, same input shapes, same
 # thread count, in one run. Prints median latencies, peak memory (RSS) and the ratios
-# smelt/onnxruntime (lower is better for smelt). Usage: scripts/bench.sh [--threads 2] [--runs 20]
+# smelt/onnxruntime (lower is better for smelt), the median over rounds in which the two take
+# turns. Usage: scripts/bench.sh [--threads 2] [--runs 20] [--rounds 5]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-THREADS=2; RUNS=20
-while [ $# -gt 0 ]; do case $1 in --threads) THREADS=$2; shift 2;; --runs) RUNS=$2; shift 2;; *) echo "unknown $1" >&2; exit 2;; esac; done
+THREADS=2; RUNS=20; ROUNDS=5
+while [ $# -gt 0 ]; do case $1 in --threads) THREADS=$2; shift 2;; --runs) RUNS=$2; shift 2;; --rounds) ROUNDS=$2; shift 2;; *) echo "unknown $1" >&2; exit 2;; esac; done
 ASSETS=$(scripts/fetch-assets.sh)
 PY=$(scripts/setup-python.sh)
 cargo build --release -q -p smelt-cli
@@ -25,12 +26,25 @@ for spec in mnist8-fp32:1 mnist8-fp32:32 mnist8-w8a8:1 mnist8-w8a8:32 \
             minilm-fp32:1 minilm-fp32:32 minilm-w8a8:1 minilm-w8a8:32; do
   IFS=: read -r name batch <<<"$spec"
   model="$WORK/$name.onnx"
-  s=$($SMELT bench "$model" --batch "$batch" --seq-len 128 --threads "$THREADS" --runs "$RUNS" --json)
-  o=$("$PY" scripts/ort_bench.py "$model" --batch "$batch" --seq-len 128 --threads "$THREADS" --runs "$RUNS")
+  # The two runtimes take turns, ROUNDS times: a VM's speed drifts over a minute by more
+  # than the gaps measured here, and a whole series of one then of the other would charge
+  # that drift to one side. Each round gives a ratio; the table shows the medians.
+  per=$(( (RUNS + ROUNDS - 1) / ROUNDS ))
+  rounds=()
+  for _ in $(seq "$ROUNDS"); do
+    s=$($SMELT bench "$model" --batch "$batch" --seq-len 128 --threads "$THREADS" --runs "$per" --json)
+    o=$("$PY" scripts/ort_bench.py "$model" --batch "$batch" --seq-len 128 --threads "$THREADS" --runs "$per")
+    rounds+=("$s" "$o")
+  done
   "$PY" -c "
-import json, sys
-s, o = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-sm, om = s['peak_rss_bytes'] / 2**20, o['peak_rss_bytes'] / 2**20
-print('%-12s %6s %10.3f %10.3f %7.2f %9.0f %9.0f %7.2f' % ('$name', '$batch', s['median_ms'],
-      o['median_ms'], s['median_ms'] / o['median_ms'], sm, om, sm / om))" "$s" "$o"
+import json, statistics as st, sys
+v = [json.loads(a) for a in sys.argv[1:]]
+s, o = v[0::2], v[1::2]
+med = lambda xs: st.median(xs)
+sms, oms = med([x['median_ms'] for x in s]), med([x['median_ms'] for x in o])
+ratio = med([a['median_ms'] / b['median_ms'] for a, b in zip(s, o)])
+sm = max(x['peak_rss_bytes'] for x in s) / 2**20
+om = max(x['peak_rss_bytes'] for x in o) / 2**20
+print('%-12s %6s %10.3f %10.3f %7.2f %9.0f %9.0f %7.2f' % ('$name', '$batch', sms, oms, ratio,
+      sm, om, sm / om))" "${rounds[@]}"
 done

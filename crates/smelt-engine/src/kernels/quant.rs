@@ -224,6 +224,12 @@ pub fn qgemm(
     product(m, k, n, a, za, GemmInputB::Unpacked(bm), zb, colsum, out)
 }
 
+/// Rows of A up to which [`qgemm_packed`] beats packing B per call. Past it the library's own
+/// per-call packing (in cache-sized blocks) wins: MiniLM W8A8 at batch 32 (4,096 rows) ran
+/// 530-560 ms that way and 670-770 ms with the weights packed once; at batch 1 (128 rows)
+/// packing once took it from 16-19 to 10-11.6 ms.
+pub const PACKED_MAX_ROWS: usize = 1024;
+
 /// Constant weights (`k x n` i8) packed once into the GEMM kernel's layout, with their column
 /// sums: at batch 1 MiniLM's W8A8 run spent 17% of its time packing weights per call.
 pub struct PackedQ8 {

@@ -171,7 +171,12 @@ fn qmatmul(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let mut out = vec![0f32; m * n];
     let acc = bytemuck::cast_slice_mut::<f32, i32>(&mut out);
     let wv = w.as_slice::<i8>()?;
-    let zp = match ctx.prepared(&[3], || kq::PackedQ8::new(k, n, wv))? {
+    let packed = if m <= kq::PACKED_MAX_ROWS {
+        ctx.prepared(&[3], || kq::PackedQ8::new(k, n, wv))?
+    } else {
+        None
+    };
+    let zp = match packed {
         Some(packed) => kq::qgemm_packed(m, &q, &vec![z8; m], packed, zw, acc)?,
         None => kq::qgemm(m, k, n, &q, &vec![z8; m], wv, zw, acc)?,
     };

@@ -143,6 +143,10 @@ pub fn gemm(
     Ok(())
 }
 
+/// Rows of A up to which a session packs constant f32 weights once (see `ops::nn`); the
+/// int8 twin is `quant::PACKED_MAX_ROWS`.
+pub const PACKED_MAX_ROWS: usize = 1024;
+
 /// A right-hand matrix packed once for many products (constant weights): packing B costs
 /// about as much as the product itself when A has few rows.
 pub struct PackedB {

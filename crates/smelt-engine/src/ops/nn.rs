@@ -631,13 +631,16 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 fn matmul_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let (a, b) = (input(inputs, 0)?, input(inputs, 1)?);
-    // Constant 2-D f32 weights: packed once for the kernel, not on every run.
+    // Constant 2-D f32 weights: packed once for the kernel, not on every run. Only for few
+    // rows, where packing had cost as much as the product: past them the per-call packing is
+    // amortized, and a packed copy of every weight would only hold memory.
     if let ([k, n], true) = (
         b.shape(),
         a.dtype() == DType::F32 && b.dtype() == DType::F32,
     ) {
         let (k, n) = (*k, *n);
-        if a.rank() >= 1 && a.shape()[a.rank() - 1] == k && k > 0 && n > 0 {
+        let few_rows = a.rank() >= 1 && a.numel() / k.max(1) <= gemm::PACKED_MAX_ROWS;
+        if few_rows && a.shape()[a.rank() - 1] == k && k > 0 && n > 0 {
             let bv = b.as_slice::<f32>()?;
             if let Some(packed) = ctx.prepared(&[1], || gemm::PackedB::new(k, n, bv, false))? {
                 let m = a.numel() / k;

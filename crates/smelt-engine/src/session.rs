@@ -134,8 +134,13 @@ impl Session {
             );
         }
         *old = t;
-        // State derived from the old weights is stale.
-        self.prepared = prepared_slots(&self.model.graph, &self.plan);
+        // State its readers derived from the old weight is stale.
+        let g = &self.model.graph;
+        for (p, &(i, _)) in self.prepared.iter_mut().zip(&self.plan) {
+            if g.nodes[i].inputs.iter().any(|x| x == name) {
+                p.clear();
+            }
+        }
         Ok(())
     }
 

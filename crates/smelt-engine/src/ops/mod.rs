@@ -54,6 +54,11 @@ impl Prepared {
             slot: OnceLock::new(),
         }
     }
+
+    /// Drops the derived state (an input it came from was replaced); the next run remakes it.
+    pub fn clear(&mut self) {
+        self.slot = OnceLock::new();
+    }
 }
 
 impl<'a> OpCtx<'a> {

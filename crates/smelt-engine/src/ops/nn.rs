@@ -639,11 +639,11 @@ fn matmul_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         a.dtype() == DType::F32 && b.dtype() == DType::F32,
     ) {
         let (k, n) = (*k, *n);
-        let few_rows = a.rank() >= 1 && a.numel() / k.max(1) <= gemm::PACKED_MAX_ROWS;
-        if few_rows && a.shape()[a.rank() - 1] == k && k > 0 && n > 0 {
+        let m = a.numel() / k.max(1);
+        let fits = a.rank() >= 1 && a.shape()[a.rank() - 1] == k && k > 0 && n > 0;
+        if fits && m <= gemm::PACKED_MAX_ROWS {
             let bv = b.as_slice::<f32>()?;
             if let Some(packed) = ctx.prepared(&[1], || gemm::PackedB::new(k, n, bv, false))? {
-                let m = a.numel() / k;
                 let mut out = vec![0f32; m * n];
                 gemm::sgemm_packed(m, a.as_slice()?, false, packed, &mut out, 1.0, 0.0, None)?;
                 let mut shape = a.shape()[..a.rank() - 1].to_vec();

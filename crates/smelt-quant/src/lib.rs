@@ -86,6 +86,8 @@ pub struct Options {
     /// SmoothQuant for MatMul activations: a fixed alpha, or per-layer search when NaN.
     pub smooth: Option<f32>,
     pub bias_correction: bool,
+    /// Outlier input channels of MatMuls split into copies that fit the others' range.
+    pub outliers: smooth::Outliers,
     /// GPTQ for MatMul / Gemm weights (needs calibration data).
     pub gptq: bool,
     /// Quantize only these nodes (named by their first output); for sensitivity analysis.
@@ -116,6 +118,7 @@ impl Default for Options {
             quantize_outputs: true,
             equalize: false,
             smooth: None,
+            outliers: smooth::Outliers::Off,
             bias_correction: false,
             gptq: false,
             only: None,
@@ -253,21 +256,24 @@ pub fn quantize(
             .extend(rec.changes.iter().map(|c| format!("equalize: {c}")));
         model = m;
     }
-    if let Some(alpha) = opts.smooth {
-        let strength = if alpha.is_nan() {
-            smooth::Strength::Search {
-                act: match opts.mode {
-                    Mode::Static => Some((opts.act_qtype, opts.act_symmetric)),
-                    // DynamicQuantizeLinear: uint8, asymmetric, per tensor.
-                    Mode::Dynamic => Some((QType::U8, false)),
-                    Mode::WeightOnly => None,
-                },
-                weights: opts.weights,
-            }
-        } else {
-            smooth::Strength::Fixed(alpha)
+    let strength = match opts.smooth {
+        None => smooth::Strength::Off,
+        Some(a) if a.is_nan() => smooth::Strength::Search,
+        Some(a) => smooth::Strength::Fixed(a),
+    };
+    if strength != smooth::Strength::Off || opts.outliers != smooth::Outliers::Off {
+        let sm = smooth::Smoothing {
+            strength,
+            outliers: opts.outliers,
+            act: match opts.mode {
+                Mode::Static => Some((opts.act_qtype, opts.act_symmetric)),
+                // DynamicQuantizeLinear: uint8, asymmetric, per tensor.
+                Mode::Dynamic => Some((QType::U8, false)),
+                Mode::WeightOnly => None,
+            },
+            weights: opts.weights,
         };
-        let (m, rec) = smooth::smooth(model, &strength, calib)?;
+        let (m, rec) = smooth::smooth(model, &sm, calib)?;
         man.notes
             .extend(rec.changes.iter().map(|c| format!("smooth: {c}")));
         model = m;

@@ -120,6 +120,29 @@ pub fn plan(g: &Graph, ops: &[String], exclude: &[String]) -> Result<Placement> 
     Ok(out)
 }
 
+/// Whether `value` is a Softmax output, possibly masked (Where) or reshaped on the way.
+fn reads_softmax(g: &Graph, value: &str, depth: usize) -> bool {
+    let Some(p) = g.producer(value) else {
+        return false;
+    };
+    let n = &g.nodes[p];
+    if !n.domain.is_empty() {
+        return false;
+    }
+    match n.op_type.as_str() {
+        "Softmax" => true,
+        "Where" | "Cast" | "Dropout" | "Identity" | "Reshape" | "Transpose" | "Squeeze"
+        | "Unsqueeze"
+            if depth > 0 =>
+        {
+            n.inputs
+                .iter()
+                .any(|i| is_runtime(g, i) && reads_softmax(g, i, depth - 1))
+        }
+        _ => false,
+    }
+}
+
 fn target_for(g: &Graph, i: usize, n: &Node) -> std::result::Result<Target, String> {
     let input = |k: usize| n.inputs.get(k).map(String::as_str).unwrap_or("");
     let rank = |name: &str| g.initializers.get(name).map(|t| t.rank());
@@ -208,7 +231,16 @@ fn target_for(g: &Graph, i: usize, n: &Node) -> std::result::Result<Target, Stri
                         transposed: false,
                     });
                 }
-                (true, false, true) => t.activations = vec![0, 1],
+                (true, false, true) => {
+                    if let Some(v) = [a, b].into_iter().find(|v| reads_softmax(g, v, 4)) {
+                        return Err(format!(
+                            "'{v}' holds Softmax probabilities: 8-bit steps of 1/255 drop the \
+                             small attention weights (1.6% of the mass in MiniLM), so the \
+                             product stays float"
+                        ));
+                    }
+                    t.activations = vec![0, 1]
+                }
                 _ => return Err("operands are neither activations nor a float constant B".into()),
             }
         }

@@ -12,7 +12,7 @@ use crate::params::Affine;
 use crate::scheme::{QType, WeightScheme};
 use crate::weights::{quantize_weight, Axes};
 use smelt_engine::kernels::gemm::sgemm;
-use smelt_ir::{Graph, Model, Node, PassRecord};
+use smelt_ir::{Attr, Graph, Model, Node, PassRecord};
 use smelt_tensor::{bail, DType, Result, Tensor};
 
 /// Activations read as the left operand by MatMuls with a constant [K, N] right operand.
@@ -102,94 +102,146 @@ fn channel_stats(model: &Model, values: &[String], feeds: &[Feed]) -> Result<Vec
     Ok(out)
 }
 
-/// How strongly to smooth: one alpha for every layer, or a per-layer search over alphas that
-/// minimises the quantized layer's output error on calibration rows (the same search as AWQ
-/// when activations stay float).
-#[derive(Clone, Debug)]
+/// How strongly to smooth: not at all (outlier channels only), one alpha for every layer, or
+/// a per-layer search over alphas that minimises the quantized layer's output error on
+/// calibration rows (the same search as AWQ when activations stay float).
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Strength {
+    Off,
     Fixed(f32),
-    Search {
-        /// Activation type and symmetry simulated during the search (None: weight-only).
-        act: Option<(QType, bool)>,
-        weights: WeightScheme,
-    },
+    Search,
+}
+
+/// Outlier channels, split as in outlier channel splitting (Zhao et al. 2019): a few input
+/// channels whose range dwarfs the rest (MiniLM's first FFN input holds one at 24.6 where the
+/// next is 6.2) are each divided into m equal copies that fit the other channels' range, and
+/// the weight row is repeated m times. The product is unchanged, the per-tensor grid is
+/// set by the ordinary channels, and the layer stays one int8 MatMul a few rows deeper.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Outliers {
+    #[default]
+    Off,
+    /// Per activation, the fewest of 0, 1, 2, 4 ... 32 channels (at most 1/16 of them)
+    /// whose output error is within [`AUTO_SLACK`] of the best of those counts.
+    Auto,
+    Count(usize),
+}
+
+impl Outliers {
+    pub fn parse(s: &str) -> Result<Outliers> {
+        Ok(match s {
+            "auto" => Outliers::Auto,
+            "off" | "0" => Outliers::Off,
+            n => match n.parse::<usize>() {
+                Ok(k) => Outliers::Count(k),
+                Err(_) => bail!(
+                    Input,
+                    "--outliers takes 'auto', 'off' or a channel count, got '{s}'"
+                ),
+            },
+        })
+    }
+}
+
+/// Splitting more channels is worth it only where it lowers the output error by more than
+/// this factor.
+const AUTO_SLACK: f64 = 1.2;
+
+/// At most this many copies of one channel (a channel 64x wider than the rest is split into
+/// 64 and keeps the rest of its range as rounding error).
+const MAX_COPIES: usize = 64;
+
+/// What the pass does and what the search simulates.
+#[derive(Clone, Copy, Debug)]
+pub struct Smoothing {
+    pub strength: Strength,
+    pub outliers: Outliers,
+    /// Activation type and symmetry of the quantized MatMul (None: activations stay float).
+    pub act: Option<(QType, bool)>,
+    pub weights: WeightScheme,
 }
 
 const ALPHAS: &[f32] = &[0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95];
 
-fn factors(amax: &[f32], wmax: &[f32], alpha: f32) -> Vec<f32> {
+/// Smoothing factors for `alpha` (None: all 1); split channels are not scaled.
+fn factors(amax: &[f32], wmax: &[f32], alpha: Option<f32>, split: &[bool]) -> Vec<f32> {
     amax.iter()
         .zip(wmax)
-        .map(|(&a, &w)| {
-            if a > 0.0 && w > 0.0 {
+        .zip(split)
+        .map(|((&a, &w), &sp)| match alpha {
+            Some(alpha) if !sp && a > 0.0 && w > 0.0 => {
                 (a.powf(alpha) / w.powf(1.0 - alpha)).clamp(1e-5, 1e5)
-            } else {
-                1.0
             }
+            _ => 1.0,
         })
         .collect()
 }
 
-/// Squared output error of the group's quantized MatMuls on the sample rows with factors `s`.
+/// The range of the channels not split (after dividing by `s`), and how many copies each
+/// channel becomes so that its copies fit that range (1 for the others).
+fn copies(st: &Stats, s: &[f32], split: &[bool]) -> (f32, f32, Vec<usize>) {
+    let kept = || (0..s.len()).filter(|&j| !split[j]);
+    let lo = kept().map(|j| st.min[j] / s[j]).fold(0.0f32, f32::min);
+    let hi = kept().map(|j| st.max[j] / s[j]).fold(0.0f32, f32::max);
+    let m = (0..s.len())
+        .map(|j| {
+            if !split[j] {
+                return 1;
+            }
+            let need = |v: f32, bound: f32| if bound != 0.0 { v / bound } else { 0.0 };
+            let r = need(st.max[j], hi).max(need(st.min[j], lo));
+            (r.ceil() as usize).clamp(1, MAX_COPIES)
+        })
+        .collect();
+    (lo, hi, m)
+}
+
+/// Squared output error of the group's quantized MatMuls on the sample rows, with factors `s`
+/// and the channels in `split` split into copies.
 fn output_error(
     st: &Stats,
     ws: &[Tensor],
     s: &[f32],
-    act: Option<(QType, bool)>,
-    scheme: &WeightScheme,
+    split: &[bool],
+    sm: &Smoothing,
     reference: &[Vec<f32>],
 ) -> Result<f64> {
     let k = s.len();
     let rows = st.sample.len() / k;
+    let (lo, hi, m) = copies(st, s, split);
     let mut x: Vec<f32> = st
         .sample
         .iter()
         .enumerate()
         .map(|(i, v)| v / s[i % k])
         .collect();
-    if let Some((qt, sym)) = act {
-        let lo = st
-            .min
-            .iter()
-            .zip(s)
-            .map(|(m, f)| m / f)
-            .fold(0.0f32, f32::min);
-        let hi = st
-            .max
-            .iter()
-            .zip(s)
-            .map(|(m, f)| m / f)
-            .fold(0.0f32, f32::max);
+    if let Some((qt, sym)) = sm.act {
         let a = Affine::from_range(lo, hi, qt, sym);
         let r = if sym {
             qt.symmetric_range()
         } else {
             qt.range()
         };
-        for v in x.iter_mut() {
-            *v = a.fake(*v, r);
+        // m copies of x/m, each rounded on the grid, sum to m * round(x/m).
+        for (i, v) in x.iter_mut().enumerate() {
+            let c = m[i % k] as f32;
+            *v = c * a.fake(*v / c, r);
         }
     }
     let mut err = 0.0f64;
     for (w, y) in ws.iter().zip(reference) {
-        let n = w.shape()[1];
-        let scaled: Vec<f32> = w
-            .to_f32_vec()?
-            .iter()
-            .enumerate()
-            .map(|(i, v)| v * s[i / n])
-            .collect();
-        let t = Tensor::from_vec(vec![k, n], scaled)?;
+        let t = scaled_rows(w, s)?;
+        let n = t.shape()[1];
         let axes = Axes {
             channel_axis: 1,
             reduce_axis: 0,
         };
-        let q = quantize_weight(&t, scheme, axes)?
+        let q = quantize_weight(&t, &sm.weights, axes)?
             .dequantized()?
             .to_f32_vec()?;
-        let mut out = vec![0.0f32; rows * n];
-        sgemm(rows, k, n, &x, false, &q, false, &mut out, 1.0, 0.0, None)?;
-        err += out
+        let mut o = vec![0.0f32; rows * n];
+        sgemm(rows, k, n, &x, false, &q, false, &mut o, 1.0, 0.0, None)?;
+        err += o
             .iter()
             .zip(y)
             .map(|(a, b)| ((a - b) as f64).powi(2))
@@ -198,14 +250,115 @@ fn output_error(
     Ok(err)
 }
 
-pub fn smooth(
-    mut model: Model,
-    strength: &Strength,
-    feeds: &[Feed],
-) -> Result<(Model, PassRecord)> {
+/// Row j of a [K, N] weight times s_j.
+fn scaled_rows(w: &Tensor, s: &[f32]) -> Result<Tensor> {
+    let n = w.shape()[1].max(1);
+    let data: Vec<f32> = w
+        .to_f32_vec()?
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x * s[i / n])
+        .collect();
+    Tensor::from_vec(w.shape().to_vec(), data)
+}
+
+/// One group's choice: scaling factors, split channels, and a note.
+struct Choice {
+    s: Vec<f32>,
+    split: Vec<bool>,
+    note: String,
+}
+
+fn choose(st: &Stats, ws: &[Tensor], wmax: &[f32], ks: &[usize], sm: &Smoothing) -> Result<Choice> {
+    let amax = st.absmax();
+    let k = amax.len();
+    let mut by_size: Vec<usize> = (0..k).collect();
+    by_size.sort_by(|&a, &b| amax[b].total_cmp(&amax[a]).then(a.cmp(&b)));
+    let split_of = |c: usize| {
+        let mut sp = vec![false; k];
+        for &j in &by_size[..c] {
+            sp[j] = true;
+        }
+        sp
+    };
+    let alphas: Vec<Option<f32>> = match sm.strength {
+        Strength::Off => vec![None],
+        Strength::Fixed(a) => vec![Some(a)],
+        Strength::Search => std::iter::once(None)
+            .chain(ALPHAS.iter().map(|&a| Some(a)))
+            .collect(),
+    };
+    let name = |a: Option<f32>| a.map_or("unscaled".to_string(), |a| format!("alpha {a}"));
+    if alphas.len() * ks.len() == 1 {
+        let split = split_of(ks[0]);
+        return Ok(Choice {
+            s: factors(&amax, wmax, alphas[0], &split),
+            split,
+            note: name(alphas[0]),
+        });
+    }
+    let rows = st.sample.len() / k.max(1);
+    let mut reference = Vec::new();
+    for w in ws {
+        let n = w.shape()[1];
+        let mut y = vec![0.0f32; rows * n];
+        sgemm(
+            rows,
+            k,
+            n,
+            &st.sample,
+            false,
+            &w.to_f32_vec()?,
+            false,
+            &mut y,
+            1.0,
+            0.0,
+            None,
+        )?;
+        reference.push(y);
+    }
+    // The best alpha for each split count, then the fewest splits close to the best of all.
+    let mut best: Vec<(f64, Option<f32>)> = Vec::new();
+    let mut base = f64::NAN;
+    for &c in ks {
+        let split = split_of(c);
+        let mut b = (f64::INFINITY, None);
+        for &a in &alphas {
+            let f = factors(&amax, wmax, a, &split);
+            let e = output_error(st, ws, &f, &split, sm, &reference)?;
+            if c == 0 && a.is_none() {
+                base = e;
+            }
+            if e < b.0 {
+                b = (e, a);
+            }
+        }
+        best.push(b);
+    }
+    let min = best.iter().map(|b| b.0).fold(f64::INFINITY, f64::min);
+    let i = best
+        .iter()
+        .position(|b| b.0 <= min * AUTO_SLACK)
+        .unwrap_or(0);
+    let (e, a) = best[i];
+    let gain = if e > 0.0 && base.is_finite() {
+        format!(" (output error {:.1}x lower)", base / e)
+    } else {
+        String::new()
+    };
+    let split = split_of(ks[i]);
+    Ok(Choice {
+        s: factors(&amax, wmax, a, &split),
+        split,
+        note: format!("{}{gain}", name(a)),
+    })
+}
+
+/// Scales MatMul inputs and splits their outlier channels (see [`Strength`], [`Outliers`]).
+pub fn smooth(mut model: Model, sm: &Smoothing, feeds: &[Feed]) -> Result<(Model, PassRecord)> {
     let mut rec = PassRecord::new("smooth");
-    if let Strength::Fixed(alpha) = strength {
-        if !(0.0..=1.0).contains(alpha) {
+    if let Strength::Fixed(alpha) = sm.strength {
+        if !(0.0..=1.0).contains(&alpha) {
             bail!(Input, "smoothing strength must be in [0, 1], got {alpha}");
         }
     }
@@ -235,107 +388,204 @@ pub fn smooth(
                 *m = m.max(x.abs());
             }
         }
-        let (s, chosen) = match strength {
-            Strength::Fixed(alpha) => (factors(&amax, &wmax, *alpha), format!("alpha {alpha}")),
-            Strength::Search {
-                act,
-                weights: scheme,
-            } => {
-                let ws: Vec<Tensor> = weights.iter().map(|w| g.initializers[w].clone()).collect();
-                let rows = st.sample.len() / k.max(1);
-                let mut reference = Vec::new();
-                for w in &ws {
-                    let n = w.shape()[1];
-                    let mut y = vec![0.0f32; rows * n];
-                    sgemm(
-                        rows,
-                        k,
-                        n,
-                        &st.sample,
-                        false,
-                        &w.to_f32_vec()?,
-                        false,
-                        &mut y,
-                        1.0,
-                        0.0,
-                        None,
-                    )?;
-                    reference.push(y);
-                }
-                let ones = vec![1.0f32; k];
-                let mut best = (
-                    output_error(st, &ws, &ones, *act, scheme, &reference)?,
-                    ones,
-                    "none".to_string(),
-                );
-                let base = best.0;
-                for &alpha in ALPHAS {
-                    let f = factors(&amax, &wmax, alpha);
-                    let e = output_error(st, &ws, &f, *act, scheme, &reference)?;
-                    if e < best.0 {
-                        best = (e, f, format!("alpha {alpha}"));
-                    }
-                }
-                let gain = if best.0 > 0.0 { base / best.0 } else { 1.0 };
-                (
-                    best.1,
-                    format!("{} (output error {:.1}x lower)", best.2, gain),
-                )
-            }
+        let ks: Vec<usize> = match (sm.outliers, sm.act) {
+            (_, None) | (Outliers::Off, _) => vec![0],
+            (Outliers::Count(c), _) => vec![c.min(k / 2)],
+            (Outliers::Auto, _) => [0, 1, 2, 4, 8, 16, 32]
+                .into_iter()
+                .filter(|&c| c == 0 || c <= k / 16)
+                .collect(),
         };
-        if chosen.starts_with("none") {
-            rec.note(format!(
-                "'{v}': left unscaled (no alpha lowers the output error)"
-            ));
+        let ws: Vec<Tensor> = weights.iter().map(|w| g.initializers[w].clone()).collect();
+        let Choice { s, split, note } = choose(st, &ws, &wmax, &ks, sm)?;
+        let (_, _, m) = copies(st, &s, &split);
+        let extra: usize = m.iter().map(|c| c - 1).sum();
+        if extra == 0 && s.iter().all(|&f| f == 1.0) {
+            rec.note(format!("'{v}': left as is ({note})"));
             continue;
         }
+        // Channel c of the new input reads channel src[c] of v times mult[c]; copies of split
+        // channels go after the K originals.
+        let mut src: Vec<usize> = (0..k).collect();
+        let mut mult: Vec<f32> = (0..k).map(|j| 1.0 / (s[j] * m[j] as f32)).collect();
+        for (j, &c) in m.iter().enumerate() {
+            for _ in 1..c {
+                src.push(j);
+                mult.push(1.0 / c as f32);
+            }
+        }
+        // Scale each weight's rows and repeat split rows; every user gets its own copy.
+        for (&u, (w, t)) in users.iter().zip(weights.iter().zip(&ws)) {
+            let n = t.shape()[1];
+            let scaled = scaled_rows(t, &s)?.to_f32_vec()?;
+            let data: Vec<f32> = src
+                .iter()
+                .flat_map(|&j| scaled[j * n..(j + 1) * n].iter().copied())
+                .collect();
+            let name = g.unique_name(&format!("{w}_smoothed"));
+            g.initializers
+                .insert(name.clone(), Tensor::from_vec(vec![src.len(), n], data)?);
+            g.nodes[u].inputs[1] = name;
+        }
+        let mut x = v.clone();
+        if extra > 0 {
+            let idx = g.unique_name(&format!("{v}_split_channels"));
+            let ids: Vec<i64> = src.iter().map(|&j| j as i64).collect();
+            g.initializers
+                .insert(idx.clone(), Tensor::from_vec(vec![ids.len()], ids)?);
+            let out = g.unique_name(&format!("{v}_split"));
+            let name = g.unique_name(&format!("{v}_Split"));
+            g.nodes.push(
+                Node::new("Gather", &name, &[v, &idx], &[&out]).with_attr("axis", Attr::Int(-1)),
+            );
+            x = out;
+        }
+        let inv = g.unique_name(&format!("{v}_smooth_scale"));
+        g.initializers
+            .insert(inv.clone(), Tensor::from_vec(vec![mult.len()], mult)?);
+        let scaled = g.unique_name(&format!("{v}_smoothed"));
+        let mul = Node::new(
+            "Mul",
+            &g.unique_name(&format!("{v}_Smooth")),
+            &[&x, &inv],
+            &[&scaled],
+        );
+        for &u in users {
+            g.nodes[u].inputs[0] = scaled.clone();
+        }
+        // Appended (node indices in `gs` stay valid); the graph is re-sorted below.
+        g.nodes.push(mul);
         let spread = |x: &[f32]| {
             let (lo, hi) = x
                 .iter()
                 .fold((f32::MAX, 0.0f32), |(a, b), &v| (a.min(v), b.max(v)));
             hi / lo.max(f32::MIN_POSITIVE)
         };
-        let scaled_amax: Vec<f32> = amax.iter().zip(&s).map(|(a, s)| a / s).collect();
-        // Scale each weight's rows; a weight read elsewhere too gets a private copy.
-        for (&u, w) in users.iter().zip(&weights) {
-            let t = g.initializers[w].clone();
-            let n = t.shape()[1];
-            let data: Vec<f32> = t
-                .to_f32_vec()?
-                .iter()
-                .enumerate()
-                .map(|(i, x)| x * s[i / n])
-                .collect();
-            let name = g.unique_name(&format!("{w}_smoothed"));
-            g.initializers
-                .insert(name.clone(), Tensor::from_vec(t.shape().to_vec(), data)?);
-            g.nodes[u].inputs[1] = name;
-        }
-        let inv = g.unique_name(&format!("{v}_smooth_scale"));
-        g.initializers.insert(
-            inv.clone(),
-            Tensor::from_vec(vec![k], s.iter().map(|x| 1.0 / x).collect::<Vec<f32>>())?,
-        );
-        let out = g.unique_name(&format!("{v}_smoothed"));
-        let mul = Node::new(
-            "Mul",
-            &g.unique_name(&format!("{v}_Smooth")),
-            &[v, &inv],
-            &[&out],
-        );
-        for &u in users {
-            g.nodes[u].inputs[0] = out.clone();
-        }
-        // Appended (node indices in `gs` stay valid); the graph is re-sorted below.
-        g.nodes.push(mul);
+        let scaled_amax: Vec<f32> = (0..k).map(|j| amax[j] / (s[j] * m[j] as f32)).collect();
+        let splits: Vec<String> = (0..k)
+            .filter(|&j| split[j])
+            .map(|j| format!("{j} ({:.1}) x{}", amax[j], m[j]))
+            .collect();
+        let split_note = if splits.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; split {} channel(s) into copies (+{extra} rows): {}",
+                splits.len(),
+                splits.join(", ")
+            )
+        };
         rec.note(format!(
-            "'{v}' ({} MatMuls, {chosen}): channel max spread {:.1}x -> {:.1}x",
+            "'{v}' ({} MatMuls, {note}): channel max spread {:.1}x -> {:.1}x{split_note}",
             users.len(),
             spread(&amax),
-            spread(&scaled_amax)
+            spread(&scaled_amax),
         ));
     }
     g.sort()?;
     g.remove_dead();
     Ok((model, rec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smelt_engine::Session;
+    use smelt_ir::{Dim, ValueInfo};
+
+    /// x [rows, 8] -> MatMul by a [8, 4] weight, channel 3 of x about 40x wider than the rest.
+    fn model_and_feeds() -> (Model, Vec<Feed>) {
+        let w: Vec<f32> = (0..32)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.05)
+            .collect();
+        let mut g = Graph {
+            inputs: vec![ValueInfo::new(
+                "x",
+                DType::F32,
+                vec![Dim::Fixed(64), Dim::Fixed(8)],
+            )],
+            outputs: vec![ValueInfo::new("y", DType::F32, vec![])],
+            nodes: vec![Node::new("MatMul", "mm", &["x", "w"], &["y"])],
+            ..Default::default()
+        };
+        g.initializers
+            .insert("w".into(), Tensor::from_vec(vec![8, 4], w).unwrap());
+        let feeds = (0..4)
+            .map(|f| {
+                let x: Vec<f32> = (0..64 * 8)
+                    .map(|i| {
+                        let v = (((i * 37 + f * 11) % 101) as f32 / 50.0 - 1.0) * 0.8;
+                        if i % 8 == 3 {
+                            v * 40.0
+                        } else {
+                            v
+                        }
+                    })
+                    .collect();
+                vec![("x".to_string(), Tensor::from_vec(vec![64, 8], x).unwrap())]
+            })
+            .collect();
+        (Model::new(g, 13), feeds)
+    }
+
+    fn outputs(m: &Model, feeds: &[Feed]) -> Vec<f32> {
+        let s = Session::reference(m.clone()).unwrap();
+        feeds
+            .iter()
+            .flat_map(|f| {
+                let f: Vec<(&str, Tensor)> =
+                    f.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+                s.run(&f).unwrap()[0].1.to_f32_vec().unwrap()
+            })
+            .collect()
+    }
+
+    fn sq_err(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum()
+    }
+
+    /// The wide channel is split into copies that fit the others' range: the float function
+    /// is unchanged, the weight gains the repeated rows, and the quantized model's error falls.
+    #[test]
+    fn an_outlier_channel_splits_into_copies_and_the_quantized_error_falls() {
+        let (m, feeds) = model_and_feeds();
+        let want = outputs(&m, &feeds);
+        let sm = Smoothing {
+            strength: Strength::Off,
+            outliers: Outliers::Count(1),
+            act: Some((QType::U8, false)),
+            weights: WeightScheme::default(),
+        };
+        let (split, rec) = smooth(m.clone(), &sm, &feeds).unwrap();
+        let gather = split
+            .graph
+            .nodes
+            .iter()
+            .find(|n| n.op_type == "Gather")
+            .expect("a Gather splits the channel");
+        let idx = split.graph.initializers[&gather.inputs[1]]
+            .to_i64_vec()
+            .unwrap();
+        // 40x the others' range: 40 copies of channel 3 after the 8 originals.
+        assert_eq!(&idx[..8], &[0, 1, 2, 3, 4, 5, 6, 7], "{:?}", rec.changes);
+        assert!(idx[8..].iter().all(|&j| j == 3), "{idx:?}");
+        assert!((35..=45).contains(&(idx.len() - 7)), "{idx:?}");
+        let got = outputs(&split, &feeds);
+        for (a, b) in want.iter().zip(&got) {
+            assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b}");
+        }
+        let err = |outliers| {
+            let opts = crate::Options {
+                outliers,
+                ..Default::default()
+            };
+            let (q, _) = crate::quantize(m.clone(), &opts, &feeds, |_, _, _| {}).unwrap();
+            sq_err(&outputs(&q, &feeds), &want)
+        };
+        let (plain, with_split) = (err(Outliers::Off), err(Outliers::Count(1)));
+        assert!(
+            with_split * 4.0 < plain,
+            "split {with_split} vs plain {plain}"
+        );
+    }
 }

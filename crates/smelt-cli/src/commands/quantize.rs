@@ -75,6 +75,11 @@ pub struct Args {
     /// Uses the calibration data.
     #[arg(long)]
     smooth: Option<String>,
+    /// Take MatMul input channels whose range dwarfs the rest out of the quantized product
+    /// into a small float one: `auto` picks 0-8 per activation by the quantized output error
+    /// on the calibration data, or give a count per activation.
+    #[arg(long)]
+    outliers: Option<String>,
     /// GPTQ: quantize MatMul/Gemm weights row by row, compensating each rounding error with
     /// the rows still to come (uses the calibration data).
     #[arg(long)]
@@ -141,6 +146,10 @@ fn options(a: &Args) -> Result<Options> {
                 ))
             })?),
         },
+        outliers: match a.outliers.as_deref() {
+            None => smelt_quant::smooth::Outliers::Off,
+            Some(v) => smelt_quant::smooth::Outliers::parse(v)?,
+        },
         bias_correction: a.bias_correction,
         gptq: a.gptq,
         only: None,
@@ -158,6 +167,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
     let needs_data = opts.mode == Mode::Static
         || opts.bias_correction
         || opts.smooth.is_some()
+        || opts.outliers != smelt_quant::smooth::Outliers::Off
         || opts.gptq
         || a.sensitivity && a.val.is_none();
     let mut data = a.data.clone();

@@ -10,7 +10,7 @@ use rten_tensor::Matrix;
 use smelt_tensor::{bail, Result};
 use std::sync::OnceLock;
 
-use super::{elementwise, CHUNK};
+use super::{elementwise, Scratch, CHUNK};
 
 /// An 8-bit quantized element type.
 pub trait Q8: Copy + Send + Sync + Default + 'static {
@@ -76,6 +76,56 @@ pub fn quantize<T: Q8>(x: &[f32], s: f32, z: T, out: &mut [T]) {
             *o = T::from_f32((t + MAGIC) - MAGIC + zf);
         }
     });
+}
+
+/// [`quantize`] of rows of `x` (`k_in` wide) read through a channel map: column c of a row
+/// is `x[src[c]] * mult[c]` (`src` None: `x[c] * mult[c]`), multiplied in f32 before rounding,
+/// as a Gather and a Mul in front of a QuantizeLinear compute it. `out` holds `mult.len()`
+/// columns per row.
+pub fn quantize_mapped<T: Q8>(
+    x: &[f32],
+    k_in: usize,
+    src: Option<&[usize]>,
+    mult: &[f32],
+    s: f32,
+    z: T,
+    out: &mut [T],
+) {
+    let k = mult.len();
+    if k == 0 || k_in == 0 {
+        return;
+    }
+    // Maps keep the channels in place and append copies: the in-place prefix is a plain
+    // (vectorized) product, only the rest is gathered.
+    let same = src.map_or(k.min(k_in), |src| {
+        src.iter()
+            .enumerate()
+            .take_while(|&(c, &j)| c == j && c < k_in)
+            .count()
+    });
+    let rows_per = (CHUNK / k).max(1);
+    let map_rows = |x: &[f32], tmp: &mut [f32]| {
+        for (xr, tr) in x.chunks_exact(k_in).zip(tmp.chunks_exact_mut(k)) {
+            let (head, tail) = tr.split_at_mut(same);
+            for ((t, &v), &m) in head.iter_mut().zip(&xr[..same]).zip(&mult[..same]) {
+                *t = v * m;
+            }
+            if let Some(src) = src {
+                for ((t, &j), &m) in tail.iter_mut().zip(&src[same..]).zip(&mult[same..]) {
+                    *t = xr[j] * m;
+                }
+            }
+        }
+    };
+    let one = |x: &[f32], out: &mut [T]| {
+        Scratch::with(out.len(), |tmp: &mut [f32]| {
+            super::simd(x, tmp, &map_rows);
+            quantize(tmp, s, z, out);
+        })
+    };
+    out.par_chunks_mut(rows_per * k)
+        .zip(x.par_chunks(rows_per * k_in))
+        .for_each(|(o, x)| one(x, o));
 }
 
 /// [`quantize`] 32 values at a time; returns how many it did (a multiple of 32). The compiler

@@ -148,10 +148,16 @@ fn qmatmul(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         bail!(Shape, "QMatMul weights must be 2-D, got {:?}", w.shape());
     };
     let (k, n) = (*k, *n);
-    if x.rank() == 0 || x.shape()[x.rank() - 1] != k {
+    let map = input_map(inputs, k)?;
+    let k_in = x.shape().last().copied().unwrap_or(0);
+    let fits = match &map {
+        Some((Some(src), _)) => k_in > 0 && src.iter().all(|&j| j < k_in),
+        _ => k_in == k,
+    };
+    if x.rank() == 0 || !fits {
         bail!(
             Shape,
-            "input of shape {:?} does not end in the weights' {k} rows",
+            "input of shape {:?} does not fit the weights' {k} rows",
             x.shape()
         );
     }
@@ -165,8 +171,11 @@ fn qmatmul(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let z8 = if is_u8 { zx } else { zx + 128 } as u8;
     let xs = activation(x)?;
     let m: usize = x.shape()[..x.rank() - 1].iter().product();
-    let mut q = vec![0u8; xs.len()];
-    kq::quantize(&xs, sx, z8, &mut q);
+    let mut q = vec![0u8; m * k];
+    match &map {
+        Some((src, mult)) => kq::quantize_mapped(&xs, k_in, src.as_deref(), mult, sx, z8, &mut q),
+        None => kq::quantize(&xs, sx, z8, &mut q),
+    }
     // The sums land in the output buffer and are scaled to floats in place.
     let mut out = vec![0f32; m * n];
     let acc = bytemuck::cast_slice_mut::<f32, i32>(&mut out);
@@ -187,6 +196,33 @@ fn qmatmul(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         *last = n;
     }
     Ok(vec![Tensor::from_vec(shape, out)?])
+}
+
+/// QMatMul's optional input map (inputs 9 and 10): the per-channel multipliers of a Mul and
+/// the source channels of a Gather that fed its input, folded in by `fuse-qdq`.
+#[allow(clippy::type_complexity)]
+fn input_map(
+    inputs: &[Option<&Tensor>],
+    k: usize,
+) -> Result<Option<(Option<Vec<usize>>, Vec<f32>)>> {
+    let Some(mult) = opt_input(inputs, 9) else {
+        return Ok(None);
+    };
+    let mult = f32s(mult, k, "input multiplier")?.to_vec();
+    let src = match opt_input(inputs, 10) {
+        Some(t) => {
+            let v = t.to_i64_vec()?;
+            if v.len() != k || v.iter().any(|&j| j < 0) {
+                bail!(
+                    Shape,
+                    "input channel map must hold {k} non-negative indices"
+                );
+            }
+            Some(v.into_iter().map(|j| j as usize).collect())
+        }
+        None => None,
+    };
+    Ok(Some((src, mult)))
 }
 
 /// The grid of a scale and optional zero point (u8 or i8) among the inputs.

@@ -77,6 +77,8 @@ impl Pass for FuseQdq {
         let hoisted = pairs_above_views(g)?;
         let snapped = absorb_output_pairs(g);
         g.remove_dead();
+        let mapped = input_maps_into_fused(g);
+        g.remove_dead();
         let mut pairs = 0;
         for i in 0..g.nodes.len() {
             let n = &g.nodes[i];
@@ -104,7 +106,8 @@ impl Pass for FuseQdq {
             rec.note(format!(
                 "{fused} layers run on integer kernels ({}, {biases} bias Adds and {snapped} \
                  output quantize-dequantize pairs absorbed, {hoisted} of them moved above \
-                 reshapes, {scaled} scalar Muls folded), {pairs} other pairs in one pass",
+                 reshapes, {scaled} scalar Muls and {mapped} channel scalings folded), \
+                 {pairs} other pairs in one pass",
                 crate::kernels::quant::int8_kernel_name()
             ));
         }
@@ -617,6 +620,79 @@ impl FuseQdq {
     }
 }
 
+/// A `Mul(x, c)` by a constant per-channel vector, optionally reading a `Gather(x, idx,
+/// axis=-1)` with constant indices (how `smelt quantize --smooth / --outliers` scales and
+/// splits input channels), that feeds only QMatMuls becomes their input map (inputs 9 and 10):
+/// the kernel multiplies each value as it quantizes it, so neither op makes a pass of its own.
+fn input_maps_into_fused(g: &mut Graph) -> usize {
+    let vector = |g: &Graph, v: &str, dt: &[DType]| {
+        g.initializers
+            .get(v)
+            .filter(|t| t.rank() == 1 && dt.contains(&t.dtype()))
+            .map(|t| t.numel())
+    };
+    let mut folded = 0;
+    for i in 0..g.nodes.len() {
+        let n = &g.nodes[i];
+        if !n.domain.is_empty() || n.op_type != "Mul" || n.inputs.len() != 2 {
+            continue;
+        }
+        let f32s = [DType::F32];
+        let (x, c, k) = match (
+            vector(g, &n.inputs[0], &f32s),
+            vector(g, &n.inputs[1], &f32s),
+        ) {
+            (None, Some(k)) => (n.inputs[0].clone(), n.inputs[1].clone(), k),
+            (Some(k), None) => (n.inputs[1].clone(), n.inputs[0].clone(), k),
+            _ => continue,
+        };
+        let y = n.outputs[0].clone();
+        let readers = g.consumers(&y);
+        let reads_y = |r: usize| {
+            let q = &g.nodes[r];
+            is_integer_layer(q)
+                && q.op_type == "QMatMul"
+                && q.inputs.len() <= 9
+                && q.inputs[0] == y
+                && q.inputs[1..].iter().all(|v| *v != y)
+                && const_shape(g, &q.inputs[3]).is_some_and(|s| s.first() == Some(&k))
+        };
+        if readers.is_empty()
+            || g.outputs.iter().any(|o| o.name == y)
+            || !readers.iter().all(|&r| reads_y(r))
+        {
+            continue;
+        }
+        let mut src = (x.clone(), None);
+        if let Some(p) = g.producer(&x) {
+            let gn = &g.nodes[p];
+            let ints = [DType::I64, DType::I32];
+            let idx_ok = vector(g, gn.inputs.get(1).map_or("", String::as_str), &ints) == Some(k)
+                && g.initializers[&gn.inputs[1]]
+                    .to_i64_vec()
+                    .is_ok_and(|v| v.iter().all(|&j| j >= 0));
+            if gn.domain.is_empty()
+                && gn.op_type == "Gather"
+                && gn.attr_int("axis").ok().flatten() == Some(-1)
+                && idx_ok
+                && g.consumers(&x).len() == 1
+                && !g.outputs.iter().any(|o| o.name == x)
+            {
+                src = (gn.inputs[0].clone(), Some(gn.inputs[1].clone()));
+            }
+        }
+        for r in readers {
+            let q = &mut g.nodes[r];
+            q.inputs.resize(9, String::new());
+            q.inputs[0] = src.0.clone();
+            q.inputs.push(c.clone());
+            q.inputs.extend(src.1.clone());
+        }
+        folded += 1;
+    }
+    folded
+}
+
 fn tensor<T: smelt_tensor::Element>(
     shape: Vec<usize>,
     v: Vec<T>,
@@ -872,6 +948,77 @@ mod tests {
                 (a - b).abs() <= 1e-5 * a.abs().max(1.0),
                 "{want:?} vs {got:?}"
             );
+        }
+    }
+
+    /// Channels scaled by a Mul (smoothing) and split into copies by a Gather (outlier
+    /// splitting) in front of quantized MatMuls: both fold into the QMatMuls' input maps, and
+    /// the output is the reference's (the product is rounded in f32 before quantizing, as the
+    /// Mul does).
+    #[test]
+    fn channel_scaling_and_splitting_fold_into_the_fused_input() {
+        for split in [false, true] {
+            let k = if split { 6 } else { 4 };
+            let mut nodes = vec![
+                Node::new("Mul", "smooth", &["xs", "c"], &["xm"]),
+                Node::new("QuantizeLinear", "q", &["xm", "s", "z"], &["xq"]),
+                Node::new("DequantizeLinear", "d", &["xq", "s", "z"], &["xd"]),
+                Node::new("DequantizeLinear", "dw", &["wq", "ws"], &["w"])
+                    .with_attr("axis", Attr::Int(1)),
+                Node::new("MatMul", "mm1", &["xd", "w"], &["y1"]),
+                Node::new("MatMul", "mm2", &["xd", "w"], &["y2"]),
+                Node::new("Add", "sum", &["y1", "y2"], &["y"]),
+            ];
+            if split {
+                nodes.insert(
+                    0,
+                    Node::new("Gather", "split", &["x", "idx"], &["xs"])
+                        .with_attr("axis", Attr::Int(-1)),
+                );
+            } else {
+                nodes[0].inputs[0] = "x".into();
+            }
+            let w: Vec<i8> = (0..k * 3).map(|i| (i * 7 % 19) as i8 - 9).collect();
+            let c: Vec<f32> = (0..k).map(|i| 0.5 + 0.37 * i as f32).collect();
+            let inits = [
+                ("s", Tensor::scalar(0.05f32)),
+                ("z", Tensor::scalar(120u8)),
+                ("c", Tensor::from_vec(vec![k], c).unwrap()),
+                (
+                    "idx",
+                    Tensor::from_vec(vec![6], vec![0i64, 1, 2, 3, 1, 1]).unwrap(),
+                ),
+                ("wq", Tensor::from_vec(vec![k, 3], w).unwrap()),
+                (
+                    "ws",
+                    Tensor::from_vec(vec![3], vec![0.1f32, 0.2, 0.3]).unwrap(),
+                ),
+            ];
+            let m = x_to_y(&[5, 4], nodes, &inits);
+            let (f, rec) = fuse(&m);
+            let ops: Vec<&str> = f.graph.nodes.iter().map(|n| n.op_type.as_str()).collect();
+            assert_eq!(ops, ["QMatMul", "QMatMul", "Add"], "{:?}", rec.changes);
+            let mm = &f.graph.nodes[0];
+            assert_eq!(mm.inputs[0], "x");
+            assert_eq!(mm.inputs.len(), if split { 11 } else { 10 });
+            let x: Vec<f32> = (0..20)
+                .map(|i| ((i * 13 % 20) as f32 - 9.0) * 0.41)
+                .collect();
+            let x = Tensor::from_vec(vec![5, 4], x).unwrap();
+            let run = |s: Session| {
+                s.run(&[("x", x.clone())]).unwrap()[0]
+                    .1
+                    .to_f32_vec()
+                    .unwrap()
+            };
+            let want = run(Session::reference(m.clone()).unwrap());
+            let got = run(Session::new(m).unwrap());
+            for (a, b) in want.iter().zip(&got) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                    "split {split}: {want:?} vs {got:?}"
+                );
+            }
         }
     }
 

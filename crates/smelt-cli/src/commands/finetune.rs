@@ -176,7 +176,7 @@ pub fn run(a: Args, json: bool) -> Result<()> {
             Some(scheme) => Some(Qat {
                 quant: smelt_quant::Options {
                     weights: Qat::weights(scheme)?,
-                    observer: observer_kind(&a.observer, 99.999, 2048)?,
+                    observer: observer_kind(&a.observer, 99.999, None)?,
                     ..smelt_quant::Options::default()
                 },
                 calib: a.qat_calib,

@@ -269,8 +269,14 @@ struct Choice {
     note: String,
 }
 
-fn choose(st: &Stats, ws: &[Tensor], wmax: &[f32], ks: &[usize], sm: &Smoothing) -> Result<Choice> {
-    let amax = st.absmax();
+fn choose(
+    st: &Stats,
+    amax: &[f32],
+    ws: &[Tensor],
+    wmax: &[f32],
+    ks: &[usize],
+    sm: &Smoothing,
+) -> Result<Choice> {
     let k = amax.len();
     let mut by_size: Vec<usize> = (0..k).collect();
     by_size.sort_by(|&a, &b| amax[b].total_cmp(&amax[a]).then(a.cmp(&b)));
@@ -292,7 +298,7 @@ fn choose(st: &Stats, ws: &[Tensor], wmax: &[f32], ks: &[usize], sm: &Smoothing)
     if alphas.len() * ks.len() == 1 {
         let split = split_of(ks[0]);
         return Ok(Choice {
-            s: factors(&amax, wmax, alphas[0], &split),
+            s: factors(amax, wmax, alphas[0], &split),
             split,
             note: name(alphas[0]),
         });
@@ -324,7 +330,7 @@ fn choose(st: &Stats, ws: &[Tensor], wmax: &[f32], ks: &[usize], sm: &Smoothing)
         let split = split_of(c);
         let mut b = (f64::INFINITY, None);
         for &a in &alphas {
-            let f = factors(&amax, wmax, a, &split);
+            let f = factors(amax, wmax, a, &split);
             let e = output_error(st, ws, &f, &split, sm, &reference)?;
             if c == 0 && a.is_none() {
                 base = e;
@@ -348,7 +354,7 @@ fn choose(st: &Stats, ws: &[Tensor], wmax: &[f32], ks: &[usize], sm: &Smoothing)
     };
     let split = split_of(ks[i]);
     Ok(Choice {
-        s: factors(&amax, wmax, a, &split),
+        s: factors(amax, wmax, a, &split),
         split,
         note: format!("{}{gain}", name(a)),
     })
@@ -376,12 +382,12 @@ pub fn smooth(mut model: Model, sm: &Smoothing, feeds: &[Feed]) -> Result<(Model
             .iter()
             .map(|&u| g.nodes[u].inputs[1].clone())
             .collect();
-        if weights.iter().any(|w| g.initializers[w].shape()[0] != k) {
+        let ws: Vec<Tensor> = weights.iter().map(|w| g.initializers[w].clone()).collect();
+        if ws.iter().any(|t| t.shape()[0] != k) {
             continue;
         }
         let mut wmax = vec![0.0f32; k];
-        for w in &weights {
-            let t = &g.initializers[w];
+        for t in &ws {
             let n = t.shape()[1];
             for (i, x) in t.to_f32_vec()?.iter().enumerate() {
                 let m = &mut wmax[i / n.max(1)];
@@ -396,8 +402,7 @@ pub fn smooth(mut model: Model, sm: &Smoothing, feeds: &[Feed]) -> Result<(Model
                 .filter(|&c| c == 0 || c <= k / 16)
                 .collect(),
         };
-        let ws: Vec<Tensor> = weights.iter().map(|w| g.initializers[w].clone()).collect();
-        let Choice { s, split, note } = choose(st, &ws, &wmax, &ks, sm)?;
+        let Choice { s, split, note } = choose(st, &amax, &ws, &wmax, &ks, sm)?;
         let (_, _, m) = copies(st, &s, &split);
         let extra: usize = m.iter().map(|c| c - 1).sum();
         if extra == 0 && s.iter().all(|&f| f == 1.0) {

@@ -201,14 +201,14 @@ fn qmatmul(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 /// QMatMul's optional input map (inputs 9 and 10): the per-channel multipliers of a Mul and
 /// the source channels of a Gather that fed its input, folded in by `fuse-qdq`.
 #[allow(clippy::type_complexity)]
-fn input_map(
-    inputs: &[Option<&Tensor>],
+fn input_map<'a>(
+    inputs: &[Option<&'a Tensor>],
     k: usize,
-) -> Result<Option<(Option<Vec<usize>>, Vec<f32>)>> {
+) -> Result<Option<(Option<Vec<usize>>, &'a [f32])>> {
     let Some(mult) = opt_input(inputs, 9) else {
         return Ok(None);
     };
-    let mult = f32s(mult, k, "input multiplier")?.to_vec();
+    let mult = f32s(mult, k, "input multiplier")?;
     let src = match opt_input(inputs, 10) {
         Some(t) => {
             let v = t.to_i64_vec()?;

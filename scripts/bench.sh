@@ -2,11 +2,12 @@
 # Side-by-side latency: smelt's engine vs onnxruntime, same models, same input shapes, same
 # thread count, in one run. Prints median latencies, peak memory (RSS) and the ratios
 # smelt/onnxruntime (lower is better for smelt), the median over rounds in which the two take
-# turns. Usage: scripts/bench.sh [--threads 2] [--runs 20] [--rounds 5]
+# turns. Usage: scripts/bench.sh [--threads 2] [--runs 20] [--rounds 5] [--only mnist8]
+# (--only keeps the rows whose model name starts with it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-THREADS=2; RUNS=20; ROUNDS=5
-while [ $# -gt 0 ]; do case $1 in --threads) THREADS=$2; shift 2;; --runs) RUNS=$2; shift 2;; --rounds) ROUNDS=$2; shift 2;; *) echo "unknown $1" >&2; exit 2;; esac; done
+THREADS=2; RUNS=20; ROUNDS=5; ONLY=
+while [ $# -gt 0 ]; do case $1 in --threads) THREADS=$2; shift 2;; --runs) RUNS=$2; shift 2;; --rounds) ROUNDS=$2; shift 2;; --only) ONLY=$2; shift 2;; *) echo "unknown $1" >&2; exit 2;; esac; done
 ASSETS=$(scripts/fetch-assets.sh)
 PY=$(scripts/setup-python.sh)
 cargo build --release -q -p smelt-cli
@@ -25,6 +26,7 @@ printf '%-12s %6s %10s %10s %7s %9s %9s %7s\n' model batch smelt_ms ort_ms ratio
 for spec in mnist8-fp32:1 mnist8-fp32:32 mnist8-w8a8:1 mnist8-w8a8:32 \
             minilm-fp32:1 minilm-fp32:32 minilm-w8a8:1 minilm-w8a8:32; do
   IFS=: read -r name batch <<<"$spec"
+  [[ $name == "$ONLY"* ]] || continue
   model="$WORK/$name.onnx"
   # The two runtimes take turns, ROUNDS times: a VM's speed drifts over a minute by more
   # than the gaps measured here, and a whole series of one then of the other would charge

@@ -4,6 +4,7 @@
 
 use rayon::prelude::*;
 use smelt_tensor::{bail, Result};
+use std::any::TypeId;
 
 /// Geometry of one pooling, per (image, channel) plane.
 #[derive(Clone, Debug, PartialEq)]
@@ -140,7 +141,7 @@ fn spans(g: &PoolGeom, d: usize) -> Vec<(usize, usize, usize)> {
 /// Max pooling for any ordered element type. `indices`, when given, receives each maximum's
 /// flat index into the whole input tensor (row-major, or column-major over the spatial
 /// dimensions when `col_major`). A window with no in-bounds cell yields `T::default()`.
-pub fn max_pool<T: Copy + PartialOrd + Default + Send + Sync>(
+pub fn max_pool<T: Copy + PartialOrd + Default + Send + Sync + 'static>(
     g: &PoolGeom,
     x: &[T],
     out: &mut [T],
@@ -172,40 +173,12 @@ pub fn max_pool<T: Copy + PartialOrd + Default + Send + Sync>(
                 ix[i] = (p * isz + flat) as i64;
             }
         };
-        // NaN compares false, so a NaN is kept only if it came first.
+        // A window holding NaN gives NaN (its first), as PyTorch's and NumPy's maximum do.
         let better = |v: T, best: &Option<(T, usize)>| match best {
-            Some((b, _)) => v > *b,
+            Some((b, _)) => bigger(v, *b) && !is_nan(*b),
             None => true,
         };
-        if dense && !track && id == 1 {
-            // 2-D values only: max down each window's rows (contiguous, vectorises), then
-            // across the columns of that row maximum. Written as selects, not conditional
-            // stores, so the compiler emits packed max instructions (AVX2 where the CPU has it).
-            super::simd(xp, o, &|xp: &[T], o: &mut [T]| {
-                let mut rowmax: Vec<T> = vec![T::default(); iw];
-                let mut i = 0;
-                for &(y0, y1, _) in &sp[1] {
-                    if y1 > y0 {
-                        rowmax.copy_from_slice(&xp[y0 * iw..(y0 + 1) * iw]);
-                        for y in y0 + 1..y1 {
-                            for (m, &v) in rowmax.iter_mut().zip(&xp[y * iw..(y + 1) * iw]) {
-                                *m = if v > *m { v } else { *m };
-                            }
-                        }
-                    }
-                    for (ov, &(x0, x1, _)) in o[i..i + sp[2].len()].iter_mut().zip(&sp[2]) {
-                        *ov = if y1 > y0 && x1 > x0 {
-                            rowmax[x0 + 1..x1]
-                                .iter()
-                                .fold(rowmax[x0], |m, &v| if v > m { v } else { m })
-                        } else {
-                            T::default()
-                        };
-                    }
-                    i += sp[2].len();
-                }
-            });
-        } else if dense {
+        if dense {
             let mut i = 0;
             for &(z0, z1, _) in &sp[0] {
                 for &(y0, y1, _) in &sp[1] {
@@ -219,9 +192,13 @@ pub fn max_pool<T: Copy + PartialOrd + Default + Send + Sync>(
                                     if let Some((&first, rest)) =
                                         xp[row + x0..row + x1].split_first()
                                     {
-                                        let m = rest
-                                            .iter()
-                                            .fold(first, |m, &v| if v > m { v } else { m });
+                                        let m = rest.iter().fold(first, |m, &v| {
+                                            if bigger(v, m) {
+                                                v
+                                            } else {
+                                                m
+                                            }
+                                        });
                                         if better(m, &best) {
                                             best = Some((m, 0));
                                         }
@@ -260,6 +237,10 @@ pub fn max_pool<T: Copy + PartialOrd + Default + Send + Sync>(
         }
     };
     let parallel = work(g) >= PAR_MIN_WORK;
+    if dense && indices.is_none() && id == 1 {
+        max_pool_2d(g, &sp, x, out, parallel);
+        return Ok(());
+    }
     match indices {
         Some(ix) => {
             if ix.len() != out.len() {
@@ -280,6 +261,222 @@ pub fn max_pool<T: Copy + PartialOrd + Default + Send + Sync>(
         None => for_planes(out, osz, parallel, |p, o| plane(p, o, None)),
     }
     Ok(())
+}
+
+/// 2-D max pooling of values (unit dilation): max down each window's rows (contiguous, so it
+/// vectorises), then across the columns of that row maximum. The row maximum is extended at
+/// both ends by copies of its edge cells, so that every window has the kernel's width: a
+/// window that reaches into the padding also holds the edge cell (its cells are contiguous),
+/// so the copies never change its maximum, and the column pass needs no clipping. Written as
+/// selects, not conditional stores, so the compiler emits packed max instructions.
+fn max_pool_2d<T: Copy + PartialOrd + Default + Send + Sync + 'static>(
+    g: &PoolGeom,
+    sp: &[Vec<(usize, usize, usize)>; 3],
+    x: &[T],
+    out: &mut [T],
+    parallel: bool,
+) {
+    let (isz, osz) = sizes(g);
+    let iw = g.input[2];
+    let [_, kh, kw] = g.kernel;
+    let (ow, sw, pb) = (g.output[2], g.strides[2], g.pads_begin[2]);
+    // Row maximum with `pb` copies of cell 0 before it and copies of the last cell after it,
+    // up to the last window's end.
+    let len = ((ow.max(1) - 1) * sw + kw).max(pb + iw);
+    let avx512 = avx512::available();
+    let hollow = sp[2].iter().any(|&(x0, x1, _)| x1 <= x0);
+    let planes = |x: &[T], o: &mut [T]| {
+        let mut rowmax = vec![T::default(); len];
+        for (xp, o) in x.chunks_exact(isz).zip(o.chunks_mut(osz)) {
+            for (orow, &(y0, y1, _)) in o.chunks_mut(ow).zip(&sp[1]) {
+                if y1 <= y0 || iw == 0 {
+                    orow.fill(T::default());
+                    continue;
+                }
+                let r = &mut rowmax[pb..pb + iw];
+                let rows = &xp[y0 * iw..y1 * iw];
+                match (f32s_mut(r), f32s(rows)) {
+                    // Safety: the CPU has AVX-512 (checked above).
+                    (Some(r), Some(rows)) if avx512 => unsafe { avx512::row_max(r, rows) },
+                    _ => {
+                        r.copy_from_slice(&rows[..iw]);
+                        for row in rows[iw..].chunks_exact(iw) {
+                            for (m, &v) in r.iter_mut().zip(row) {
+                                *m = if bigger(v, *m) { v } else { *m };
+                            }
+                        }
+                    }
+                }
+                let (first, last) = (rowmax[pb], rowmax[pb + iw - 1]);
+                rowmax[..pb].fill(first);
+                rowmax[pb + iw..].fill(last);
+                match (f32s_mut(&mut rowmax), f32s_mut(orow)) {
+                    // Safety: as above; `rowmax` covers every window.
+                    (Some(r), Some(o)) if avx512 => unsafe { avx512::columns(r, kw, sw, o) },
+                    _ => columns(&rowmax, kw, sw, orow),
+                }
+                if hollow {
+                    // Windows wholly in the padding have no cell (only with pads >= kernel).
+                    for (ov, &(x0, x1, _)) in orow.iter_mut().zip(&sp[2]) {
+                        if x1 <= x0 {
+                            *ov = T::default();
+                        }
+                    }
+                }
+            }
+        }
+    };
+    // Tasks of whole planes; each is compiled for AVX2 where the CPU has it.
+    let per_task = (PAR_MIN_WORK / (osz * kh * kw).max(1)).clamp(1, 64);
+    let task = |t: usize, o: &mut [T]| {
+        let x = &x[t * per_task * isz..][..o.len() / osz * isz];
+        super::simd(x, o, &|x: &[T], o: &mut [T]| planes(x, o));
+    };
+    if parallel {
+        out.par_chunks_mut(osz * per_task)
+            .enumerate()
+            .for_each(|(t, o)| task(t, o));
+    } else {
+        task(0, out);
+    }
+}
+
+/// Whether `v` replaces the running maximum `m`: when larger, or NaN (a NaN maximum stays,
+/// since nothing compares larger than it). Written as a select, so loops vectorise.
+#[inline(always)]
+fn bigger<T: PartialOrd>(v: T, m: T) -> bool {
+    v > m || is_nan(v)
+}
+
+#[inline(always)]
+#[allow(clippy::eq_op)]
+fn is_nan<T: PartialOrd>(v: T) -> bool {
+    v != v
+}
+
+/// `v` as f32 values, when `T` is f32 (the type the AVX-512 loops take).
+fn f32s<T: 'static>(v: &[T]) -> Option<&[f32]> {
+    // Safety: `T` is f32.
+    (TypeId::of::<T>() == TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) })
+}
+
+fn f32s_mut<T: 'static>(v: &mut [T]) -> Option<&mut [f32]> {
+    // Safety: `T` is f32.
+    (TypeId::of::<T>() == TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) })
+}
+
+/// f32 max pooling's two passes in 16-lane registers, NaN winning as in [`bigger`].
+mod avx512 {
+    pub fn available() -> bool {
+        super::super::conv_direct::available_f32()
+    }
+
+    /// `v > m ? v : m` (`max_ps`), then NaN lanes of `v` taken over.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn max_nan(
+        v: std::arch::x86_64::__m512,
+        m: std::arch::x86_64::__m512,
+    ) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        _mm512_mask_mov_ps(_mm512_max_ps(v, m), nan, v)
+    }
+
+    /// `r` = the element-wise maximum of the rows of `rows` (each `r.len()` long).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn row_max(r: &mut [f32], rows: &[f32]) {
+        use std::arch::x86_64::*;
+        let n = r.len();
+        let mut x = 0;
+        while x < n {
+            let k = (n - x).min(16);
+            let mask: __mmask16 = if k == 16 { !0 } else { (1 << k) - 1 };
+            let mut m = _mm512_maskz_loadu_ps(mask, rows.as_ptr().add(x));
+            for row in rows[n..].chunks_exact(n) {
+                m = max_nan(_mm512_maskz_loadu_ps(mask, row.as_ptr().add(x)), m);
+            }
+            _mm512_mask_storeu_ps(r.as_mut_ptr().add(x), mask, m);
+            x += 16;
+        }
+    }
+
+    /// `o[x]` = the maximum of `r[x * s..x * s + k]`. First the maximum of every window of
+    /// `k` cells, in place from left to right (each chunk loads before it stores, and no
+    /// later chunk reads what it writes), then every `s`-th of them.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn columns(r: &mut [f32], k: usize, s: usize, o: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let n = o.len();
+        if n == 0 {
+            return;
+        }
+        let span = (n - 1) * s + 1;
+        assert!(span + k - 1 <= r.len());
+        let p = r.as_mut_ptr();
+        let mut i = 0;
+        while i < span {
+            let c = (span - i).min(16);
+            let mask: __mmask16 = if c == 16 { !0 } else { (1 << c) - 1 };
+            let mut m = _mm512_maskz_loadu_ps(mask, p.add(i));
+            for j in 1..k {
+                m = max_nan(_mm512_maskz_loadu_ps(mask, p.add(i + j)), m);
+            }
+            _mm512_mask_storeu_ps(p.add(i), mask, m);
+            i += 16;
+        }
+        for (x, v) in o.iter_mut().enumerate() {
+            *v = *r.get_unchecked(x * s);
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn row_max(_: &mut [f32], _: &[f32]) {
+        unreachable!("not available")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn columns(_: &mut [f32], _: usize, _: usize, _: &mut [f32]) {
+        unreachable!("not available")
+    }
+}
+
+/// `o[x]` = the maximum of `r[x * s..x * s + k]` (r long enough), first cell winning ties
+/// and NaN winning; the common sizes get loops the compiler unrolls.
+#[inline(always)]
+fn columns<T: Copy + PartialOrd>(r: &[T], k: usize, s: usize, o: &mut [T]) {
+    #[inline(always)]
+    fn fixed<T: Copy + PartialOrd, const K: usize, const S: usize>(r: &[T], o: &mut [T]) {
+        let r = &r[..(o.len().max(1) - 1) * S + K];
+        for (x, ov) in o.iter_mut().enumerate() {
+            let w = &r[x * S..x * S + K];
+            let mut m = w[0];
+            for &v in &w[1..] {
+                m = if bigger(v, m) { v } else { m };
+            }
+            *ov = m;
+        }
+    }
+    match (k, s) {
+        (2, 2) => fixed::<T, 2, 2>(r, o),
+        (3, 3) => fixed::<T, 3, 3>(r, o),
+        (3, 2) => fixed::<T, 3, 2>(r, o),
+        (3, 1) => fixed::<T, 3, 1>(r, o),
+        (2, 1) => fixed::<T, 2, 1>(r, o),
+        _ => {
+            for (x, ov) in o.iter_mut().enumerate() {
+                let w = &r[x * s..x * s + k];
+                *ov = w[1..]
+                    .iter()
+                    .fold(w[0], |m, &v| if bigger(v, m) { v } else { m });
+            }
+        }
+    }
 }
 
 /// Average or Lp pooling.
@@ -390,6 +587,45 @@ mod tests {
         let mut padded = vec![0.0; 9];
         max_pool(&g, &x, &mut padded, None, false).unwrap();
         assert_eq!(padded, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
+    }
+
+    /// The values-only 2-D path (row maximum extended by edge copies, AVX-512 for f32) against
+    /// the index-tracking loop, which visits every in-bounds cell of every window.
+    #[test]
+    fn values_only_max_equals_the_cell_by_cell_loop() {
+        let mut seed = 11u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 16) as f32 / 65536.0 - 0.5
+        };
+        // (h, w, k, s, pads begin, pads end): MNIST-8's two, overlapping windows, rows longer
+        // than a register, ceil mode's clipped windows, windows wholly in the padding.
+        for (h, w, k, s, pb, pe) in [
+            (28, 28, 2, 2, 0, 0),
+            (14, 14, 3, 3, 0, 0),
+            (9, 37, 3, 1, 1, 1),
+            (7, 19, 3, 2, 1, 2),
+            (5, 6, 2, 2, 0, 1),
+            (4, 4, 2, 3, 2, 2),
+        ] {
+            let out = |n: usize| (n + pb + pe - k) / s + 1;
+            let mut g = g2(h, w, k, s, pb, pe, out(h), out(w));
+            g.planes = 3;
+            let mut x: Vec<f32> = (0..3 * h * w).map(|_| next()).collect();
+            x[5] = f32::NAN;
+            x[h * w + 1] = f32::NAN;
+            let n = 3 * out(h) * out(w);
+            let (mut want, mut got, mut idx) = (vec![0.0; n], vec![0.0; n], vec![0i64; n]);
+            max_pool(&g, &x, &mut want, Some(&mut idx), false).unwrap();
+            max_pool(&g, &x, &mut got, None, false).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{h}x{w} k{k} s{s} pads {pb},{pe}");
+            let xi: Vec<i8> = x.iter().map(|&v| (v * 200.0) as i8).collect();
+            let (mut want, mut got) = (vec![0i8; n], vec![0i8; n]);
+            max_pool(&g, &xi, &mut want, Some(&mut idx), false).unwrap();
+            max_pool(&g, &xi, &mut got, None, false).unwrap();
+            assert_eq!(got, want, "i8 {h}x{w} k{k} s{s} pads {pb},{pe}");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! per group (depthwise) use a direct loop, which beats a GEMM with K = kernel size.
 
 use super::conv_direct;
-use super::conv_rows;
+use super::conv_pixels;
 use super::gemm::{gemm, Bias};
 use super::quant;
 use super::Scratch;
@@ -281,7 +281,7 @@ pub fn conv_act(
     }
     let pointwise =
         ksz == 1 && g.strides == [1, 1, 1] && g.pads == [0, 0, 0] && g.input == g.output;
-    if let Some(direct) = rows_f32(g, w).filter(|_| !pointwise) {
+    if let Some(direct) = pixels_f32(g, w).filter(|_| !pointwise) {
         per_image(g, out, osz, |b, o| {
             direct.run(&x[b * g.in_ch * isz..][..g.in_ch * isz], bias, relu, o);
         });
@@ -454,14 +454,14 @@ fn direct_f32(g: &ConvGeom, w: &[f32]) -> Option<conv_direct::PackedF32> {
 /// Output channels up to which the row-wise f32 kernel beats the channel-wise one: MNIST-8 at
 /// batch 32, first layer (8 channels) 0.19 ms through the GEMM, about 0.06 row-wise; second
 /// (16 channels on 14-pixel rows, 2 of 16 lanes idle) 0.26 channel-wise, 0.21 row-wise.
-const ROWS_F32_MAX_OUT: usize = 16;
+const PIXELS_F32_MAX_OUT: usize = 16;
 
-/// The row-wise f32 kernel, for narrow 2-D convolutions with unit strides.
-fn rows_f32(g: &ConvGeom, w: &[f32]) -> Option<conv_rows::RowsF32> {
-    if !conv_rows::available() || g.out_ch > ROWS_F32_MAX_OUT {
+/// The pixel-wise f32 kernel, for narrow 2-D convolutions with unit strides.
+fn pixels_f32(g: &ConvGeom, w: &[f32]) -> Option<conv_pixels::PixelsF32> {
+    if !conv_pixels::available() || g.out_ch > PIXELS_F32_MAX_OUT {
         return None;
     }
-    shape_2d(g).and_then(|s| conv_rows::RowsF32::new(s, w))
+    shape_2d(g).and_then(|s| conv_pixels::PixelsF32::new(s, w))
 }
 
 /// The direct VNNI kernel for a 2-D convolution of symmetric weights (stored shifted to u8,

@@ -2,7 +2,7 @@
 
 pub mod conv;
 pub mod conv_direct;
-pub mod conv_rows;
+pub mod conv_pixels;
 pub mod erf;
 pub mod gemm;
 pub mod pool;

@@ -282,55 +282,29 @@ fn max_pool_2d<T: Copy + PartialOrd + Default + Send + Sync + 'static>(
     let (ow, sw, pb) = (g.output[2], g.strides[2], g.pads_begin[2]);
     // Row maximum with `pb` copies of cell 0 before it and copies of the last cell after it,
     // up to the last window's end.
-    let len = ((ow.max(1) - 1) * sw + kw).max(pb + iw);
-    let avx512 = avx512::available();
-    let hollow = sp[2].iter().any(|&(x0, x1, _)| x1 <= x0);
-    let planes = |x: &[T], o: &mut [T]| {
-        let mut rowmax = vec![T::default(); len];
-        for (xp, o) in x.chunks_exact(isz).zip(o.chunks_mut(osz)) {
-            for (orow, &(y0, y1, _)) in o.chunks_mut(ow).zip(&sp[1]) {
-                if y1 <= y0 || iw == 0 {
-                    orow.fill(T::default());
-                    continue;
-                }
-                let r = &mut rowmax[pb..pb + iw];
-                let rows = &xp[y0 * iw..y1 * iw];
-                match (f32s_mut(r), f32s(rows)) {
-                    // Safety: the CPU has AVX-512 (checked above).
-                    (Some(r), Some(rows)) if avx512 => unsafe { avx512::row_max(r, rows) },
-                    _ => {
-                        r.copy_from_slice(&rows[..iw]);
-                        for row in rows[iw..].chunks_exact(iw) {
-                            for (m, &v) in r.iter_mut().zip(row) {
-                                *m = if bigger(v, *m) { v } else { *m };
-                            }
-                        }
-                    }
-                }
-                let (first, last) = (rowmax[pb], rowmax[pb + iw - 1]);
-                rowmax[..pb].fill(first);
-                rowmax[pb + iw..].fill(last);
-                match (f32s_mut(&mut rowmax), f32s_mut(orow)) {
-                    // Safety: as above; `rowmax` covers every window.
-                    (Some(r), Some(o)) if avx512 => unsafe { avx512::columns(r, kw, sw, o) },
-                    _ => columns(&rowmax, kw, sw, orow),
-                }
-                if hollow {
-                    // Windows wholly in the padding have no cell (only with pads >= kernel).
-                    for (ov, &(x0, x1, _)) in orow.iter_mut().zip(&sp[2]) {
-                        if x1 <= x0 {
-                            *ov = T::default();
-                        }
-                    }
-                }
-            }
-        }
+    let rows = Rows2d {
+        sp_y: &sp[1],
+        sp_x: &sp[2],
+        isz,
+        osz,
+        iw,
+        ow,
+        kw,
+        sw,
+        pb,
+        len: ((ow.max(1) - 1) * sw + kw).max(pb + iw),
+        hollow: sp[2].iter().any(|&(x0, x1, _)| x1 <= x0),
     };
-    // Tasks of whole planes; each is compiled for AVX2 where the CPU has it.
+    let avx512 = avx512::available();
+    // Tasks of whole planes, compiled for AVX-512 (f32) or AVX2 where the CPU has them.
     let per_task = (PAR_MIN_WORK / (osz * kh * kw).max(1)).clamp(1, 64);
     let task = |t: usize, o: &mut [T]| {
         let x = &x[t * per_task * isz..][..o.len() / osz * isz];
-        super::simd(x, o, &|x: &[T], o: &mut [T]| planes(x, o));
+        match (f32s(x), f32s_mut(o)) {
+            // Safety: the CPU has AVX-512.
+            (Some(x), Some(o)) if avx512 => unsafe { avx512::planes(&rows, x, o) },
+            _ => super::simd(x, o, &|x: &[T], o: &mut [T]| planes_2d(&rows, x, o, false)),
+        }
     };
     if parallel {
         out.par_chunks_mut(osz * per_task)
@@ -338,6 +312,77 @@ fn max_pool_2d<T: Copy + PartialOrd + Default + Send + Sync + 'static>(
             .for_each(|(t, o)| task(t, o));
     } else {
         task(0, out);
+    }
+}
+
+/// One 2-D max pooling's geometry, as its planes' loop wants it.
+struct Rows2d<'a> {
+    /// Per output row (column), the input rows (columns) its windows cover.
+    sp_y: &'a [(usize, usize, usize)],
+    sp_x: &'a [(usize, usize, usize)],
+    isz: usize,
+    osz: usize,
+    iw: usize,
+    ow: usize,
+    kw: usize,
+    sw: usize,
+    pb: usize,
+    /// Length of the extended row maximum.
+    len: usize,
+    /// Whether some window lies wholly in the padding.
+    hollow: bool,
+}
+
+/// The planes of `x` into those of `o`: [`max_pool_2d`]'s loop. Inlined into its callers, so
+/// that it is compiled for their instruction sets; `avx512` only where `T` is f32.
+#[inline(always)]
+fn planes_2d<T: Copy + PartialOrd + Default + 'static>(
+    g: &Rows2d,
+    x: &[T],
+    o: &mut [T],
+    avx512: bool,
+) {
+    let (iw, pb) = (g.iw, g.pb);
+    // Row maximum with `pb` copies of cell 0 before it and copies of the last cell after it,
+    // up to the last window's end.
+    let mut rowmax = vec![T::default(); g.len];
+    for (xp, o) in x.chunks_exact(g.isz).zip(o.chunks_mut(g.osz)) {
+        for (orow, &(y0, y1, _)) in o.chunks_mut(g.ow).zip(g.sp_y) {
+            if y1 <= y0 || iw == 0 {
+                orow.fill(T::default());
+                continue;
+            }
+            let r = &mut rowmax[pb..pb + iw];
+            let rows = &xp[y0 * iw..y1 * iw];
+            match (f32s_mut(r), f32s(rows)) {
+                // Safety: `avx512` only when the CPU has it.
+                (Some(r), Some(rows)) if avx512 => unsafe { avx512::row_max(r, rows) },
+                _ => {
+                    r.copy_from_slice(&rows[..iw]);
+                    for row in rows[iw..].chunks_exact(iw) {
+                        for (m, &v) in r.iter_mut().zip(row) {
+                            *m = if bigger(v, *m) { v } else { *m };
+                        }
+                    }
+                }
+            }
+            let (first, last) = (rowmax[pb], rowmax[pb + iw - 1]);
+            rowmax[..pb].fill(first);
+            rowmax[pb + iw..].fill(last);
+            match (f32s_mut(&mut rowmax), f32s_mut(orow)) {
+                // Safety: as above; `rowmax` covers every window.
+                (Some(r), Some(o)) if avx512 => unsafe { avx512::columns(r, g.kw, g.sw, o) },
+                _ => columns(&rowmax, g.kw, g.sw, orow),
+            }
+            if g.hollow {
+                // Windows wholly in the padding have no cell (only with pads >= kernel).
+                for (ov, &(x0, x1, _)) in orow.iter_mut().zip(g.sp_x) {
+                    if x1 <= x0 {
+                        *ov = T::default();
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -386,8 +431,21 @@ mod avx512 {
         _mm512_mask_mov_ps(_mm512_max_ps(v, m), nan, v)
     }
 
+    /// [`planes_2d`](super::planes_2d) for f32, compiled for AVX-512.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn planes(g: &super::Rows2d, x: &[f32], o: &mut [f32]) {
+        super::planes_2d(g, x, o, true)
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub(super) unsafe fn planes(_: &super::Rows2d, _: &[f32], _: &mut [f32]) {
+        unreachable!("not available")
+    }
+
     /// `r` = the element-wise maximum of the rows of `rows` (each `r.len()` long).
     #[cfg(target_arch = "x86_64")]
+    #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn row_max(r: &mut [f32], rows: &[f32]) {
         use std::arch::x86_64::*;
@@ -409,6 +467,7 @@ mod avx512 {
     /// `k` cells, in place from left to right (each chunk loads before it stores, and no
     /// later chunk reads what it writes), then every `s`-th of them.
     #[cfg(target_arch = "x86_64")]
+    #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn columns(r: &mut [f32], k: usize, s: usize, o: &mut [f32]) {
         use std::arch::x86_64::*;
@@ -429,6 +488,28 @@ mod avx512 {
             }
             _mm512_mask_storeu_ps(p.add(i), mask, m);
             i += 16;
+        }
+        if s == 2 {
+            // Every other one: two registers' even lanes, 16 outputs at a time.
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let upto = |k: usize| -> __mmask16 {
+                if k >= 16 {
+                    !0
+                } else {
+                    (1 << k) - 1
+                }
+            };
+            let mut x = 0;
+            while x < n {
+                let at = 2 * x;
+                let a = _mm512_maskz_loadu_ps(upto(span - at), p.add(at));
+                let rest = span.saturating_sub(at + 16);
+                let b = _mm512_maskz_loadu_ps(upto(rest), p.wrapping_add(at + 16));
+                let v = _mm512_permutex2var_ps(a, even, b);
+                _mm512_mask_storeu_ps(o.as_mut_ptr().add(x), upto(n - x), v);
+                x += 16;
+            }
+            return;
         }
         for (x, v) in o.iter_mut().enumerate() {
             *v = *r.get_unchecked(x * s);

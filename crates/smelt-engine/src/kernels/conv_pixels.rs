@@ -1,15 +1,16 @@
 //! Direct f32 convolution on AVX-512 with output pixels in the lanes, for layers with few
-//! output channels (fewer than a register's 16).
+//! output channels (up to a register's 16).
 //!
 //! [`conv_direct::PackedF32`](super::conv_direct) puts 16 output channels in a register; with
 //! 8 or 4 channels half or three quarters of every multiply is waste, and im2col + GEMM spends
 //! its time rearranging data instead (MNIST-8's first layer: 1 input, 8 output channels, about
-//! 0.2 ms at batch 32 either way for 5 M multiply-adds). Here a register holds 16 neighbouring
-//! pixels of one output row; every input value of a window offset is one plain load from a
-//! zero-padded copy of the image, multiplied by each output channel's weight (a broadcast
-//! folded into the multiply-add). Stores are whole rows, masked at the row's end.
+//! 0.2 ms at batch 32 either way for 5 M multiply-adds). Here a register holds 16 consecutive
+//! pixels of the output plane, and every window offset multiplies them by each output
+//! channel's weight (a broadcast folded into the multiply-add). The 16 pixels' inputs at one
+//! offset are read from a zero-padded copy of the image with one masked load per output row
+//! they cover, so rows shorter than 16 (MNIST-8's 14) leave no lane idle; stores are plain.
 //!
-//! Unit strides and dilations only: the loads must be contiguous.
+//! Unit strides and dilations only: within a row the loads must be contiguous.
 
 use super::conv_direct::Shape2d;
 use super::Scratch;
@@ -22,41 +23,70 @@ pub fn available() -> bool {
     super::conv_direct::available_f32()
 }
 
-/// Weights laid out for the kernel: per block of `ob` output channels, per input channel and
-/// window offset, the block's `ob` weights side by side (zeros past the last channel).
-pub struct RowsF32 {
-    s: Shape2d,
-    /// Output channels per block (a power of two, at most 16 / `nx`).
-    ob: usize,
-    /// Registers per output row chunk (1 or 2: 16 or 32 pixels).
-    nx: usize,
-    w: Vec<f32>,
+/// The lanes of one register of pixels that lie on one output row: `mask` selects them, and
+/// lane `l` reads the padded image at `base + l` (plus the window offset).
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    base: isize,
+    mask: u16,
 }
 
-impl RowsF32 {
+/// Weights laid out for the kernel (per block of `ob` output channels, per input channel and
+/// window offset, the block's `ob` weights side by side, zeros past the last channel), and
+/// each register's row segments.
+pub struct PixelsF32 {
+    s: Shape2d,
+    /// Output channels per block: a power of two up to 16.
+    ob: usize,
+    w: Vec<f32>,
+    /// Per register of pixels, its segments: `segments[starts[i]..starts[i + 1]]`.
+    segments: Vec<Segment>,
+    starts: Vec<usize>,
+}
+
+impl PixelsF32 {
     /// `w` holds the weights `[out_ch, in_ch, kh, kw]`. `None` for shapes the kernel does not
     /// take (strides other than 1).
-    pub fn new(s: Shape2d, w: &[f32]) -> Option<RowsF32> {
+    pub fn new(s: Shape2d, w: &[f32]) -> Option<PixelsF32> {
         if s.strides != [1, 1] || s.out_ch == 0 || s.output.contains(&0) {
             return None;
         }
-        let nx = if s.output[1] > LANES { 2 } else { 1 };
-        let ob = s.out_ch.next_power_of_two().min(16 / nx);
+        let ob = s.out_ch.next_power_of_two().min(LANES);
         let [kh, kw] = s.kernel;
         let taps = s.in_ch * kh * kw;
         let blocks = s.out_ch.div_ceil(ob);
-        let mut out = vec![0f32; blocks * taps * ob];
-        for oc in 0..s.out_ch {
-            for t in 0..taps {
-                out[((oc / ob) * taps + t) * ob + oc % ob] = w[oc * taps + t];
+        let mut packed = vec![0f32; blocks * taps * ob];
+        for (oc, w) in w.chunks_exact(taps).take(s.out_ch).enumerate() {
+            let dst = &mut packed[(oc / ob) * taps * ob + oc % ob..];
+            for (t, &v) in w.iter().enumerate() {
+                dst[t * ob] = v;
             }
         }
-        Some(RowsF32 { s, ob, nx, w: out })
-    }
-
-    /// Row length of the padded copy: each row chunk's loads stay inside its row.
-    fn padded_width(&self) -> usize {
-        self.s.output[1].next_multiple_of(LANES * self.nx) + self.s.kernel[1] - 1
+        let [oh, ow] = s.output;
+        let wp = ow + kw - 1;
+        let (mut segments, mut starts) = (Vec::new(), vec![0]);
+        for p0 in (0..oh * ow).step_by(LANES) {
+            let end = (p0 + LANES).min(oh * ow);
+            let mut p = p0;
+            while p < end {
+                let (y, x) = (p / ow, p % ow);
+                let run = (ow - x).min(end - p);
+                let l0 = p - p0;
+                segments.push(Segment {
+                    base: (y * wp + x) as isize - l0 as isize,
+                    mask: (((1u32 << run) - 1) << l0) as u16,
+                });
+                p += run;
+            }
+            starts.push(segments.len());
+        }
+        Some(PixelsF32 {
+            s,
+            ob,
+            w: packed,
+            segments,
+            starts,
+        })
     }
 
     /// One image: `x` is `[in_ch, h, w]`; `out` receives `[out_ch, oh * ow]`, plus `bias`,
@@ -64,7 +94,7 @@ impl RowsF32 {
     pub fn run(&self, x: &[f32], bias: Option<&[f32]>, relu: bool, out: &mut [f32]) {
         let s = &self.s;
         let hp = s.output[0] + s.kernel[0] - 1;
-        let wp = self.padded_width();
+        let wp = s.output[1] + s.kernel[1] - 1;
         f32::with(s.in_ch * hp * wp, |img| {
             img.fill(0.0);
             let [h, w] = s.input;
@@ -77,8 +107,8 @@ impl RowsF32 {
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            // Safety: callers check `available()` first; every load stays inside `img`
-            // (rows of `wp` values, chunks ending at most at `wp - kw + 1`).
+            // Safety: callers check `available()` first; every lane a segment's mask keeps
+            // reads inside `img` (the masked-off lanes are not read).
             unsafe {
                 self.dispatch(img, hp, wp, bias, relu, out)
             }
@@ -96,23 +126,30 @@ impl RowsF32 {
         relu: bool,
         out: &mut [f32],
     ) {
-        macro_rules! go {
-            ($($ob:literal, $nx:literal);*) => {
-                match (self.ob, self.nx) {
-                    $(($ob, $nx) => self.rows::<$ob, $nx>(img, hp, wp, bias, relu, out),)*
-                    _ => unreachable!("block sizes are powers of two up to 16 / nx"),
-                }
-            };
+        let osz = self.s.output[0] * self.s.output[1];
+        let block = |ob: usize, o: &mut [f32]| match self.ob {
+            1 => self.block::<1>(ob, img, hp, wp, bias, relu, o),
+            2 => self.block::<2>(ob, img, hp, wp, bias, relu, o),
+            4 => self.block::<4>(ob, img, hp, wp, bias, relu, o),
+            8 => self.block::<8>(ob, img, hp, wp, bias, relu, o),
+            16 => self.block::<16>(ob, img, hp, wp, bias, relu, o),
+            _ => unreachable!("block sizes are powers of two up to 16"),
+        };
+        // (Two threads on one image's blocks were slower at MNIST-8's size: waking the
+        // second costs more than half the work.)
+        for (ob, o) in out.chunks_mut(self.ob * osz).enumerate() {
+            block(ob, o);
         }
-        go!(1, 1; 2, 1; 4, 1; 8, 1; 16, 1; 1, 2; 2, 2; 4, 2; 8, 2)
     }
 
-    /// All output rows, in chunks of `NX` registers, for each block of `OB` output channels.
+    /// Every register of pixels of output channel block `ob` (`OB` channels, `out` holding
+    /// those that exist).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn rows<const OB: usize, const NX: usize>(
+    unsafe fn block<const OB: usize>(
         &self,
+        ob: usize,
         img: &[f32],
         hp: usize,
         wp: usize,
@@ -123,66 +160,51 @@ impl RowsF32 {
         use std::arch::x86_64::*;
         let s = &self.s;
         let [kh, kw] = s.kernel;
-        let [oh, ow] = s.output;
-        let osz = oh * ow;
+        let osz = s.output[0] * s.output[1];
         let taps = s.in_ch * kh * kw;
-        debug_assert!(out.len() == s.out_ch * osz && img.len() >= s.in_ch * hp * wp);
+        let channels = out.len() / osz;
+        debug_assert!(channels <= OB && img.len() >= s.in_ch * hp * wp);
         let zero = _mm512_setzero_ps();
-        for ob in 0..s.out_ch.div_ceil(OB) {
-            let wb = self.w.as_ptr().add(ob * taps * OB);
-            let mut b = [zero; OB];
-            for (o, bv) in b.iter_mut().enumerate() {
-                let oc = ob * OB + o;
-                if let Some(bias) = bias.filter(|_| oc < s.out_ch) {
-                    *bv = _mm512_set1_ps(bias[oc]);
+        let origin = img.as_ptr();
+        let wb = self.w.as_ptr().add(ob * taps * OB);
+        let mut b = [zero; OB];
+        if let Some(bias) = bias {
+            for (o, bv) in b.iter_mut().take(channels).enumerate() {
+                *bv = _mm512_set1_ps(bias[ob * OB + o]);
+            }
+        }
+        for (i, p0) in (0..osz).step_by(LANES).enumerate() {
+            let segs = &self.segments[self.starts[i]..self.starts[i + 1]];
+            let mut acc = b;
+            for c in 0..s.in_ch {
+                for ky in 0..kh {
+                    let row = ((c * hp + ky) * wp) as isize;
+                    let wt = wb.add((c * kh + ky) * kw * OB);
+                    for kx in 0..kw {
+                        // Lanes outside a segment's mask may point outside `img`; they are
+                        // not read. The first load needs no merge (no wait on a register).
+                        let at = |sg: &Segment| origin.wrapping_offset(sg.base + row + kx as isize);
+                        let mut v = _mm512_maskz_loadu_ps(segs[0].mask, at(&segs[0]));
+                        for sg in &segs[1..] {
+                            v = _mm512_mask_loadu_ps(v, sg.mask, at(sg));
+                        }
+                        for (o, a) in acc.iter_mut().enumerate() {
+                            let wv = _mm512_set1_ps(*wt.add(kx * OB + o));
+                            *a = _mm512_fmadd_ps(v, wv, *a);
+                        }
+                    }
                 }
             }
-            for y in 0..oh {
-                let mut x0 = 0;
-                while x0 < ow {
-                    let mut acc = [[zero; NX]; OB];
-                    for c in 0..s.in_ch {
-                        for ky in 0..kh {
-                            let src = img.as_ptr().add((c * hp + y + ky) * wp + x0);
-                            let wt = wb.add((c * kh + ky) * kw * OB);
-                            for kx in 0..kw {
-                                let mut v = [zero; NX];
-                                for (j, v) in v.iter_mut().enumerate() {
-                                    *v = _mm512_loadu_ps(src.add(kx + j * LANES));
-                                }
-                                for (o, acc) in acc.iter_mut().enumerate() {
-                                    let wv = _mm512_set1_ps(*wt.add(kx * OB + o));
-                                    for (a, &v) in acc.iter_mut().zip(&v) {
-                                        *a = _mm512_fmadd_ps(v, wv, *a);
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    for (o, acc) in acc.iter().enumerate() {
-                        let oc = ob * OB + o;
-                        if oc >= s.out_ch {
-                            break;
-                        }
-                        let dst = out.as_mut_ptr().add(oc * osz + y * ow);
-                        for (j, &a) in acc.iter().enumerate() {
-                            let x = x0 + j * LANES;
-                            if x >= ow {
-                                break;
-                            }
-                            let mut v = _mm512_add_ps(a, b[o]);
-                            if relu {
-                                // Lanes below zero become 0; NaN and -0 compare false and stay.
-                                let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, zero);
-                                v = _mm512_mask_mov_ps(v, neg, zero);
-                            }
-                            let n = (ow - x).min(LANES);
-                            let mask: __mmask16 = if n == LANES { !0 } else { (1 << n) - 1 };
-                            _mm512_mask_storeu_ps(dst.add(x), mask, v);
-                        }
-                    }
-                    x0 += NX * LANES;
+            let n = (osz - p0).min(LANES);
+            let mask: __mmask16 = if n == LANES { !0 } else { (1 << n) - 1 };
+            for (o, &a) in acc.iter().take(channels).enumerate() {
+                let mut v = a;
+                if relu {
+                    // Lanes below zero become 0; NaN and -0 compare false and stay.
+                    let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, zero);
+                    v = _mm512_mask_mov_ps(v, neg, zero);
                 }
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(o * osz + p0), mask, v);
             }
         }
     }
@@ -225,7 +247,7 @@ mod tests {
     #[test]
     fn matches_definition() {
         if !available() {
-            eprintln!("no AVX-512 on this CPU: the row-wise f32 convolution is not used");
+            eprintln!("no AVX-512 on this CPU: the pixel-wise f32 convolution is not used");
             return;
         }
         // (in, out, input, kernel, pads): MNIST-8's two layers and their halves, rows longer
@@ -257,7 +279,7 @@ mod tests {
                 .collect();
             let bias: Vec<f32> = (0..co).map(|i| i as f32 * 0.5 - 1.0).collect();
             let want = naive(&s, &x, &w, &bias);
-            let kernel = RowsF32::new(s, &w).unwrap();
+            let kernel = PixelsF32::new(s, &w).unwrap();
             let mut got = vec![f32::NAN; want.len()];
             kernel.run(&x, Some(&bias), false, &mut got);
             assert_eq!(got, want, "{s:?}");

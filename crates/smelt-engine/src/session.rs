@@ -3,12 +3,15 @@ use crate::passes::FoldConstants;
 use smelt_ir::Pass;
 use smelt_ir::{Dim, Graph, Model, Node};
 use smelt_tensor::{bail, Error, Result, Tensor};
-use std::collections::{HashMap, HashSet};
+/// Maps keyed by value names, looked up several times per node on every run: a fast fixed hash
+/// (SipHash was 3% of MNIST-8's batch-1 run; fixed, so iteration order does not vary).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::FixedState>;
 
 /// Graph outputs by name, in declaration order.
 pub type Outputs = Vec<(String, Tensor)>;
 /// Intermediate values handed back on request, by name.
-pub type Captured = HashMap<String, Tensor>;
+pub type Captured = std::collections::HashMap<String, Tensor>;
 
 /// What to return besides the graph outputs.
 #[derive(Clone, Debug, Default)]
@@ -91,7 +94,7 @@ impl Session {
         };
         let order = model.graph.topo_order()?;
         let mut plan = Vec::with_capacity(order.len());
-        let mut last_use = HashMap::new();
+        let mut last_use = HashMap::default();
         for (pos, &i) in order.iter().enumerate() {
             let n = &model.graph.nodes[i];
             let f = ops::lookup(&n.domain, &n.op_type).unwrap_or(placeholder);
@@ -189,7 +192,7 @@ impl Session {
         opts: &RunOptions,
     ) -> Result<(Outputs, Captured)> {
         let g = &self.model.graph;
-        let mut fed: HashMap<String, Tensor> = HashMap::new();
+        let mut fed: HashMap<String, Tensor> = HashMap::default();
         for (name, t) in inputs {
             let Some(decl) = g.inputs.iter().find(|v| v.name == *name) else {
                 bail!(Input, "the model has no input named '{name}'");
@@ -208,7 +211,7 @@ impl Session {
             .map(|o| o.name.as_str())
             .chain(opts.capture.iter().map(String::as_str))
             .collect();
-        let mut captured = HashMap::new();
+        let mut captured = Captured::new();
         // The whole run goes to a worker of the thread pool: a parallel loop started from any
         // other thread hands its work to the pool and sleeps until a worker wakes and finishes
         // (tens of microseconds on a VM), and a small model has one such loop per layer (it
@@ -269,7 +272,7 @@ impl Session {
         mut values: HashMap<String, Tensor>,
         keep: &HashSet<&str>,
         opts: &RunOptions,
-        captured: &mut HashMap<String, Tensor>,
+        captured: &mut Captured,
     ) -> Result<HashMap<String, Tensor>> {
         let capture_all = opts.capture_all;
         for (pos, &(i, f)) in self.plan.iter().enumerate() {
@@ -400,11 +403,11 @@ fn run_one(
 
 /// Runs a subgraph with its formal inputs bound to `args`; returns its outputs in order.
 fn run_subgraph(g: &Graph, opset: i64, args: Vec<Tensor>, outer: &Scope) -> Result<Vec<Tensor>> {
-    let mut values = HashMap::new();
+    let mut values = HashMap::default();
     for (v, t) in g.inputs.iter().zip(args) {
         values.insert(v.name.clone(), t);
     }
-    let mut visible: HashSet<String> = HashSet::new();
+    let mut visible: std::collections::HashSet<String> = Default::default();
     let mut sc = Some(outer);
     while let Some(s) = sc {
         visible.extend(s.values.keys().cloned());

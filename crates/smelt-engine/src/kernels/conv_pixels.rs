@@ -31,6 +31,16 @@ struct Segment {
     mask: u16,
 }
 
+/// The zero-padded copy of one image: `[in_ch, hp, wp]`.
+struct Padded<'a> {
+    img: &'a [f32],
+    hp: usize,
+    wp: usize,
+}
+
+/// A bias per output channel, then Relu or not.
+type Epilogue<'a> = (Option<&'a [f32]>, bool);
+
 /// Weights laid out for the kernel (per block of `ob` output channels, per input channel and
 /// window offset, the block's `ob` weights side by side, zeros past the last channel), and
 /// each register's row segments.
@@ -110,29 +120,20 @@ impl PixelsF32 {
             // Safety: callers check `available()` first; every lane a segment's mask keeps
             // reads inside `img` (the masked-off lanes are not read).
             unsafe {
-                self.dispatch(img, hp, wp, bias, relu, out)
+                self.dispatch(Padded { img, hp, wp }, (bias, relu), out)
             }
         });
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn dispatch(
-        &self,
-        img: &[f32],
-        hp: usize,
-        wp: usize,
-        bias: Option<&[f32]>,
-        relu: bool,
-        out: &mut [f32],
-    ) {
+    unsafe fn dispatch(&self, img: Padded, epi: Epilogue, out: &mut [f32]) {
         let osz = self.s.output[0] * self.s.output[1];
         let block = |ob: usize, o: &mut [f32]| match self.ob {
-            1 => self.block::<1>(ob, img, hp, wp, bias, relu, o),
-            2 => self.block::<2>(ob, img, hp, wp, bias, relu, o),
-            4 => self.block::<4>(ob, img, hp, wp, bias, relu, o),
-            8 => self.block::<8>(ob, img, hp, wp, bias, relu, o),
-            16 => self.block::<16>(ob, img, hp, wp, bias, relu, o),
+            1 => self.block::<1>(ob, &img, epi, o),
+            2 => self.block::<2>(ob, &img, epi, o),
+            4 => self.block::<4>(ob, &img, epi, o),
+            8 => self.block::<8>(ob, &img, epi, o),
+            16 => self.block::<16>(ob, &img, epi, o),
             _ => unreachable!("block sizes are powers of two up to 16"),
         };
         // (Two threads on one image's blocks were slower at MNIST-8's size: waking the
@@ -146,15 +147,11 @@ impl PixelsF32 {
     /// those that exist).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn block<const OB: usize>(
         &self,
         ob: usize,
-        img: &[f32],
-        hp: usize,
-        wp: usize,
-        bias: Option<&[f32]>,
-        relu: bool,
+        &Padded { img, hp, wp }: &Padded,
+        (bias, relu): Epilogue,
         out: &mut [f32],
     ) {
         use std::arch::x86_64::*;

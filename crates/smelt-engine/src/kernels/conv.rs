@@ -440,7 +440,8 @@ const DIRECT_F32_MAX_OUT: usize = 32;
 /// The direct f32 kernel for a narrow 2-D convolution, on a CPU that has AVX-512. Only for
 /// whole registers of output channels: MNIST-8's first layer (8 channels, half a register)
 /// took 0.27 ms at batch 32 this way and 0.18 ms through the GEMM (0.22 with two patch values
-/// per register to fill it), its second (16) 0.26 and 0.67 ms. (Both now go row-wise.)
+/// per register to fill it), its second (16) 0.26 and 0.67 ms. (Both now take the pixel-wise
+/// kernel.)
 fn direct_f32(g: &ConvGeom, w: &[f32]) -> Option<conv_direct::PackedF32> {
     if !conv_direct::available_f32()
         || g.out_ch > DIRECT_F32_MAX_OUT
@@ -451,9 +452,10 @@ fn direct_f32(g: &ConvGeom, w: &[f32]) -> Option<conv_direct::PackedF32> {
     shape_2d(g).map(|s| conv_direct::PackedF32::new(s, w))
 }
 
-/// Output channels up to which the row-wise f32 kernel beats the channel-wise one: MNIST-8 at
-/// batch 32, first layer (8 channels) 0.19 ms through the GEMM, about 0.06 row-wise; second
-/// (16 channels on 14-pixel rows, 2 of 16 lanes idle) 0.26 channel-wise, 0.21 row-wise.
+/// Output channels up to which the pixel-wise f32 kernel beats the channel-wise one: MNIST-8 at
+/// batch 32, first layer (8 channels) 0.19 ms through the GEMM, about 0.06 pixel-wise; second
+/// (16 channels) 0.26 channel-wise, 0.21 with a row per register (2 of 16 lanes idle on its
+/// 14-pixel rows), less pixel-wise.
 const PIXELS_F32_MAX_OUT: usize = 16;
 
 /// The pixel-wise f32 kernel, for narrow 2-D convolutions with unit strides.

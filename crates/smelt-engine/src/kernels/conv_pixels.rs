@@ -192,8 +192,7 @@ impl PixelsF32 {
                     }
                 }
             }
-            let n = (osz - p0).min(LANES);
-            let mask: __mmask16 = if n == LANES { !0 } else { (1 << n) - 1 };
+            let mask = super::first_lanes(osz - p0);
             for (o, &a) in acc.iter().take(channels).enumerate() {
                 let mut v = a;
                 if relu {

@@ -11,6 +11,18 @@ pub mod softmax;
 
 use rayon::prelude::*;
 
+/// The mask of a 16-lane register's first `n` lanes (all 16 when `n >= 16`): the masked loads
+/// and stores at the end of a row.
+#[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn first_lanes(n: usize) -> u16 {
+    if n >= 16 {
+        !0
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
 /// Elements per parallel task of an elementwise loop: below this one thread does it all.
 pub(crate) const CHUNK: usize = 1 << 15;
 

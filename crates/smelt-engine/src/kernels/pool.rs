@@ -280,8 +280,6 @@ fn max_pool_2d<T: Copy + PartialOrd + Default + Send + Sync + 'static>(
     let iw = g.input[2];
     let [_, kh, kw] = g.kernel;
     let (ow, sw, pb) = (g.output[2], g.strides[2], g.pads_begin[2]);
-    // Row maximum with `pb` copies of cell 0 before it and copies of the last cell after it,
-    // up to the last window's end.
     let rows = Rows2d {
         sp_y: &sp[1],
         sp_x: &sp[2],
@@ -327,7 +325,8 @@ struct Rows2d<'a> {
     kw: usize,
     sw: usize,
     pb: usize,
-    /// Length of the extended row maximum.
+    /// Length of the row maximum with `pb` copies of cell 0 before it and copies of the last
+    /// cell after it, up to the last window's end.
     len: usize,
     /// Whether some window lies wholly in the padding.
     hollow: bool,
@@ -431,6 +430,15 @@ mod avx512 {
         _mm512_mask_mov_ps(_mm512_max_ps(v, m), nan, v)
     }
 
+    /// Indices of the even lanes of two registers side by side (for `permutex2var`).
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn evens() -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+    }
+
     /// [`planes_2d`](super::planes_2d) for f32, compiled for AVX-512.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
@@ -450,15 +458,9 @@ mod avx512 {
     unsafe fn pairs(g: &super::Rows2d, x: &[f32], o: &mut [f32]) {
         use std::arch::x86_64::*;
         let (iw, ow) = (g.iw, g.ow);
-        let upto = |k: usize| -> __mmask16 {
-            if k >= 16 {
-                !0
-            } else {
-                (1 << k) - 1
-            }
-        };
-        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let upto = super::super::first_lanes;
+        let even = evens();
+        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
         for (xp, o) in x.chunks_exact(g.isz).zip(o.chunks_mut(g.osz)) {
             for (orow, &(y0, y1, _)) in o.chunks_mut(ow).zip(g.sp_y) {
                 if y1 <= y0 || iw == 0 {
@@ -502,8 +504,7 @@ mod avx512 {
         let n = r.len();
         let mut x = 0;
         while x < n {
-            let k = (n - x).min(16);
-            let mask: __mmask16 = if k == 16 { !0 } else { (1 << k) - 1 };
+            let mask = super::super::first_lanes(n - x);
             let mut m = _mm512_maskz_loadu_ps(mask, rows.as_ptr().add(x));
             for row in rows[n..].chunks_exact(n) {
                 m = max_nan(_mm512_maskz_loadu_ps(mask, row.as_ptr().add(x)), m);
@@ -530,8 +531,7 @@ mod avx512 {
         let p = r.as_mut_ptr();
         let mut i = 0;
         while i < span {
-            let c = (span - i).min(16);
-            let mask: __mmask16 = if c == 16 { !0 } else { (1 << c) - 1 };
+            let mask = super::super::first_lanes(span - i);
             let mut m = _mm512_maskz_loadu_ps(mask, p.add(i));
             for j in 1..k {
                 m = max_nan(_mm512_maskz_loadu_ps(mask, p.add(i + j)), m);
@@ -541,14 +541,7 @@ mod avx512 {
         }
         if s == 2 {
             // Every other one: two registers' even lanes, 16 outputs at a time.
-            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-            let upto = |k: usize| -> __mmask16 {
-                if k >= 16 {
-                    !0
-                } else {
-                    (1 << k) - 1
-                }
-            };
+            let (even, upto) = (evens(), super::super::first_lanes);
             let mut x = 0;
             while x < n {
                 let at = 2 * x;

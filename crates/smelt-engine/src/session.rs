@@ -275,8 +275,16 @@ impl Session {
         captured: &mut Captured,
     ) -> Result<HashMap<String, Tensor>> {
         let capture_all = opts.capture_all;
+        // Initializers this run's feeds replace: what was prepared from them is not theirs.
+        let replaced: HashSet<String> = (values.keys())
+            .filter(|n| g.initializers.contains_key(*n))
+            .cloned()
+            .collect();
         for (pos, &(i, f)) in self.plan.iter().enumerate() {
             let node = &g.nodes[i];
+            let prepared = (replaced.is_empty()
+                || !node.inputs.iter().any(|n| replaced.contains(n)))
+            .then(|| &self.prepared[pos]);
             let started = opts.profile.then(std::time::Instant::now);
             let view = if self.input_dies_here(node, pos, keep, &values) {
                 let scope = Scope {
@@ -304,7 +312,7 @@ impl Session {
                         initializers: &g.initializers,
                         outer: None,
                     };
-                    run_one(node, f, self.opset, &scope, Some(&self.prepared[pos]))?
+                    run_one(node, f, self.opset, &scope, prepared)?
                 }
             };
             if let Some(t0) = started {
@@ -367,16 +375,13 @@ fn node_inputs<'a>(node: &Node, scope: &'a Scope) -> Result<Vec<Option<&'a Tenso
         .map_err(|e| e.context(node.label()))
 }
 
-/// One empty [`Prepared`] slot per planned node, marking which of its inputs are constants:
-/// initializers that no feed can replace (IR < 4 files list some as inputs).
+/// One empty [`Prepared`] slot per planned node, marking which of its inputs are initializers.
+/// IR < 4 files list every initializer as an input too (MNIST-8 does), and onnxruntime treats
+/// them as constants there; smelt accepts a feed for one, and a run that has such a feed gives
+/// its readers no prepared state (see [`Session::execute`]).
 fn prepared_slots(g: &Graph, plan: &[(usize, OpFn)]) -> Vec<Prepared> {
-    let fed: HashSet<&str> = g.inputs.iter().map(|v| v.name.as_str()).collect();
     plan.iter()
-        .map(|&(i, _)| {
-            Prepared::new(&g.nodes[i], |n| {
-                g.initializers.contains_key(n) && !fed.contains(n)
-            })
-        })
+        .map(|&(i, _)| Prepared::new(&g.nodes[i], |n| g.initializers.contains_key(n)))
         .collect()
 }
 

@@ -1,9 +1,9 @@
 //! Weights packed once per session (`ops::Prepared`) must follow the weights: a replaced
 //! initializer, or a weight that a feed overrides (IR < 4 files list initializers as inputs),
-//! never runs on a stale packing.
+//! never runs on a stale packing, and a convolution's plan never serves another input shape.
 
 use smelt_engine::Session;
-use smelt_ir::{Dim, Graph, Model, Node, ValueInfo};
+use smelt_ir::{Attr, Dim, Graph, Model, Node, ValueInfo};
 use smelt_tensor::{DType, Tensor};
 
 fn matmul_model(listed: bool) -> Model {
@@ -58,9 +58,95 @@ fn a_replaced_initializer_is_packed_again() {
 fn a_fed_weight_is_never_cached() {
     let x = Tensor::from_vec(vec![3, 4], (0..12).map(|i| i as f32 - 4.0).collect()).unwrap();
     let s = Session::new(matmul_model(true)).unwrap();
-    assert_eq!(run(&s, &[("x", x.clone())]), product(&x, &weights(1.0)));
     for k in [3.0, -1.0] {
+        // Unfed, the listed initializer is a constant and its packing is kept.
+        assert_eq!(run(&s, &[("x", x.clone())]), product(&x, &weights(1.0)));
         let got = run(&s, &[("x", x.clone()), ("w", weights(k))]);
         assert_eq!(got, product(&x, &weights(k)));
+    }
+    assert_eq!(run(&s, &[("x", x.clone())]), product(&x, &weights(1.0)));
+}
+
+/// A Conv (bias, 3x3, pad 1) whose input's batch and spatial size vary between runs.
+fn conv_model(listed: bool) -> Model {
+    let mut g = Graph::default();
+    let sym = |n: &str| Dim::Sym(n.into());
+    let x = vec![sym("n"), Dim::Fixed(3), sym("h"), sym("w")];
+    g.inputs.push(ValueInfo::new("x", DType::F32, x));
+    if listed {
+        let w = [8, 3, 3, 3].iter().map(|&d| Dim::Fixed(d)).collect();
+        g.inputs.push(ValueInfo::new("w", DType::F32, w));
+    }
+    let y = vec![sym("n"), Dim::Fixed(8), sym("h"), sym("w")];
+    g.outputs.push(ValueInfo::new("y", DType::F32, y));
+    g.initializers.insert("w".into(), conv_weights(1.0));
+    let b = Tensor::from_vec(vec![8], (0..8).map(|i| i as f32 * 0.25 - 1.0).collect());
+    g.initializers.insert("b".into(), b.unwrap());
+    let pads = Attr::Ints(vec![1, 1, 1, 1]);
+    let node = Node::new("Conv", "conv", &["x", "w", "b"], &["y"]).with_attr("pads", pads);
+    g.nodes.push(node);
+    Model::new(g, 17)
+}
+
+fn conv_weights(k: f32) -> Tensor {
+    let v = (0..216).map(|i| k * (((i * 7) % 13) as f32 - 6.0) / 8.0);
+    Tensor::from_vec(vec![8, 3, 3, 3], v.collect()).unwrap()
+}
+
+/// The convolution by its definition, bias from `b[o] = o / 4 - 1`.
+fn conv_reference(x: &Tensor, w: &Tensor) -> Vec<f32> {
+    let (n, h, wd) = (x.shape()[0], x.shape()[2], x.shape()[3]);
+    let (x, w) = (x.as_slice::<f32>().unwrap(), w.as_slice::<f32>().unwrap());
+    let mut y = vec![0f32; n * 8 * h * wd];
+    for (i, out) in y.iter_mut().enumerate() {
+        let (b, o, r, c) = (i / (8 * h * wd), i / (h * wd) % 8, i / wd % h, i % wd);
+        let mut acc = o as f32 * 0.25 - 1.0;
+        for ci in 0..3 {
+            for ky in 0..3 {
+                for kx in 0..3 {
+                    let (yy, xx) = ((r + ky) as isize - 1, (c + kx) as isize - 1);
+                    if (0..h as isize).contains(&yy) && (0..wd as isize).contains(&xx) {
+                        let xv = x[((b * 3 + ci) * h + yy as usize) * wd + xx as usize];
+                        acc += xv * w[((o * 3 + ci) * 3 + ky) * 3 + kx];
+                    }
+                }
+            }
+        }
+        *out = acc;
+    }
+    y
+}
+
+fn close(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(p, q)| (p - q).abs() <= 1e-4 * (1.0 + q.abs()))
+}
+
+#[test]
+fn a_conv_plan_follows_the_input_shape_and_the_weights() {
+    let image = |n: usize, h: usize, w: usize| {
+        let v = (0..n * 3 * h * w).map(|i| ((i * 5) % 11) as f32 * 0.3 - 1.5);
+        Tensor::from_vec(vec![n, 3, h, w], v.collect()).unwrap()
+    };
+    for listed in [false, true] {
+        let s = Session::new(conv_model(listed)).unwrap();
+        // The plan is made for the first geometry; other sizes and batches must not use it.
+        for (n, h, w) in [(1, 6, 6), (3, 6, 6), (2, 9, 17), (1, 6, 6), (2, 20, 5)] {
+            let x = image(n, h, w);
+            let got = run(&s, &[("x", x.clone())]);
+            assert!(
+                close(&got, &conv_reference(&x, &conv_weights(1.0))),
+                "{n}x{h}x{w}"
+            );
+            if listed {
+                let fed = run(&s, &[("x", x.clone()), ("w", conv_weights(-0.5))]);
+                assert!(
+                    close(&fed, &conv_reference(&x, &conv_weights(-0.5))),
+                    "fed {h}x{w}"
+                );
+            }
+        }
     }
 }

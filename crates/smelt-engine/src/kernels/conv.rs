@@ -233,8 +233,76 @@ fn relu_in_place(o: &mut [f32]) {
     });
 }
 
+/// Which kernel a float convolution takes, with its weights packed for it. Made once per
+/// weight tensor and geometry and kept by the op across runs (the batch may change between
+/// them): packing on every call cost about 5% of MNIST-8 at batch 1.
+pub struct ConvPlan {
+    /// The geometry served, batch 0.
+    geom: ConvGeom,
+    kernel: Kernel,
+}
+
+enum Kernel {
+    /// Output pixels in the lanes (up to 16 output channels, unit strides).
+    Pixels(conv_pixels::PixelsF32),
+    /// Output channels in the lanes (whole registers of them, up to 32).
+    Channels(conv_direct::PackedF32),
+    /// Depthwise stencils, or im2col + GEMM, straight from the weights.
+    General,
+}
+
+impl ConvPlan {
+    /// `w` holds the weights `[out_ch, in_ch / groups, *kernel]`.
+    pub fn new(g: &ConvGeom, w: &[f32]) -> Result<ConvPlan> {
+        g.check()?;
+        let kernel = if pointwise(g) {
+            Kernel::General
+        } else if let Some(k) = pixels_f32(g, w) {
+            Kernel::Pixels(k)
+        } else if let Some(k) = direct_f32(g, w) {
+            Kernel::Channels(k)
+        } else {
+            Kernel::General
+        };
+        Ok(ConvPlan {
+            geom: ConvGeom {
+                batch: 0,
+                ..g.clone()
+            },
+            kernel,
+        })
+    }
+
+    /// Whether this plan serves `g`: the same geometry, any batch.
+    pub fn serves(&self, g: &ConvGeom) -> bool {
+        self.geom
+            == ConvGeom {
+                batch: 0,
+                ..g.clone()
+            }
+    }
+}
+
+/// A 1x1 convolution that keeps the spatial shape: a plain GEMM per image.
+fn pointwise(g: &ConvGeom) -> bool {
+    prod(&g.kernel) == 1 && g.strides == [1, 1, 1] && g.pads == [0, 0, 0] && g.input == g.output
+}
+
 /// [`conv`], then max(0, v) on each output when `relu` (a fused Conv + Relu).
 pub fn conv_act(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+    out: &mut [f32],
+) -> Result<()> {
+    conv_planned(None, g, x, w, bias, relu, out)
+}
+
+/// [`conv_act`] through `plan` (made for `w`) when it serves `g`, else through a fresh one.
+pub fn conv_planned(
+    plan: Option<&ConvPlan>,
     g: &ConvGeom,
     x: &[f32],
     w: &[f32],
@@ -263,6 +331,26 @@ pub fn conv_act(
     if out.is_empty() {
         return Ok(());
     }
+    let fresh;
+    let plan = match plan {
+        Some(p) if p.serves(g) => p,
+        _ => {
+            fresh = ConvPlan::new(g, w)?;
+            &fresh
+        }
+    };
+    let image = |b: usize| &x[b * g.in_ch * isz..][..g.in_ch * isz];
+    match &plan.kernel {
+        Kernel::Pixels(k) => {
+            per_image(g, out, osz, |b, o| k.run(image(b), bias, relu, o));
+            return Ok(());
+        }
+        Kernel::Channels(k) => {
+            per_image(g, out, osz, |b, o| k.run(image(b), bias, relu, o));
+            return Ok(());
+        }
+        Kernel::General => {}
+    }
     if cg == 1 && g.groups > 1 {
         // One input channel per group: every output plane is a direct stencil of one input plane.
         let plane = |(p, o): (usize, &mut [f32])| {
@@ -279,20 +367,7 @@ pub fn conv_act(
         }
         return Ok(());
     }
-    let pointwise =
-        ksz == 1 && g.strides == [1, 1, 1] && g.pads == [0, 0, 0] && g.input == g.output;
-    if let Some(direct) = pixels_f32(g, w).filter(|_| !pointwise) {
-        per_image(g, out, osz, |b, o| {
-            direct.run(&x[b * g.in_ch * isz..][..g.in_ch * isz], bias, relu, o);
-        });
-        return Ok(());
-    }
-    if let Some(direct) = direct_f32(g, w).filter(|_| !pointwise) {
-        per_image(g, out, osz, |b, o| {
-            direct.run(&x[b * g.in_ch * isz..][..g.in_ch * isz], bias, relu, o);
-        });
-        return Ok(());
-    }
+    let pointwise = pointwise(g);
     let task = |t: usize, o: &mut [f32]| -> Result<()> {
         let (b, gr) = (t / g.groups, t % g.groups);
         let xg = &x[(b * g.in_ch + gr * cg) * isz..][..cg * isz];
@@ -370,8 +445,7 @@ pub fn qconv(
         });
         return Ok(());
     }
-    let pointwise =
-        ksz == 1 && g.strides == [1, 1, 1] && g.pads == [0, 0, 0] && g.input == g.output;
+    let pointwise = pointwise(g);
     let zcols = vec![zx; osz];
     let task = |t: usize, o: &mut [f32]| -> Result<()> {
         let (b, gr) = (t / g.groups, t % g.groups);

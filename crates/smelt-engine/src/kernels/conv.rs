@@ -247,6 +247,8 @@ enum Kernel {
     Pixels(conv_pixels::PixelsF32),
     /// Output channels in the lanes (whole registers of them, up to 32).
     Channels(conv_direct::PackedF32),
+    /// Integer weights for the VNNI kernel, output channels in the lanes.
+    Int8(conv_direct::Packed),
     /// Depthwise stencils, or im2col + GEMM, straight from the weights.
     General,
 }
@@ -263,6 +265,22 @@ impl ConvPlan {
             Kernel::Channels(k)
         } else {
             Kernel::General
+        };
+        Ok(ConvPlan {
+            geom: ConvGeom {
+                batch: 0,
+                ..g.clone()
+            },
+            kernel,
+        })
+    }
+
+    /// The plan of an integer convolution: `w` holds u8 weights, `zw` their zero points.
+    pub fn int8(g: &ConvGeom, w: &[u8], zw: &[u8]) -> Result<ConvPlan> {
+        g.check()?;
+        let kernel = match direct_int8(g, w, zw) {
+            Some(k) => Kernel::Int8(k),
+            None => Kernel::General,
         };
         Ok(ConvPlan {
             geom: ConvGeom {
@@ -333,7 +351,7 @@ pub fn conv_planned(
     }
     let fresh;
     let plan = match plan {
-        Some(p) if p.serves(g) => p,
+        Some(p) if p.serves(g) && !matches!(p.kernel, Kernel::Int8(_)) => p,
         _ => {
             fresh = ConvPlan::new(g, w)?;
             &fresh
@@ -349,7 +367,7 @@ pub fn conv_planned(
             per_image(g, out, osz, |b, o| k.run(image(b), bias, relu, o));
             return Ok(());
         }
-        Kernel::General => {}
+        Kernel::Int8(_) | Kernel::General => {}
     }
     if cg == 1 && g.groups > 1 {
         // One input channel per group: every output plane is a direct stencil of one input plane.
@@ -415,6 +433,24 @@ pub fn qconv(
     grid: Option<quant::Grid>,
     out: &mut [f32],
 ) -> Result<()> {
+    qconv_planned(None, g, x, zx, w, zw, scale, bias, grid, out)
+}
+
+/// [`qconv`] through `plan` (made by [`ConvPlan::int8`] for `w` and `zw`) when it serves `g`,
+/// else through a fresh one.
+#[allow(clippy::too_many_arguments)]
+pub fn qconv_planned(
+    plan: Option<&ConvPlan>,
+    g: &ConvGeom,
+    x: &[i8],
+    zx: i8,
+    w: &[u8],
+    zw: &[u8],
+    scale: &[f32],
+    bias: Option<&[f32]>,
+    grid: Option<quant::Grid>,
+    out: &mut [f32],
+) -> Result<()> {
     g.check()?;
     let cg = g.in_ch / g.groups;
     let mg = g.out_ch / g.groups;
@@ -433,7 +469,15 @@ pub fn qconv(
     if out.is_empty() {
         return Ok(());
     }
-    if let Some(direct) = direct_int8(g, w, zw) {
+    let fresh;
+    let plan = match plan {
+        Some(p) if p.serves(g) && !matches!(p.kernel, Kernel::Pixels(_) | Kernel::Channels(_)) => p,
+        _ => {
+            fresh = ConvPlan::int8(g, w, zw)?;
+            &fresh
+        }
+    };
+    if let Kernel::Int8(direct) = &plan.kernel {
         let exact = quant::ZeroPoints::exact(g.out_ch, osz);
         per_image(g, out, osz, |b, o| {
             direct.run(

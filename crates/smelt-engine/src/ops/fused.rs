@@ -109,12 +109,15 @@ fn qconv(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let xs = activation(x)?;
     let mut q = vec![0i8; xs.len()];
     kq::quantize(&xs, sx, z8, &mut q);
+    let wq = w.as_slice::<u8>()?;
+    let plan = ctx.prepared(&[3, 4], || conv::ConvPlan::int8(&g, wq, zw))?;
     let mut out = vec![0f32; shape.iter().product()];
-    conv::qconv(
+    conv::qconv_planned(
+        plan,
         &g,
         &q,
         z8,
-        w.as_slice::<u8>()?,
+        wq,
         zw,
         scale,
         bias.as_deref(),

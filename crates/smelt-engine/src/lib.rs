@@ -6,6 +6,7 @@
 //! need evaluation (constant folding).
 
 pub mod analysis;
+pub mod buffers;
 pub mod grad;
 pub mod kernels;
 pub mod ops;

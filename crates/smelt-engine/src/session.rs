@@ -1,3 +1,4 @@
+use crate::buffers::Buffers;
 use crate::ops::{self, OpCtx, OpFn, Prepared};
 use crate::passes::FoldConstants;
 use smelt_ir::Pass;
@@ -33,6 +34,8 @@ pub struct Session {
     /// For each value: the position in `plan` of its last reader, so memory is freed early.
     last_use: HashMap<String, usize>,
     opset: i64,
+    /// Float buffers freed by one run, for the ops of the next (or of the same) to reuse.
+    buffers: Buffers,
     /// Accumulated (op type -> seconds, calls) from profiled runs.
     profile: std::sync::Mutex<HashMap<String, (f64, usize)>>,
 }
@@ -116,6 +119,7 @@ impl Session {
             prepared,
             last_use,
             opset,
+            buffers: Buffers::default(),
             profile: Default::default(),
         })
     }
@@ -221,7 +225,7 @@ impl Session {
         // subgraphs stay on the caller's stack (a worker's may be smaller). Callers running
         // sessions from several threads at once share the pool's workers: a worker waiting
         // in one run's loop may take up another caller's whole run first.
-        let values = if rayon::current_num_threads() > 1
+        let mut values = if rayon::current_num_threads() > 1
             && rayon::current_thread_index().is_none()
             && !g.has_subgraphs()
         {
@@ -229,14 +233,6 @@ impl Session {
         } else {
             self.execute(g, fed, &keep, opts, &mut captured)?
         };
-        let mut outs = Vec::new();
-        for o in &g.outputs {
-            let t = values
-                .get(&o.name)
-                .or_else(|| g.initializers.get(&o.name))
-                .ok_or_else(|| Error::Invalid(format!("output '{}' was not computed", o.name)))?;
-            outs.push((o.name.clone(), t.clone()));
-        }
         for c in &opts.capture {
             if let Some(t) = values.get(c).or_else(|| g.initializers.get(c)) {
                 captured.insert(c.clone(), t.clone());
@@ -244,7 +240,30 @@ impl Session {
                 bail!(Input, "no value named '{c}' to capture");
             }
         }
+        let mut outs = Vec::new();
+        for (i, o) in g.outputs.iter().enumerate() {
+            // Moved out unless a later output is the same value.
+            let last = !g.outputs[i + 1..].iter().any(|p| p.name == o.name);
+            let t = match values.get(&o.name) {
+                Some(_) if last => values.remove(&o.name),
+                Some(t) => Some(t.clone()),
+                None => g.initializers.get(&o.name).cloned(),
+            };
+            let t =
+                t.ok_or_else(|| Error::Invalid(format!("output '{}' was not computed", o.name)))?;
+            outs.push((o.name.clone(), t));
+        }
+        for (_, t) in values {
+            self.recycle(t);
+        }
         Ok((outs, captured))
+    }
+
+    /// Hands a value's float buffer to the pool once nothing reads it.
+    fn recycle(&self, t: Tensor) {
+        if let smelt_tensor::Data::F32(v) = t.into_data() {
+            self.buffers.give(v);
+        }
     }
 
     /// Whether `node`'s first input is a computed value that no later node (nor the caller)
@@ -312,7 +331,12 @@ impl Session {
                         initializers: &g.initializers,
                         outer: None,
                     };
-                    run_one(node, f, self.opset, &scope, prepared)?
+                    let ctx = OpCtx {
+                        prepared,
+                        buffers: Some(&self.buffers),
+                        ..OpCtx::new(node, self.opset)
+                    };
+                    run_one(&ctx, f, &scope)?
                 }
             };
             if let Some(t0) = started {
@@ -333,7 +357,9 @@ impl Session {
             // Free values whose last reader has run, unless the caller wants them.
             for inp in &node.inputs {
                 if self.last_use.get(inp) == Some(&pos) && !keep.contains(inp.as_str()) {
-                    values.remove(inp);
+                    if let Some(t) = values.remove(inp) {
+                        self.recycle(t);
+                    }
                 }
             }
         }
@@ -385,23 +411,14 @@ fn prepared_slots(g: &Graph, plan: &[(usize, OpFn)]) -> Vec<Prepared> {
         .collect()
 }
 
-fn run_one(
-    node: &Node,
-    f: OpFn,
-    opset: i64,
-    scope: &Scope,
-    prepared: Option<&Prepared>,
-) -> Result<Vec<Tensor>> {
+fn run_one(ctx: &OpCtx, f: OpFn, scope: &Scope) -> Result<Vec<Tensor>> {
+    let node = ctx.node;
     let ins = node_inputs(node, scope)?;
     let res = match node.op_type.as_str() {
-        "If" | "Loop" | "Scan" if node.domain.is_empty() => control_flow(node, opset, &ins, scope),
-        _ => f(
-            &OpCtx {
-                prepared,
-                ..OpCtx::new(node, opset)
-            },
-            &ins,
-        ),
+        "If" | "Loop" | "Scan" if node.domain.is_empty() => {
+            control_flow(node, ctx.opset, &ins, scope)
+        }
+        _ => f(ctx, &ins),
     };
     res.map_err(|e| e.context(node.label()))
 }
@@ -437,7 +454,7 @@ fn run_subgraph(g: &Graph, opset: i64, args: Vec<Tensor>, outer: &Scope) -> Resu
                 initializers: &g.initializers,
                 outer: Some(outer),
             };
-            run_one(node, f, opset, &scope, None)?
+            run_one(&OpCtx::new(node, opset), f, &scope)?
         };
         for (name, t) in node.outputs.iter().zip(outs) {
             if !name.is_empty() {

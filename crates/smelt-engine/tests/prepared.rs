@@ -1,6 +1,8 @@
-//! Weights packed once per session (`ops::Prepared`) must follow the weights: a replaced
-//! initializer, or a weight that a feed overrides (IR < 4 files list initializers as inputs),
-//! never runs on a stale packing, and a convolution's plan never serves another input shape.
+//! What a session keeps across runs never changes a result. Weights packed once
+//! (`ops::Prepared`) follow the weights: a replaced initializer, or a weight that a feed
+//! overrides (IR < 4 files list initializers as inputs), never runs on a stale packing, and a
+//! convolution's plan never serves another input shape. Recycled output buffers
+//! (`buffers::Buffers`) hold the last run's values, which no kernel may read.
 
 use smelt_engine::Session;
 use smelt_ir::{Attr, Dim, Graph, Model, Node, ValueInfo};
@@ -148,5 +150,108 @@ fn a_conv_plan_follows_the_input_shape_and_the_weights() {
                 );
             }
         }
+    }
+}
+
+/// `x [4, 4, 24, 24] -> Conv (attributes `attrs`, `oc` outputs, weight through `weight`) ->
+/// Neg -> y`: the Neg makes the convolution's output a freed value, so its buffer is recycled.
+fn conv_then_neg(
+    oc: usize,
+    group: usize,
+    k: usize,
+    attrs: &[(&str, Vec<i64>)],
+    qdq: bool,
+) -> Model {
+    let mut g = Graph::default();
+    let dims = |d: &[usize]| d.iter().map(|&v| Dim::Fixed(v)).collect::<Vec<_>>();
+    g.inputs
+        .push(ValueInfo::new("x", DType::F32, dims(&[4, 4, 24, 24])));
+    g.outputs.push(ValueInfo::new("y", DType::F32, vec![]));
+    let cg = 4 / group;
+    let n = oc * cg * k * k;
+    let codes: Vec<i8> = (0..n).map(|i| ((i * 37) % 29) as i8 - 14).collect();
+    let b = Tensor::from_vec(vec![oc], (0..oc).map(|i| i as f32 * 0.1 - 0.4).collect());
+    g.initializers.insert("b".into(), b.unwrap());
+    let mut conv = Node::new("Conv", "conv", &["xin", "w", "b"], &["c"]);
+    conv = conv.with_attr("group", Attr::Int(group as i64));
+    for (key, v) in attrs {
+        conv = conv.with_attr(key, Attr::Ints(v.clone()));
+    }
+    if qdq {
+        let ws = (0..oc).map(|i| 0.01 + i as f32 * 0.002).collect();
+        let inits = [
+            ("s", Tensor::scalar(0.02f32)),
+            ("z", Tensor::scalar(128u8)),
+            ("wq", Tensor::from_vec(vec![oc, cg, k, k], codes).unwrap()),
+            ("ws", Tensor::from_vec(vec![oc], ws).unwrap()),
+        ];
+        for (name, t) in inits {
+            g.initializers.insert(name.into(), t);
+        }
+        g.nodes
+            .push(Node::new("QuantizeLinear", "q", &["x", "s", "z"], &["xq"]));
+        g.nodes.push(Node::new(
+            "DequantizeLinear",
+            "d",
+            &["xq", "s", "z"],
+            &["xin"],
+        ));
+        let dw = Node::new("DequantizeLinear", "dw", &["wq", "ws"], &["w"]);
+        g.nodes.push(dw.with_attr("axis", Attr::Int(0)));
+    } else {
+        let w = codes.iter().map(|&c| c as f32 / 32.0).collect();
+        g.initializers
+            .insert("w".into(), Tensor::from_vec(vec![oc, cg, k, k], w).unwrap());
+        g.nodes.push(Node::new("Identity", "id", &["x"], &["xin"]));
+    }
+    g.nodes.push(conv);
+    g.nodes.push(Node::new("Neg", "neg", &["c"], &["y"]));
+    Model::new(g, 17)
+}
+
+#[test]
+fn a_later_run_equals_a_fresh_sessions_run_on_every_convolution_path() {
+    let input = |k: usize| {
+        let v = (0..4 * 4 * 24 * 24).map(|i| (((i * k) % 23) as f32 - 11.0) * 0.13);
+        Tensor::from_vec(vec![4, 4, 24, 24], v.collect()).unwrap()
+    };
+    let pad1 = ("pads", vec![1, 1, 1, 1]);
+    let stride2 = ("strides", vec![2, 2]);
+    let cases = [
+        ("pixel-wise", conv_then_neg(8, 1, 3, &[pad1.clone()], false)),
+        (
+            "channel-wise",
+            conv_then_neg(32, 1, 3, &[pad1.clone()], false),
+        ),
+        (
+            "im2col",
+            conv_then_neg(8, 1, 3, &[stride2.clone(), pad1.clone()], false),
+        ),
+        ("pointwise", conv_then_neg(8, 1, 1, &[], false)),
+        ("depthwise", conv_then_neg(8, 4, 3, &[pad1.clone()], false)),
+        ("grouped", conv_then_neg(8, 2, 3, &[pad1.clone()], false)),
+        (
+            "int8 direct",
+            conv_then_neg(16, 1, 3, &[pad1.clone()], true),
+        ),
+        (
+            "int8 im2col",
+            conv_then_neg(16, 1, 3, &[stride2.clone()], true),
+        ),
+    ];
+    for (what, m) in cases {
+        let s = Session::new(m.clone()).unwrap();
+        if what.starts_with("int8") {
+            assert_eq!(s.integer_layers(), 1, "{what}");
+        }
+        let first = run(&s, &[("x", input(5))]);
+        let again = run(&s, &[("x", input(7))]);
+        let fresh = run(&Session::new(m).unwrap(), &[("x", input(7))]);
+        assert_ne!(first, fresh, "{what}: the inputs must differ");
+        let same = again
+            .iter()
+            .zip(&fresh)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same && again.len() == fresh.len(), "{what}");
     }
 }

@@ -111,7 +111,7 @@ fn qconv(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     kq::quantize(&xs, sx, z8, &mut q);
     let wq = w.as_slice::<u8>()?;
     let plan = ctx.prepared(&[3, 4], || conv::ConvPlan::int8(&g, wq, zw))?;
-    let mut out = vec![0f32; shape.iter().product()];
+    let mut out = ctx.output_f32(shape.iter().product());
     conv::qconv_planned(
         plan,
         &g,

@@ -27,6 +27,9 @@ pub struct OpCtx<'a> {
     /// This node's slot for state derived from its constant inputs, kept across runs; only
     /// a session gives one.
     pub prepared: Option<&'a Prepared>,
+    /// Recycled float buffers for outputs every element of which the op writes; only a
+    /// session gives them.
+    pub buffers: Option<&'a crate::buffers::Buffers>,
 }
 
 /// State an op derives once from inputs that cannot change between runs (weights packed for
@@ -67,6 +70,16 @@ impl<'a> OpCtx<'a> {
             node,
             opset,
             prepared: None,
+            buffers: None,
+        }
+    }
+
+    /// `n` floats for an output the op overwrites entirely: a recycled buffer when the
+    /// session has one of that length (not cleared), else zeros.
+    pub fn output_f32(&self, n: usize) -> Vec<f32> {
+        match self.buffers {
+            Some(b) => b.take(n),
+            None => vec![0.0; n],
         }
     }
 

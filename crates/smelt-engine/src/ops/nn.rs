@@ -264,7 +264,7 @@ pub(crate) fn conv_on(ctx: &OpCtx, inputs: &[Option<&Tensor>], relu: bool) -> Re
     let wv = floats(w)?;
     let bv = b.map(floats).transpose()?;
     let plan = ctx.prepared(&[1], || conv::ConvPlan::new(&g, &wv))?;
-    let mut out = vec![0.0f32; shape.iter().product()];
+    let mut out = ctx.output_f32(shape.iter().product());
     conv::conv_planned(plan, &g, &xv, &wv, bv.as_deref(), relu, &mut out)?;
     Ok(vec![from_floats(shape, out, x.dtype())?])
 }

@@ -240,18 +240,97 @@ fn a_later_run_equals_a_fresh_sessions_run_on_every_convolution_path() {
         ),
     ];
     for (what, m) in cases {
-        let s = Session::new(m.clone()).unwrap();
-        if what.starts_with("int8") {
-            assert_eq!(s.integer_layers(), 1, "{what}");
-        }
-        let first = run(&s, &[("x", input(5))]);
-        let again = run(&s, &[("x", input(7))]);
-        let fresh = run(&Session::new(m).unwrap(), &[("x", input(7))]);
-        assert_ne!(first, fresh, "{what}: the inputs must differ");
-        let same = again
-            .iter()
-            .zip(&fresh)
-            .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(same && again.len() == fresh.len(), "{what}");
+        later_run_is_fresh(what, m, input(5), input(7));
     }
+}
+
+/// Runs `m` on `a` then on `b` in one session: the second run must equal a fresh session's
+/// run on `b` bit for bit. Names starting "int8" must run on an integer kernel.
+fn later_run_is_fresh(what: &str, m: Model, a: Tensor, b: Tensor) {
+    let s = Session::new(m.clone()).unwrap();
+    if what.starts_with("int8") {
+        assert_eq!(s.integer_layers(), 1, "{what}");
+    }
+    let first = run(&s, &[("x", a)]);
+    let again = run(&s, &[("x", b.clone())]);
+    let fresh = run(&Session::new(m).unwrap(), &[("x", b)]);
+    assert_ne!(first, fresh, "{what}: the inputs must differ");
+    let same = again
+        .iter()
+        .zip(&fresh)
+        .all(|(p, q)| p.to_bits() == q.to_bits());
+    assert!(same && again.len() == fresh.len(), "{what}");
+}
+
+/// `x [rows, 64] -> MatMul (a constant [64, 80], through QDQ when `qdq`) -> Neg -> y`.
+fn matmul_then_neg(rows: usize, qdq: bool) -> Model {
+    let mut g = Graph::default();
+    let dims = |d: &[usize]| d.iter().map(|&v| Dim::Fixed(v)).collect::<Vec<_>>();
+    g.inputs
+        .push(ValueInfo::new("x", DType::F32, dims(&[rows, 64])));
+    g.outputs.push(ValueInfo::new("y", DType::F32, vec![]));
+    let codes: Vec<i8> = (0..64 * 80).map(|i| ((i * 41) % 31) as i8 - 15).collect();
+    if qdq {
+        let ws = (0..80).map(|i| 0.01 + i as f32 * 0.001).collect();
+        let inits = [
+            ("s", Tensor::scalar(0.02f32)),
+            ("z", Tensor::scalar(128u8)),
+            ("wq", Tensor::from_vec(vec![64, 80], codes).unwrap()),
+            ("ws", Tensor::from_vec(vec![80], ws).unwrap()),
+        ];
+        for (name, t) in inits {
+            g.initializers.insert(name.into(), t);
+        }
+        g.nodes
+            .push(Node::new("QuantizeLinear", "q", &["x", "s", "z"], &["xq"]));
+        g.nodes.push(Node::new(
+            "DequantizeLinear",
+            "d",
+            &["xq", "s", "z"],
+            &["xin"],
+        ));
+        let dw = Node::new("DequantizeLinear", "dw", &["wq", "ws"], &["w"]);
+        g.nodes.push(dw.with_attr("axis", Attr::Int(1)));
+    } else {
+        let w = codes.iter().map(|&c| c as f32 / 32.0).collect();
+        g.initializers
+            .insert("w".into(), Tensor::from_vec(vec![64, 80], w).unwrap());
+        g.nodes.push(Node::new("Identity", "id", &["x"], &["xin"]));
+    }
+    g.nodes
+        .push(Node::new("MatMul", "mm", &["xin", "w"], &["c"]));
+    g.nodes.push(Node::new("Neg", "neg", &["c"], &["y"]));
+    Model::new(g, 17)
+}
+
+#[test]
+fn a_later_run_equals_a_fresh_sessions_run_on_every_matmul_path() {
+    let input = |rows: usize, k: usize| {
+        let v = (0..rows * 64).map(|i| (((i * k) % 19) as f32 - 9.0) * 0.11);
+        Tensor::from_vec(vec![rows, 64], v.collect()).unwrap()
+    };
+    // Packed weights (few rows) and per-call packing (many), float and integer.
+    for rows in [64, 1100] {
+        for qdq in [false, true] {
+            let what = format!("{} {rows} rows", if qdq { "int8" } else { "f32" });
+            let m = matmul_then_neg(rows, qdq);
+            later_run_is_fresh(&what, m, input(rows, 5), input(rows, 7));
+        }
+    }
+    // Both sides computed: x [4, 32, 64] @ its transpose.
+    let mut g = Graph::default();
+    let x = [4, 32, 64].iter().map(|&d| Dim::Fixed(d)).collect();
+    g.inputs.push(ValueInfo::new("x", DType::F32, x));
+    g.outputs.push(ValueInfo::new("y", DType::F32, vec![]));
+    let perm = Attr::Ints(vec![0, 2, 1]);
+    g.nodes
+        .push(Node::new("Transpose", "t", &["x"], &["xt"]).with_attr("perm", perm));
+    g.nodes
+        .push(Node::new("MatMul", "mm", &["x", "xt"], &["c"]));
+    g.nodes.push(Node::new("Neg", "neg", &["c"], &["y"]));
+    let batch = |k: usize| {
+        let v = (0..4 * 32 * 64).map(|i| (((i * k) % 17) as f32 - 8.0) * 0.07);
+        Tensor::from_vec(vec![4, 32, 64], v.collect()).unwrap()
+    };
+    later_run_is_fresh("batched", Model::new(g, 17), batch(5), batch(7));
 }

@@ -180,7 +180,7 @@ fn qmatmul(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         None => kq::quantize(&xs, sx, z8, &mut q),
     }
     // The sums land in the output buffer and are scaled to floats in place.
-    let mut out = vec![0f32; m * n];
+    let mut out = ctx.output_f32(m * n);
     let acc = bytemuck::cast_slice_mut::<f32, i32>(&mut out);
     let wv = w.as_slice::<i8>()?;
     let packed = if m <= kq::PACKED_MAX_ROWS {

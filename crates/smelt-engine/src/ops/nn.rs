@@ -550,6 +550,11 @@ fn gemm_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 /// Numpy `matmul`: 1-D operands are promoted and the added dimension dropped afterwards;
 /// leading (batch) dimensions broadcast.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    matmul_with(a, b, |n| vec![0.0; n])
+}
+
+/// [`matmul`], a float product written into `output(len)` (every element overwritten).
+fn matmul_with(a: &Tensor, b: &Tensor, output: impl FnOnce(usize) -> Vec<f32>) -> Result<Tensor> {
     if a.rank() == 0 || b.rank() == 0 {
         bail!(
             Shape,
@@ -604,7 +609,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         shape.push(n);
     }
     if a.dtype() == DType::F32 {
-        let mut out = vec![0.0f32; batch * m * n];
+        let mut out = output(batch * m * n);
         gemm::batched_matmul(
             m,
             k,
@@ -645,7 +650,7 @@ fn matmul_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         if fits && m <= gemm::PACKED_MAX_ROWS {
             let bv = b.as_slice::<f32>()?;
             if let Some(packed) = ctx.prepared(&[1], || gemm::PackedB::new(k, n, bv, false))? {
-                let mut out = vec![0f32; m * n];
+                let mut out = ctx.output_f32(m * n);
                 gemm::sgemm_packed(m, a.as_slice()?, false, packed, &mut out, 1.0, 0.0, None)?;
                 let mut shape = a.shape()[..a.rank() - 1].to_vec();
                 shape.push(n);
@@ -653,7 +658,7 @@ fn matmul_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
             }
         }
     }
-    Ok(vec![matmul(a, b)?])
+    Ok(vec![matmul_with(a, b, |n| ctx.output_f32(n))?])
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ impl Session {
     /// QDQ patterns run on integer kernels (see [`crate::passes::FuseQdq`]), a written-out
     /// GELU as one op ([`crate::passes::FuseGelu`]), attention's masked softmax as one
     /// ([`crate::passes::FuseSoftmax`]), a float Conv takes its bias Add and ReLU
-    /// ([`crate::passes::FuseConvRelu`]), and a LayerNorm snaps its own output onto a grid
+    /// ([`crate::passes::FuseConvRelu`]), a float MatMul its bias Add
+    /// ([`crate::passes::FuseMatMulBias`]), and a LayerNorm snaps its own output onto a grid
     /// ([`crate::passes::SnapLayerNorm`]).
     pub fn new(model: Model) -> Result<Session> {
         Session::build(model, true, true)
@@ -81,6 +82,7 @@ impl Session {
             let model = crate::passes::FuseQdq::default().run(model)?.0;
             let model = crate::passes::FuseSoftmax.run(model)?.0;
             let model = crate::passes::FuseConvRelu.run(model)?.0;
+            let model = crate::passes::FuseMatMulBias.run(model)?.0;
             crate::passes::SnapLayerNorm.run(model)?.0
         } else {
             model

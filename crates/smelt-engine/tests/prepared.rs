@@ -218,25 +218,34 @@ fn a_later_run_equals_a_fresh_sessions_run_on_every_convolution_path() {
     let pad1 = ("pads", vec![1, 1, 1, 1]);
     let stride2 = ("strides", vec![2, 2]);
     let cases = [
-        ("pixel-wise", conv_then_neg(8, 1, 3, &[pad1.clone()], false)),
+        (
+            "pixel-wise",
+            conv_then_neg(8, 1, 3, std::slice::from_ref(&pad1), false),
+        ),
         (
             "channel-wise",
-            conv_then_neg(32, 1, 3, &[pad1.clone()], false),
+            conv_then_neg(32, 1, 3, std::slice::from_ref(&pad1), false),
         ),
         (
             "im2col",
             conv_then_neg(8, 1, 3, &[stride2.clone(), pad1.clone()], false),
         ),
         ("pointwise", conv_then_neg(8, 1, 1, &[], false)),
-        ("depthwise", conv_then_neg(8, 4, 3, &[pad1.clone()], false)),
-        ("grouped", conv_then_neg(8, 2, 3, &[pad1.clone()], false)),
+        (
+            "depthwise",
+            conv_then_neg(8, 4, 3, std::slice::from_ref(&pad1), false),
+        ),
+        (
+            "grouped",
+            conv_then_neg(8, 2, 3, std::slice::from_ref(&pad1), false),
+        ),
         (
             "int8 direct",
-            conv_then_neg(16, 1, 3, &[pad1.clone()], true),
+            conv_then_neg(16, 1, 3, std::slice::from_ref(&pad1), true),
         ),
         (
             "int8 im2col",
-            conv_then_neg(16, 1, 3, &[stride2.clone()], true),
+            conv_then_neg(16, 1, 3, std::slice::from_ref(&stride2), true),
         ),
     ];
     for (what, m) in cases {

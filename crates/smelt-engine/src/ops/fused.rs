@@ -16,6 +16,7 @@ pub fn register(r: &mut Registry) {
     r.insert("ai.smelt.QConv", qconv);
     r.insert("ai.smelt.ConvRelu", conv_relu);
     r.insert("ai.smelt.QMatMul", qmatmul);
+    r.insert("ai.smelt.MatMulBias", matmul_bias);
     r.insert("ai.smelt.FakeQuant", fake_quant);
     r.insert("ai.smelt.Softmax", softmax);
     r.insert("ai.smelt.LayerNormalization", layer_norm);
@@ -35,6 +36,20 @@ fn conv_relu(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         }
     }
     super::nn::conv_on(ctx, inputs, true)
+}
+
+/// A float MatMul whose output goes through a bias Add: inputs a, w (2-D), bias (w's width).
+fn matmul_bias(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let b = input(inputs, 2)?;
+    if b.rank() != 1 {
+        bail!(
+            Shape,
+            "the bias added after this MatMul must be 1-D, got {:?}",
+            b.shape()
+        );
+    }
+    let bias = b.as_slice::<f32>()?;
+    super::nn::matmul_on(ctx, &inputs[..2], Some(bias))
 }
 
 /// Inputs: LayerNormalization's three, then y_scale and y_zero_point?: its output snapped

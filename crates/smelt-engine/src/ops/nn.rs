@@ -636,10 +636,21 @@ fn matmul_with(a: &Tensor, b: &Tensor, output: impl FnOnce(usize) -> Vec<f32>) -
 }
 
 fn matmul_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    matmul_on(ctx, inputs, None)
+}
+
+/// MatMul, plus `bias[j]` on each output column `j` when given (a fused bias Add, see
+/// `passes::FuseMatMulBias`: the right side is then a 2-D float weight of the bias's width).
+pub(crate) fn matmul_on(
+    ctx: &OpCtx,
+    inputs: &[Option<&Tensor>],
+    bias: Option<&[f32]>,
+) -> Result<Vec<Tensor>> {
     let (a, b) = (input(inputs, 0)?, input(inputs, 1)?);
-    // Constant 2-D f32 weights: packed once for the kernel, not on every run. Only for few
-    // rows, where packing had cost as much as the product: past them the per-call packing is
-    // amortized, and a packed copy of every weight would only hold memory.
+    // 2-D f32 weights: one GEMM over all rows of `a`. Constant ones are packed once for the
+    // kernel, not on every run; only for few rows, where packing had cost as much as the
+    // product: past them the per-call packing is amortized, and a packed copy of every weight
+    // would only hold memory.
     if let ([k, n], true) = (
         b.shape(),
         a.dtype() == DType::F32 && b.dtype() == DType::F32,
@@ -647,16 +658,43 @@ fn matmul_op(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         let (k, n) = (*k, *n);
         let m = a.numel() / k.max(1);
         let fits = a.rank() >= 1 && a.shape()[a.rank() - 1] == k && k > 0 && n > 0;
-        if fits && m <= gemm::PACKED_MAX_ROWS {
+        if fits && bias.is_none_or(|v| v.len() == n) {
             let bv = b.as_slice::<f32>()?;
-            if let Some(packed) = ctx.prepared(&[1], || gemm::PackedB::new(k, n, bv, false))? {
-                let mut out = ctx.output_f32(m * n);
-                gemm::sgemm_packed(m, a.as_slice()?, false, packed, &mut out, 1.0, 0.0, None)?;
-                let mut shape = a.shape()[..a.rank() - 1].to_vec();
-                shape.push(n);
-                return Ok(vec![Tensor::from_vec(shape, out)?]);
+            let packed = if m <= gemm::PACKED_MAX_ROWS {
+                ctx.prepared(&[1], || gemm::PackedB::new(k, n, bv, false))?
+            } else {
+                None
+            };
+            let mut out = ctx.output_f32(m * n);
+            let av = a.as_slice()?;
+            // The bias goes in first and the product adds to it (see `FuseMatMulBias`).
+            let beta = match bias {
+                Some(v) => {
+                    out.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(v));
+                    1.0
+                }
+                None => 0.0,
+            };
+            match packed {
+                Some(p) => gemm::sgemm_packed(m, av, false, p, &mut out, 1.0, beta, None)?,
+                None => gemm::sgemm(m, k, n, av, false, bv, false, &mut out, 1.0, beta, None)?,
             }
+            let mut shape = a.shape()[..a.rank() - 1].to_vec();
+            shape.push(n);
+            return Ok(vec![Tensor::from_vec(shape, out)?]);
         }
+    }
+    if let Some(v) = bias {
+        bail!(
+            Shape,
+            "a bias of {} values was fused into this MatMul, whose operands are {:?} {} and \
+             {:?} {}",
+            v.len(),
+            a.shape(),
+            a.dtype(),
+            b.shape(),
+            b.dtype()
+        );
     }
     Ok(vec![matmul_with(a, b, |n| ctx.output_f32(n))?])
 }

@@ -1,14 +1,17 @@
 //! Graph passes that need the engine: folding constants evaluates ops, `qdq` rewrites
 //! QDQ patterns into the engine's own integer ops, `gelu` collapses a written-out GELU into
-//! one op, `conv_act` fuses a float Conv's bias and ReLU into it, and `softmax` and `snap` fold what surrounds a softmax or a LayerNorm into it.
+//! one op, `conv_act` fuses a float Conv's bias and ReLU into it, `matmul_bias` a float
+//! MatMul's bias, and `softmax` and `snap` fold what surrounds a softmax or a LayerNorm into it.
 
 mod conv_act;
 mod gelu;
+mod matmul_bias;
 mod qdq;
 mod snap;
 mod softmax;
 pub use conv_act::FuseConvRelu;
 pub use gelu::FuseGelu;
+pub use matmul_bias::FuseMatMulBias;
 pub use qdq::{is_integer_layer, FuseQdq};
 pub use snap::SnapLayerNorm;
 pub use softmax::FuseSoftmax;

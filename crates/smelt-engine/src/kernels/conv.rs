@@ -267,10 +267,7 @@ impl ConvPlan {
             Kernel::General
         };
         Ok(ConvPlan {
-            geom: ConvGeom {
-                batch: 0,
-                ..g.clone()
-            },
+            geom: unbatched(g),
             kernel,
         })
     }
@@ -283,21 +280,21 @@ impl ConvPlan {
             None => Kernel::General,
         };
         Ok(ConvPlan {
-            geom: ConvGeom {
-                batch: 0,
-                ..g.clone()
-            },
+            geom: unbatched(g),
             kernel,
         })
     }
 
     /// Whether this plan serves `g`: the same geometry, any batch.
     pub fn serves(&self, g: &ConvGeom) -> bool {
-        self.geom
-            == ConvGeom {
-                batch: 0,
-                ..g.clone()
-            }
+        self.geom == unbatched(g)
+    }
+}
+
+fn unbatched(g: &ConvGeom) -> ConvGeom {
+    ConvGeom {
+        batch: 0,
+        ..g.clone()
     }
 }
 

@@ -153,8 +153,7 @@ fn a_conv_plan_follows_the_input_shape_and_the_weights() {
     }
 }
 
-/// `x [4, 4, 24, 24] -> Conv (attributes `attrs`, `oc` outputs, weight through `weight`) ->
-/// Neg -> y`: the Neg makes the convolution's output a freed value, so its buffer is recycled.
+/// `x [4, 4, 24, 24] -> Conv (`oc` outputs, `attrs`; through QDQ when `qdq`) -> Neg -> y`: the Neg makes the convolution's output a freed value, so its buffer is recycled.
 fn conv_then_neg(
     oc: usize,
     group: usize,
@@ -177,33 +176,7 @@ fn conv_then_neg(
     for (key, v) in attrs {
         conv = conv.with_attr(key, Attr::Ints(v.clone()));
     }
-    if qdq {
-        let ws = (0..oc).map(|i| 0.01 + i as f32 * 0.002).collect();
-        let inits = [
-            ("s", Tensor::scalar(0.02f32)),
-            ("z", Tensor::scalar(128u8)),
-            ("wq", Tensor::from_vec(vec![oc, cg, k, k], codes).unwrap()),
-            ("ws", Tensor::from_vec(vec![oc], ws).unwrap()),
-        ];
-        for (name, t) in inits {
-            g.initializers.insert(name.into(), t);
-        }
-        g.nodes
-            .push(Node::new("QuantizeLinear", "q", &["x", "s", "z"], &["xq"]));
-        g.nodes.push(Node::new(
-            "DequantizeLinear",
-            "d",
-            &["xq", "s", "z"],
-            &["xin"],
-        ));
-        let dw = Node::new("DequantizeLinear", "dw", &["wq", "ws"], &["w"]);
-        g.nodes.push(dw.with_attr("axis", Attr::Int(0)));
-    } else {
-        let w = codes.iter().map(|&c| c as f32 / 32.0).collect();
-        g.initializers
-            .insert("w".into(), Tensor::from_vec(vec![oc, cg, k, k], w).unwrap());
-        g.nodes.push(Node::new("Identity", "id", &["x"], &["xin"]));
-    }
+    input_and_weight(&mut g, codes, vec![oc, cg, k, k], 0, qdq);
     g.nodes.push(conv);
     g.nodes.push(Node::new("Neg", "neg", &["c"], &["y"]));
     Model::new(g, 17)
@@ -279,33 +252,7 @@ fn matmul_then_neg(rows: usize, qdq: bool) -> Model {
         .push(ValueInfo::new("x", DType::F32, dims(&[rows, 64])));
     g.outputs.push(ValueInfo::new("y", DType::F32, vec![]));
     let codes: Vec<i8> = (0..64 * 80).map(|i| ((i * 41) % 31) as i8 - 15).collect();
-    if qdq {
-        let ws = (0..80).map(|i| 0.01 + i as f32 * 0.001).collect();
-        let inits = [
-            ("s", Tensor::scalar(0.02f32)),
-            ("z", Tensor::scalar(128u8)),
-            ("wq", Tensor::from_vec(vec![64, 80], codes).unwrap()),
-            ("ws", Tensor::from_vec(vec![80], ws).unwrap()),
-        ];
-        for (name, t) in inits {
-            g.initializers.insert(name.into(), t);
-        }
-        g.nodes
-            .push(Node::new("QuantizeLinear", "q", &["x", "s", "z"], &["xq"]));
-        g.nodes.push(Node::new(
-            "DequantizeLinear",
-            "d",
-            &["xq", "s", "z"],
-            &["xin"],
-        ));
-        let dw = Node::new("DequantizeLinear", "dw", &["wq", "ws"], &["w"]);
-        g.nodes.push(dw.with_attr("axis", Attr::Int(1)));
-    } else {
-        let w = codes.iter().map(|&c| c as f32 / 32.0).collect();
-        g.initializers
-            .insert("w".into(), Tensor::from_vec(vec![64, 80], w).unwrap());
-        g.nodes.push(Node::new("Identity", "id", &["x"], &["xin"]));
-    }
+    input_and_weight(&mut g, codes, vec![64, 80], 1, qdq);
     g.nodes
         .push(Node::new("MatMul", "mm", &["xin", "w"], &["c"]));
     g.nodes.push(Node::new("Neg", "neg", &["c"], &["y"]));
@@ -342,4 +289,33 @@ fn a_later_run_equals_a_fresh_sessions_run_on_every_matmul_path() {
         Tensor::from_vec(vec![4, 32, 64], v.collect()).unwrap()
     };
     later_run_is_fresh("batched", Model::new(g, 17), batch(5), batch(7));
+}
+
+/// Adds `x -> xin` and the weight `w` of shape `shape` to `g`: with `qdq`, `x` through a
+/// QuantizeLinear / DequantizeLinear pair and `w` dequantized from int8 `codes` with one scale
+/// per slice along `axis`; without, `x` as is and `w` as the floats `codes / 32`.
+fn input_and_weight(g: &mut Graph, codes: Vec<i8>, shape: Vec<usize>, axis: usize, qdq: bool) {
+    if !qdq {
+        let w = codes.iter().map(|&c| c as f32 / 32.0).collect();
+        g.initializers
+            .insert("w".into(), Tensor::from_vec(shape, w).unwrap());
+        g.nodes.push(Node::new("Identity", "id", &["x"], &["xin"]));
+        return;
+    }
+    let ws = (0..shape[axis]).map(|i| 0.01 + i as f32 * 0.002).collect();
+    let inits = [
+        ("s", Tensor::scalar(0.02f32)),
+        ("z", Tensor::scalar(128u8)),
+        ("ws", Tensor::from_vec(vec![shape[axis]], ws).unwrap()),
+        ("wq", Tensor::from_vec(shape, codes).unwrap()),
+    ];
+    for (name, t) in inits {
+        g.initializers.insert(name.into(), t);
+    }
+    let (q, d) = (&["x", "s", "z"], &["xq", "s", "z"]);
+    g.nodes.push(Node::new("QuantizeLinear", "q", q, &["xq"]));
+    g.nodes
+        .push(Node::new("DequantizeLinear", "d", d, &["xin"]));
+    let dw = Node::new("DequantizeLinear", "dw", &["wq", "ws"], &["w"]);
+    g.nodes.push(dw.with_attr("axis", Attr::Int(axis as i64)));
 }

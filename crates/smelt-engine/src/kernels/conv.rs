@@ -220,7 +220,7 @@ pub fn conv(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<()> {
-    conv_act(g, x, w, bias, false, out)
+    conv_act(None, g, x, w, bias, false, out)
 }
 
 /// Relu over a block just written (still in cache), as the Relu op computes it: negatives
@@ -303,20 +303,9 @@ fn pointwise(g: &ConvGeom) -> bool {
     prod(&g.kernel) == 1 && g.strides == [1, 1, 1] && g.pads == [0, 0, 0] && g.input == g.output
 }
 
-/// [`conv`], then max(0, v) on each output when `relu` (a fused Conv + Relu).
+/// [`conv`], then max(0, v) on each output when `relu` (a fused Conv + Relu), through `plan`
+/// (made for `w`) when it serves `g`, else through a fresh one.
 pub fn conv_act(
-    g: &ConvGeom,
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    relu: bool,
-    out: &mut [f32],
-) -> Result<()> {
-    conv_planned(None, g, x, w, bias, relu, out)
-}
-
-/// [`conv_act`] through `plan` (made for `w`) when it serves `g`, else through a fresh one.
-pub fn conv_planned(
     plan: Option<&ConvPlan>,
     g: &ConvGeom,
     x: &[f32],
@@ -418,25 +407,10 @@ pub fn conv_planned(
 /// the exact i32 sum of `(w - zw[oc]) * (x - zx)`. `x` holds i8 activations (`[batch, in_ch,
 /// *input]`), `w` u8 weights (`[out_ch, in_ch / groups, *kernel]`): the weights are the
 /// product's left side, so the output comes out channel-major with no transpose.
+/// Runs through `plan` (made by [`ConvPlan::int8`] for `w` and `zw`) when it serves `g`, else
+/// through a fresh one.
 #[allow(clippy::too_many_arguments)]
 pub fn qconv(
-    g: &ConvGeom,
-    x: &[i8],
-    zx: i8,
-    w: &[u8],
-    zw: &[u8],
-    scale: &[f32],
-    bias: Option<&[f32]>,
-    grid: Option<quant::Grid>,
-    out: &mut [f32],
-) -> Result<()> {
-    qconv_planned(None, g, x, zx, w, zw, scale, bias, grid, out)
-}
-
-/// [`qconv`] through `plan` (made by [`ConvPlan::int8`] for `w` and `zw`) when it serves `g`,
-/// else through a fresh one.
-#[allow(clippy::too_many_arguments)]
-pub fn qconv_planned(
     plan: Option<&ConvPlan>,
     g: &ConvGeom,
     x: &[i8],

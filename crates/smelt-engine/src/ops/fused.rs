@@ -127,7 +127,7 @@ fn qconv(ctx: &OpCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let wq = w.as_slice::<u8>()?;
     let plan = ctx.prepared(&[3, 4], || conv::ConvPlan::int8(&g, wq, zw))?;
     let mut out = ctx.output_f32(shape.iter().product());
-    conv::qconv_planned(
+    conv::qconv(
         plan,
         &g,
         &q,

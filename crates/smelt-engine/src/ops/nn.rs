@@ -265,7 +265,7 @@ pub(crate) fn conv_on(ctx: &OpCtx, inputs: &[Option<&Tensor>], relu: bool) -> Re
     let bv = b.map(floats).transpose()?;
     let plan = ctx.prepared(&[1], || conv::ConvPlan::new(&g, &wv))?;
     let mut out = ctx.output_f32(shape.iter().product());
-    conv::conv_planned(plan, &g, &xv, &wv, bv.as_deref(), relu, &mut out)?;
+    conv::conv_act(plan, &g, &xv, &wv, bv.as_deref(), relu, &mut out)?;
     Ok(vec![from_floats(shape, out, x.dtype())?])
 }
 

@@ -153,7 +153,8 @@ fn a_conv_plan_follows_the_input_shape_and_the_weights() {
     }
 }
 
-/// `x [4, 4, 24, 24] -> Conv (`oc` outputs, `attrs`; through QDQ when `qdq`) -> Neg -> y`: the Neg makes the convolution's output a freed value, so its buffer is recycled.
+/// `x [4, 4, 24, 24] -> Conv (`oc` outputs, `attrs`; through QDQ when `qdq`) -> Neg -> y`:
+/// the Neg makes the convolution's output a freed value, so its buffer is recycled.
 fn conv_then_neg(
     oc: usize,
     group: usize,

@@ -57,8 +57,9 @@ impl Buffers {
         }
     }
 
-    /// Floats held now (for tests and memory reports).
-    pub fn held(&self) -> usize {
+    /// Floats held now.
+    #[cfg(test)]
+    fn held(&self) -> usize {
         let p = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         p.free.iter().map(Vec::len).sum()
     }

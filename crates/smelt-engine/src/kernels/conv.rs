@@ -285,9 +285,15 @@ impl ConvPlan {
         })
     }
 
-    /// Whether this plan serves `g`: the same geometry, any batch.
-    pub fn serves(&self, g: &ConvGeom) -> bool {
-        self.geom == unbatched(g)
+    /// Whether this plan serves `g` (the same geometry, any batch) in a float convolution, or
+    /// in an integer one when `int8`.
+    fn serves(&self, g: &ConvGeom, int8: bool) -> bool {
+        let kind_fits = match self.kernel {
+            Kernel::Pixels(_) | Kernel::Channels(_) => !int8,
+            Kernel::Int8(_) => int8,
+            Kernel::General => true,
+        };
+        kind_fits && self.geom == unbatched(g)
     }
 }
 
@@ -337,7 +343,7 @@ pub fn conv_act(
     }
     let fresh;
     let plan = match plan {
-        Some(p) if p.serves(g) && !matches!(p.kernel, Kernel::Int8(_)) => p,
+        Some(p) if p.serves(g, false) => p,
         _ => {
             fresh = ConvPlan::new(g, w)?;
             &fresh
@@ -407,6 +413,7 @@ pub fn conv_act(
 /// the exact i32 sum of `(w - zw[oc]) * (x - zx)`. `x` holds i8 activations (`[batch, in_ch,
 /// *input]`), `w` u8 weights (`[out_ch, in_ch / groups, *kernel]`): the weights are the
 /// product's left side, so the output comes out channel-major with no transpose.
+///
 /// Runs through `plan` (made by [`ConvPlan::int8`] for `w` and `zw`) when it serves `g`, else
 /// through a fresh one.
 #[allow(clippy::too_many_arguments)]
@@ -442,7 +449,7 @@ pub fn qconv(
     }
     let fresh;
     let plan = match plan {
-        Some(p) if p.serves(g) && !matches!(p.kernel, Kernel::Pixels(_) | Kernel::Channels(_)) => p,
+        Some(p) if p.serves(g, true) => p,
         _ => {
             fresh = ConvPlan::int8(g, w, zw)?;
             &fresh
